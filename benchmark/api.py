@@ -1,0 +1,159 @@
+"""The one contract between the harness and the methods.
+
+A method is a registered class with a dataclass of hyper-parameters (``Config``) and one job: given a
+``FitContext`` (data, backbone factory, the shared Trainer), return a trained ``EnsembleModel`` whose
+``forward(x)`` gives member logits ``[M, B, C]``. ``build`` returns the same architecture untrained, so
+``ensemble-bench cost`` can measure a method without training it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+COMBINE_RULES = ("probs", "logits")
+
+
+class EnsembleModel(nn.Module):
+    """Base class of every trained method: ``forward(x) -> [M, B, C]`` member logits.
+
+    Attributes the harness reads (never a method name):
+      num_members  M
+      combine      how members are combined: "probs" (the suite's rule) or "logits" (declared by methods
+                   whose paper averages logits; the metrics and the record follow it)
+    Hooks:
+      layer_density()  {qualified module name: live-weight fraction} for FLOPs of sparse methods; the
+                   default counts the non-zero entries of each conv/linear weight, which is exact for any
+                   method that keeps pruned weights at exactly zero.
+    """
+
+    combine: str = "probs"
+
+    def __init__(self, num_members: int):
+        super().__init__()
+        self.num_members = int(num_members)
+
+    def layer_density(self) -> dict[str, float] | None:
+        return None
+
+
+class StackedEnsemble(EnsembleModel):
+    """Members that each map x -> [B, C], run one after the other and stacked to [M, B, C]."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__(len(members))
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members], dim=0)
+
+
+class GroupedOutput(EnsembleModel):
+    """One network whose output [B, M*C] holds M members side by side (grouped head): -> [M, B, C].
+
+    ``input_repeat`` > 1 tiles the input M times along channels (networks whose first layer takes one
+    image per member, e.g. a batched deep ensemble or MIMO at test time)."""
+
+    def __init__(self, net: nn.Module, num_members: int, num_classes: int, input_repeat: int = 1):
+        super().__init__(num_members)
+        self.net = net
+        self.num_classes = num_classes
+        self.input_repeat = input_repeat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_repeat > 1:
+            x = x.repeat(1, self.input_repeat, 1, 1)
+        return self.forward_raw(x)
+
+    def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on an already-built input (e.g. M different images in the M input slots)."""
+        out = self.net(x)
+        b = out.shape[0]
+        return out.view(b, self.num_members, self.num_classes).transpose(0, 1)
+
+
+@dataclass
+class FitContext:
+    """What a method gets. ``data`` and ``trainer`` are None when only the architecture is wanted
+    (``build`` for the ``cost`` command)."""
+
+    config: Any                       # benchmark.config.RunConfig
+    num_classes: int
+    in_channels: int
+    image_size: int
+    device: torch.device
+    data: Any = None                  # benchmark.data.DataBundle
+    trainer: Any = None               # benchmark.train.Trainer
+    info: dict[str, Any] = field(default_factory=dict)   # method-specific facts for the record
+
+    @property
+    def backbone_name(self) -> str:
+        return self.config.backbone
+
+    @property
+    def epochs(self) -> int:
+        return self.config.epochs
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def make_backbone(self, *, num_classes: int | None = None, in_channels: int | None = None,
+                      layers: Any = None, seed: int | None = None) -> nn.Module:
+        """A fresh backbone of the run. ``seed`` makes its initialisation reproducible."""
+        from benchmark.backbones import build_backbone
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        return build_backbone(self.config.backbone, num_classes=num_classes or self.num_classes,
+                              in_channels=in_channels or self.in_channels, layers=layers)
+
+
+class Method:
+    """Base class of a method. Subclasses set ``Config`` (a dataclass with the paper's defaults),
+    implement ``build`` (architecture only) and ``fit`` (train and return the EnsembleModel)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Config()
+
+    def build(self, ctx: FitContext) -> EnsembleModel:
+        raise NotImplementedError
+
+    def fit(self, ctx: FitContext) -> EnsembleModel:
+        raise NotImplementedError
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(cls.Config)}
+
+
+def member_cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduce_members: str = "sum") -> torch.Tensor:
+    """Cross-entropy of member logits [M, B, C] against labels [B] (shared) or [M, B] (per member),
+    averaged over the batch and summed (default; keeps each member's gradient unscaled) or averaged over
+    members."""
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    m, b, c = logits.shape
+    if y.dim() == 1:
+        y = y.unsqueeze(0).expand(m, b)
+    per_member = nn.functional.cross_entropy(logits.reshape(m * b, c).float(), y.reshape(m * b),
+                                             reduction="none").view(m, b).mean(dim=1)
+    return per_member.sum() if reduce_members == "sum" else per_member.mean()
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return member_cross_entropy(model(x), y, "sum")
