@@ -1,0 +1,294 @@
+"""Datasets as uint8 tensors kept on the training device, and a batch loader that augments on tensors.
+
+Sources, in order of preference for ``--data-dir P``:
+  1. the .npz layout of the development copies (P/cifar10_train.npz, cifar10_test.npz, svhn.npz,
+     cifar100_test.npz),
+  2. torchvision's datasets under P (``--download`` fetches the official files).
+``digits`` (the offline default) ships with scikit-learn: 1,797 8x8 grey handwritten digits; its OOD
+set ``photos`` is 8x8 grey patches of the two photographs scikit-learn ships (china.jpg, flower.jpg).
+
+The test split is always the dataset's own test split (digits: a fixed 20% stratified hold-out that
+does not depend on the run seed); validation is the LAST ``val_fraction`` of the training set (the
+45k/5k CIFAR split of FreeTickets and the bridge paper).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmark.errors import UsageError
+
+DATASETS = ("digits", "cifar10", "cifar100", "svhn")
+OOD_SETS = {"digits": ("photos",), "cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10"),
+            "svhn": ("cifar10", "cifar100")}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+NPZ_FILES = {"cifar10_train": "cifar10_train.npz", "cifar10_test": "cifar10_test.npz",
+             "svhn": "svhn.npz", "cifar100_test": "cifar100_test.npz"}
+
+
+@dataclass
+class Augment:
+    crop_pad: int = 4        # random crop of the original size from the image zero-padded by this
+    flip: bool = True        # random horizontal flip
+
+
+@dataclass
+class Split:
+    x: torch.Tensor          # uint8 [N, C, H, W]
+    y: torch.Tensor          # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DataBundle:
+    name: str
+    num_classes: int
+    train: Split
+    val: Split | None
+    test: Split
+    ood: dict[str, torch.Tensor]           # uint8 [K, C, H, W] per OOD set
+    mean: tuple[float, ...]                # per channel, on [0, 1] pixels
+    std: tuple[float, ...]
+    augment: Augment = field(default_factory=Augment)
+    source: str = ""
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.x.shape[-1])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "num_classes": self.num_classes,
+                "n_train": len(self.train), "n_val": len(self.val) if self.val is not None else 0,
+                "n_test": len(self.test), "ood": {k: int(v.shape[0]) for k, v in self.ood.items()},
+                "image_shape": list(self.train.x.shape[1:]), "augment": vars(self.augment)}
+
+    def to(self, device) -> "DataBundle":
+        return DataBundle(self.name, self.num_classes, self.train.to(device),
+                          self.val.to(device) if self.val is not None else None, self.test.to(device),
+                          {k: v.to(device) for k, v in self.ood.items()}, self.mean, self.std, self.augment,
+                          self.source)
+
+
+def check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ENSEMBLE_BENCH_DATA", "data"))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+         val_fraction: float = 0.1) -> DataBundle:
+    check_name(name)
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name == "digits":
+        (xtr, ytr), (xte, yte), ood, source = _digits()
+        augment = Augment(crop_pad=1, flip=False)   # 8x8 digits: 1-pixel shifts; mirrored digits are other digits
+    else:
+        (xtr, ytr), (xte, yte) = _load_id(name, root, download)
+        ood = {o: _load_ood(o, root, download) for o in OOD_SETS[name]}
+        source = _source(name, root)
+        augment = Augment(crop_pad=4, flip=name != "svhn")
+    xtr, ytr, xte, yte = map(torch.from_numpy, (xtr, ytr, xte, yte))
+    n_val = int(round(len(xtr) * val_fraction))
+    if n_val > 0:
+        train, val = Split(xtr[:-n_val], ytr[:-n_val]), Split(xtr[-n_val:], ytr[-n_val:])
+    else:
+        train, val = Split(xtr, ytr), None
+    xf = train.x.float().div_(255)
+    mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return DataBundle(name, NUM_CLASSES[name], train, val, Split(xte, yte),
+                      {k: torch.from_numpy(v) for k, v in ood.items()}, mean, std, augment, source)
+
+
+def _chw(x: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] uint8 -> contiguous [N, C, H, W]."""
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _labels(y) -> np.ndarray:
+    return np.asarray(y, dtype=np.int64).reshape(-1)
+
+
+def _npz_path(root: Path, key: str) -> Path | None:
+    p = root / NPZ_FILES[key]
+    return p if p.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_npz(path: str, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise UsageError(f"{path} is not a valid data file: missing {', '.join(missing)}")
+            return tuple(z[k] for k in keys)
+    except UsageError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UsageError(f"cannot read data file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _check_images(path, x, y=None):
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise UsageError(f"{path}: images must be uint8 [N, 32, 32, 3]; got {x.dtype} {list(x.shape)}")
+    if y is not None and len(y) != len(x):
+        raise UsageError(f"{path}: {len(x)} images but {len(y)} labels")
+
+
+def _load_id(name: str, root: Path, download: bool):
+    if name == "cifar10":
+        tr, te = _npz_path(root, "cifar10_train"), _npz_path(root, "cifar10_test")
+        if tr and te:
+            xtr, ytr = _read_npz(str(tr), ("x_train", "y_train"))
+            xte, yte = _read_npz(str(te), ("x_test", "y_test"))
+            _check_images(tr, xtr, ytr)
+            _check_images(te, xte, yte)
+            return (_chw(xtr), _labels(ytr)), (_chw(xte), _labels(yte))
+    return _torchvision(name, root, download, train=True), _torchvision(name, root, download, train=False)
+
+
+def _load_ood(name: str, root: Path, download: bool) -> np.ndarray:
+    key = {"svhn": "svhn", "cifar100": "cifar100_test"}.get(name)
+    if key and (p := _npz_path(root, key)):
+        (x,) = _read_npz(str(p), ("x",))
+        _check_images(p, x)
+        return _chw(x)
+    if name == "cifar10" and (p := _npz_path(root, "cifar10_test")):
+        (x,) = _read_npz(str(p), ("x_test",))
+        return _chw(x)
+    return _torchvision(name, root, download, train=False)[0]
+
+
+def _source(name: str, root: Path) -> str:
+    if name == "cifar10" and _npz_path(root, "cifar10_train"):
+        return (f"npz copies in {root}: CIFAR-10 JPEG-decoded 19k-image class-balanced training subset, "
+                "complete 10k test set; SVHN train-split 1,083 images and CIFAR-100 first 916 test images as OOD")
+    return f"torchvision {name} under {root}"
+
+
+def _torchvision(name: str, root: Path, download: bool, train: bool):
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "svhn": torchvision.datasets.SVHN}[name]
+    try:
+        if name == "svhn":
+            ds = cls(str(root), split="train" if train else "test", download=download)
+            return np.ascontiguousarray(ds.data), _labels(ds.labels)
+        ds = cls(str(root), train=train, download=download)
+        return _chw(ds.data), _labels(ds.targets)
+    except RuntimeError as e:
+        hint = "" if download else " (pass --download to fetch it, or --data-dir to a folder with the .npz files)"
+        raise UsageError(f"{name} {'train' if train else 'test'} data not found in {root}{hint}: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    from sklearn.datasets import load_digits, load_sample_images
+
+    d = load_digits()
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]  # [N,1,8,8]
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(20170101)       # fixed: the test split never depends on the run seed
+    test_idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: int(round((y == c).sum() * 0.2))]
+                               for c in range(10)])
+    is_test = np.zeros(len(y), bool)
+    is_test[test_idx] = True
+    order = rng.permutation(np.flatnonzero(~is_test))
+    photos = []
+    for img in load_sample_images().images:      # two 427x640 RGB photographs
+        grey = img.astype(np.float64).mean(axis=2)
+        for _ in range(300):
+            r, c = rng.integers(0, grey.shape[0] - 32), rng.integers(0, grey.shape[1] - 32)
+            patch = grey[r:r + 32, c:c + 32].reshape(8, 4, 8, 4).mean(axis=(1, 3))
+            lo, hi = patch.min(), patch.max()
+            patch = (patch - lo) / (hi - lo + 1e-8) * 255.0   # stretched to the digits' full range
+            photos.append(np.rint(patch).astype(np.uint8))
+    ood = {"photos": np.stack(photos)[:, None]}
+    source = "scikit-learn handwritten digits (1,797 8x8 images; fixed 20% test split); OOD: 600 8x8 patches of scikit-learn's sample photos"
+    return (x[order], y[order]), (x[is_test], y[is_test]), ood, source
+
+
+# ------------------------------------------------------------------------------------ batch loading
+def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop (zero padding ``aug.crop_pad``) and horizontal flip of a whole uint8/float batch
+    [B, C, H, W], as tensor ops on x's device: one gather, no per-image Python."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if aug.crop_pad > 0:
+        p = aug.crop_pad
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device="cpu").to(dev)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device="cpu").to(dev)
+        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]   # [B,1,H,1]
+        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :]   # [B,1,1,W]
+        bi = torch.arange(b, device=dev)[:, None, None, None]
+        ci = torch.arange(c, device=dev)[None, :, None, None]
+        x = padded[bi, ci, rows, cols]
+    if aug.flip:
+        flip = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(dev)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class Normalizer:
+    """uint8 -> float, (x/255 - mean) / std, on the batch's device."""
+
+    def __init__(self, mean, std, device, channels_last: bool = False):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addcmul(self.shift, x.float(), self.scale)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+class TensorLoader:
+    """Batches of a Split already on the device: one randperm per epoch (own generator, so the data
+    order is reproducible and resumable), gather, augment, normalise. Nothing waits, so nothing needs
+    worker processes or prefetching."""
+
+    def __init__(self, split: Split, batch_size: int, normalizer: Normalizer, *, shuffle: bool = True,
+                 augment: Augment | None = None, generator: torch.Generator | None = None, drop_last: bool = False):
+        self.split, self.batch_size, self.normalizer = split, batch_size, normalizer
+        self.shuffle, self.augment, self.generator, self.drop_last = shuffle, augment, generator, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.split)
+        dev = self.split.x.device
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator, device="cpu").to(dev)
+        else:
+            order = torch.arange(n, device=dev)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.split.x[idx]
+            if self.augment is not None:
+                x = augment_batch(x, self.augment, self.generator)
+            yield self.normalizer(x), self.split.y[idx]

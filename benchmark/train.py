@@ -1,0 +1,298 @@
+"""One training loop for every method; methods plug in through small hooks.
+
+``Trainer.fit(model, stage=..., epochs=...)`` trains one stage. Hooks:
+  loss_fn(model, x, y) -> loss           default: cross-entropy summed over members of model(x) [M, B, C]
+  batch_transform(x, y) -> (x, y)        e.g. MIMO's slot batches, mixup
+  after_step(model, step)                e.g. re-apply sparsity masks, topology updates
+  lr_fn(epoch_float) -> lr               a stage-specific learning-rate curve (overrides the schedule)
+  stateful=[obj, ...]                    objects with state_dict()/load_state_dict() saved in checkpoints
+Every epoch ends with an atomic checkpoint (model, optimiser, RNG and data-order state, history). A
+stage that finds its checkpoint resumes from it; a finished stage is not trained again, so a killed
+multi-stage run loses at most the epoch in progress. A NaN/inf loss stops the run with a clear error.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from benchmark.api import default_loss
+from benchmark.data import DataBundle, Normalizer, Split, TensorLoader
+from benchmark.errors import TrainingDiverged
+
+
+def lr_factor(schedule: str, t: float, epochs: float, warmup: float = 0.0,
+              milestones: tuple[float, ...] = (0.5, 0.75), decay: float = 0.1) -> float:
+    """Learning-rate multiplier at fractional epoch ``t`` of ``epochs``.
+
+    cosine     linear warm-up over ``warmup`` epochs, then cosine to 0
+    multistep  x ``decay`` at each milestone (fractions of the epochs)
+    linear     the NFE / FreeTickets-style curve: 1 until 50%, linear to 0.01 at 90%, then 0.01
+    constant   1
+    """
+    if warmup > 0 and t < warmup:
+        return (t + 1e-12) / warmup
+    if schedule == "cosine":
+        span = max(epochs - warmup, 1e-12)
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(t - warmup, 0.0) / span, 1.0)))
+    if schedule == "multistep":
+        return decay ** sum(t >= m * epochs for m in milestones)
+    if schedule == "linear":
+        f = t / epochs
+        if f < 0.5:
+            return 1.0
+        if f < 0.9:
+            return 1.0 - 0.99 * (f - 0.5) / 0.4
+        return 0.01
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def stable_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    epochs: int
+    steps: int = 0
+    samples_seen: int = 0
+    train_s: float = 0.0
+    flops_per_sample: float | None = None
+    best_epoch: int | None = None
+    best_val: float | None = None
+    history: list[dict] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+    @property
+    def train_flops(self) -> float | None:
+        if self.flops_per_sample is None:
+            return None
+        return 3.0 * self.flops_per_sample * self.samples_seen
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, data: DataBundle, config: Any, device: torch.device | str = "cpu",
+                 ckpt_dir: str | Path | None = None, log: Callable[[str], None] | None = None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.data = data.to(self.device)
+        self.config = config
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.channels_last = bool(getattr(config, "channels_last", False)) and self.cuda
+        self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
+        self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
+        self.stages: dict[str, StageResult] = {}
+
+    # ------------------------------------------------------------------------------ helpers
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def loader(self, split: Split | str = "train", *, batch_size: int | None = None, shuffle: bool = True,
+               augment: bool = True, generator: torch.Generator | None = None) -> TensorLoader:
+        if isinstance(split, str):
+            split = getattr(self.data, split)
+        return TensorLoader(split, batch_size or self.config.batch_size, self.normalizer, shuffle=shuffle,
+                            augment=self.data.augment if augment else None, generator=generator)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Member logits [M, N, C] (float32, on CPU) of uint8 images ``x``, in eval mode."""
+        was_training = model.training
+        model.eval()
+        outs = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = self.normalizer(x[i:i + batch_size].to(self.device))
+            with self.autocast():
+                out = model(xb)
+            if out.dim() == 2:
+                out = out.unsqueeze(0)
+            outs.append(out.float().cpu())
+        model.train(was_training)
+        return torch.cat(outs, dim=1)
+
+    def val_nll(self, model: nn.Module) -> float:
+        from benchmark.metrics import nll
+
+        logits = self.predict(model, self.data.val.x)
+        return float(nll(logits, self.data.val.y.cpu(), combine=getattr(model, "combine", "probs")))
+
+    # ---------------------------------------------------------------------------------- fit
+    def fit(self, model: nn.Module, *, stage: str = "main", epochs: int | None = None,
+            loss_fn: Callable | None = None, batch_transform: Callable | None = None,
+            after_step: Callable | None = None, params: Any = None, lr: float | None = None,
+            weight_decay: float | None = None, momentum: float | None = None, nesterov: bool | None = None,
+            schedule: str | None = None, warmup_epochs: float | None = None, lr_fn: Callable[[float], float] | None = None,
+            select: str = "last", val_fn: Callable[[nn.Module], float] | None = None, seed: Any = None,
+            split: Split | None = None, batch_size: int | None = None, stateful: list | None = None,
+            on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> StageResult:
+        cfg = self.config
+        epochs = int(epochs if epochs is not None else cfg.epochs)
+        if epochs < 1:
+            raise ValueError(f"stage {stage!r}: epochs must be >= 1; got {epochs}")
+        if select not in ("last", "best_val"):
+            raise ValueError(f"select must be 'last' or 'best_val'; got {select!r}")
+        if select == "best_val" and val_fn is None:
+            if self.data.val is None:
+                self.log(f"[{stage}] no validation split (val_fraction=0): keeping the last epoch")
+                select = "last"
+            else:
+                val_fn = self.val_nll
+        loss_fn = loss_fn or default_loss
+        stateful = stateful or []
+        model = self.prepare(model)
+        base_lr = cfg.lr if lr is None else lr
+        opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=base_lr,
+                              momentum=cfg.momentum if momentum is None else momentum,
+                              nesterov=cfg.nesterov if nesterov is None else nesterov,
+                              weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+        sched = schedule or cfg.schedule
+        warm = cfg.warmup_epochs if warmup_epochs is None else warmup_epochs
+        if lr_fn is None:
+            def lr_fn(t: float) -> float:
+                return base_lr * lr_factor(sched, t, epochs, warm, cfg.milestones, cfg.lr_decay)
+
+        gen = torch.Generator().manual_seed(stable_seed(cfg.seed, stage) if seed is None else stable_seed(seed))
+        result = StageResult(stage, epochs)
+        best_state = None
+        start_epoch = 0
+        ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
+        if ckpt is not None and ckpt.is_file():
+            state = torch.load(ckpt, map_location=self.device, weights_only=False)
+            model.load_state_dict(state["model"])
+            for obj, s in zip(stateful, state.get("stateful", [])):
+                obj.load_state_dict(s)
+            result = StageResult(**state["result"])
+            if state["done"]:
+                self.log(f"[{stage}] already trained ({result.epochs} epochs): loaded from checkpoint")
+                self.stages[stage] = result
+                return result
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
+            if self.cuda and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            best_state = state.get("best_state")
+            start_epoch = result.resumed_from_epoch = len(result.history)
+            self.log(f"[{stage}] resuming after epoch {start_epoch}/{epochs}")
+
+        train_model = torch.compile(model) if getattr(cfg, "compile", False) and self.cuda else model
+        loader = self.loader(split or self.data.train, batch_size=batch_size, generator=gen)
+        steps_per_epoch = len(loader)
+        sample_x = None
+        progress = bool(getattr(cfg, "progress", False)) and sys.stderr.isatty()
+        check_every = 1 if not self.cuda else 25
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=self.device)
+            n_batches = 0
+            batches = loader
+            if progress:
+                from tqdm import tqdm
+                batches = tqdm(loader, total=steps_per_epoch, desc=f"{stage} {epoch + 1}/{epochs}", leave=False)
+            for i, (x, y) in enumerate(batches):
+                cur_lr = lr_fn(epoch + i / steps_per_epoch)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                if batch_transform is not None:
+                    x, y = batch_transform(x, y)
+                if sample_x is None:
+                    sample_x = x[:1].detach().clone()
+                with self.autocast():
+                    loss = loss_fn(train_model, x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                result.steps += 1
+                if after_step is not None:
+                    after_step(model, result.steps)
+                loss_sum += loss.detach().float()
+                n_batches += 1
+                result.samples_seen += int(x.shape[0])
+                if n_batches % check_every == 0 or i == steps_per_epoch - 1:
+                    if not torch.isfinite(loss_sum):
+                        raise TrainingDiverged(
+                            f"training diverged: loss is {loss.item()} in stage {stage!r}, epoch {epoch + 1}, "
+                            f"step {i + 1}; try a lower --lr (now {base_lr})")
+            entry = {"epoch": epoch + 1, "loss": float(loss_sum) / max(n_batches, 1), "lr": cur_lr,
+                     "epoch_s": time.perf_counter() - t0}
+            if val_fn is not None and (select == "best_val" or epoch == epochs - 1):
+                v = float(val_fn(model))
+                entry["val"] = v
+                if select == "best_val" and (result.best_val is None or v < result.best_val):
+                    result.best_val, result.best_epoch = v, epoch + 1
+                    best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+            if on_epoch_end is not None:
+                on_epoch_end(model, epoch + 1)
+            result.train_s += time.perf_counter() - t0
+            result.history.append(entry)
+            done = epoch == epochs - 1
+            if done:
+                if select == "best_val" and best_state is not None:
+                    model.load_state_dict(best_state)
+                result.flops_per_sample = self._flops_per_sample(model, sample_x)
+            self.log(f"[{stage}] epoch {epoch + 1}/{epochs} loss {entry['loss']:.4f} lr {cur_lr:.4g}"
+                     + (f" val {entry['val']:.4f}" if "val" in entry else "") + f" {entry['epoch_s']:.1f}s")
+            if ckpt is not None:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_torch_save({
+                    "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None,
+                    "best_state": None if done else best_state, "result": asdict(result), "done": done,
+                    "stateful": [obj.state_dict() for obj in stateful]}, ckpt)
+        self.stages[stage] = result
+        return result
+
+    @staticmethod
+    def _flops_per_sample(model: nn.Module, sample_x: torch.Tensor | None) -> float | None:
+        if sample_x is None:
+            return None
+        try:
+            from benchmark.cost import count_flops
+
+            return float(count_flops(model, sample_x)["flops"])
+        except Exception:  # training cost is an estimate: never fail a finished stage over it
+            return None
+
+    def summary(self) -> dict[str, Any]:
+        """Training cost of every stage fitted by this trainer (for the run record)."""
+        flops = [s.train_flops for s in self.stages.values()]
+        return {
+            "train_s": sum(s.train_s for s in self.stages.values()),
+            "epochs_run": {k: len(s.history) for k, s in self.stages.items()},
+            "samples_seen": sum(s.samples_seen for s in self.stages.values()),
+            "train_flops": None if any(f is None for f in flops) or not flops else float(sum(flops)),
+            "stages": {k: {"epochs": s.epochs, "steps": s.steps, "samples_seen": s.samples_seen,
+                           "train_s": s.train_s, "best_epoch": s.best_epoch, "best_val": s.best_val,
+                           "flops_per_sample": s.flops_per_sample,
+                           "final_loss": s.history[-1]["loss"] if s.history else None}
+                       for k, s in self.stages.items()},
+        }
