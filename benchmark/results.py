@@ -1,0 +1,770 @@
+"""Result records: one versioned JSON file per run, predictions beside it, leaderboards from many.
+
+A run writes ``<out>/<run_id>.json`` (see :data:`SCHEMA_VERSION` and the layout below) and,
+optionally, ``<out>/<run_id>.preds.npz`` with the member logits. Many Slurm jobs write into the
+same folder at once, so every file is written atomically: the bytes go to a hidden temporary file in
+the same directory, which is flushed, fsync'ed and then renamed over the final name with
+``os.replace``. A reader therefore sees either the previous complete file or the new complete file,
+never a partial one; two writers of the same run id leave one of the two complete versions.
+
+Record layout (a plain dict)::
+
+    {"schema_version": 1, "run_id": str, "status": "complete" | "failed" | "running",
+     "config":   {method, backbone, dataset, epochs, seed, batch_size, lr, ..., "options": {...}},
+     "method":   {"name", "options" (resolved, with defaults), "combine", "num_members", "info"},
+     "metrics":  {acc, nll, brier, ece, member_acc, disagreement, nll_ts, ece_ts, temperature,
+                  "ood": {<set>: {<score>: {auroc, aupr_in, aupr_out, fpr95}}}},
+     "cost":     {params, params_nonzero, flops, macs, flops_dense, latency_ms, latency_device,
+                  throughput, throughput_device, peak_mem_mb, device},
+     "training": {train_s, epochs_run: {stage: n}, samples_seen, train_flops, device},
+     "env":      environment_info(),
+     "timings":  {started, finished, wall_s},
+     "error":    None | str}
+
+JSON written here is strict: NaN and +-inf become ``null`` (read back as missing -> NaN in the
+leaderboard), numpy scalars/arrays and paths are converted to plain JSON values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+STATUSES = ("complete", "failed", "running")
+PREDS_SUFFIX = ".preds.npz"
+_TMP_SUFFIX = ".tmp"
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "RecordError",
+    "write_json_atomic",
+    "write_text_atomic",
+    "write_record",
+    "read_record",
+    "load_records",
+    "record_status",
+    "record_path",
+    "predictions_path",
+    "save_predictions",
+    "load_predictions",
+    "environment_info",
+    "flatten_record",
+    "leaderboard",
+    "write_leaderboard",
+    "format_markdown",
+    "METRIC_COLUMNS",
+    "COST_COLUMNS",
+    "GROUP_KEYS",
+]
+
+
+class RecordError(ValueError):
+    """A file is not a readable result record (or a results directory is missing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    """Permissions for new files: 0o666 minus the process umask (mkstemp would give 0o600)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort; not every platform/filesystem supports it)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+    """Yield a binary file object; on clean exit its content replaces ``path`` atomically.
+
+    The temporary file is ``.<name>.<random>.tmp`` in the destination directory (same
+    filesystem, so ``os.replace`` is atomic). On any exception it is removed and ``path`` is left
+    untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            with contextlib.suppress(OSError, AttributeError):
+                os.fchmod(f.fileno(), _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _jsonable(obj: Any, where: str = "$") -> Any:
+    """Convert ``obj`` to plain JSON types; non-finite floats -> None. Raises TypeError."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item(), where)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist(), where)
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, np.generic):
+                k = k.item()
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise TypeError(f"{where}: dict key {k!r} of type {type(k).__name__} is not JSON")
+            out[k if isinstance(k, str) else json.dumps(k)] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    # torch tensors and similar array-likes, without importing torch here
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):
+        return _jsonable(obj.detach().cpu().tolist(), where)
+    raise TypeError(f"{where}: object of type {type(obj).__name__} is not JSON serializable")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    data = text.encode("utf-8")
+    with _atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Serialise ``obj`` to strict JSON and write it to ``path`` atomically.
+
+    Serialisation happens before any file is created, so an object JSON cannot encode raises
+    ``TypeError`` and leaves an existing ``path`` (and the directory) untouched.
+    """
+    text = json.dumps(_jsonable(obj), indent=1, sort_keys=False, allow_nan=False, ensure_ascii=False)
+    return write_text_atomic(path, text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------
+
+_BAD_RUN_ID = re.compile(r"[/\\\x00]")
+
+
+def _check_record(rec: Any, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: not a result record (top level is {type(rec).__name__}, not an object)")
+    missing = [k for k in ("schema_version", "run_id", "status") if k not in rec]
+    if missing:
+        raise RecordError(f"{where}: not a result record (missing {', '.join(missing)})")
+    version = rec["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RecordError(f"{where}: bad schema_version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise RecordError(
+            f"{where}: schema_version {version} is newer than this code understands ({SCHEMA_VERSION}); update ensemble-bench"
+        )
+    run_id = rec["run_id"]
+    if not isinstance(run_id, str) or not run_id or run_id.startswith(".") or _BAD_RUN_ID.search(run_id):
+        raise RecordError(f"{where}: bad run_id {run_id!r} (must be a non-empty file name without / or leading .)")
+    if rec["status"] not in STATUSES:
+        raise RecordError(f"{where}: bad status {rec['status']!r} (expected one of {', '.join(STATUSES)})")
+    return rec
+
+
+def record_path(out_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(out_dir) / f"{run_id}.json"
+
+
+def predictions_path(out_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(out_dir) / f"{run_id}{PREDS_SUFFIX}"
+
+
+def write_record(out_dir: str | os.PathLike, record: dict) -> Path:
+    """Validate ``record`` and write it atomically to ``<out_dir>/<run_id>.json``; returns the path."""
+    _check_record(record, "record")
+    return write_json_atomic(record_path(out_dir, record["run_id"]), record)
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """Read and validate one record. Raises :class:`RecordError` (one-line message) if it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not text.strip():
+        raise RecordError(f"{path}: empty file")
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{path}: invalid JSON (nested too deeply)") from None
+    return _check_record(rec, str(path))
+
+
+def _record_files(runs_dir: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*.json" if recursive else "*.json"
+    files = []
+    for p in runs_dir.glob(pattern):
+        rel = p.relative_to(runs_dir).parts
+        if any(part.startswith(".") for part in rel):  # temp files, hidden folders (e.g. .ckpt)
+            continue
+        if p.name.endswith(PREDS_SUFFIX) or p.name.endswith(_TMP_SUFFIX) or not p.is_file():
+            continue
+        files.append(p)
+    return sorted(files)
+
+
+def load_records(
+    runs_dir: str | os.PathLike,
+    *,
+    statuses: tuple[str, ...] | None = ("complete",),
+    recursive: bool = False,
+) -> tuple[list[dict], list[str]]:
+    """Load every record in ``runs_dir`` whose status is in ``statuses`` (None: all statuses).
+
+    Returns ``(records, problems)``: ``problems`` has one line per file that is not a readable
+    record (corrupt, truncated, not a record, duplicate run id). Predictions (``*.preds.npz``)
+    and temporary files are skipped. Records are in file-name order. A missing ``runs_dir``
+    raises :class:`RecordError`.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise RecordError(f"{runs_dir}: results directory does not exist")
+    records: list[dict] = []
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    for p in _record_files(runs_dir, recursive):
+        try:
+            rec = read_record(p)
+        except RecordError as e:
+            problems.append(str(e))
+            continue
+        rid = rec["run_id"]
+        if rid in seen:
+            problems.append(f"{p}: duplicate run_id {rid!r} (also in {seen[rid]}); skipped")
+            continue
+        seen[rid] = p
+        if statuses is None or rec["status"] in statuses:
+            records.append(rec)
+    return records, problems
+
+
+def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
+    """Status of the record ``<runs_dir>/<run_id>.json``; None if it is absent or unreadable."""
+    p = record_path(runs_dir, run_id)
+    if not p.is_file():
+        return None
+    try:
+        return read_record(p)["status"]
+    except RecordError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# predictions
+# --------------------------------------------------------------------------------------------
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach()
+        if hasattr(x, "float") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            x = x.float()
+        x = x.cpu().numpy()
+    return np.asarray(x)
+
+
+def _to_f16(x: Any) -> np.ndarray:
+    a = _as_numpy(x).astype(np.float32, copy=False)
+    # float16 overflows at 65504; clip instead of storing inf (NaN stays NaN)
+    return np.clip(a, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+
+
+def _to_labels(x: Any) -> np.ndarray:
+    a = _as_numpy(x)
+    if a.dtype.kind not in "iub":
+        raise ValueError(f"labels must be integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _check_pair(name: str, logits: np.ndarray, labels: np.ndarray | None) -> None:
+    if logits.ndim < 2:
+        raise ValueError(f"{name} must be [M, N, C] or [N, C], got shape {logits.shape}")
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != logits.shape[-2]):
+        raise ValueError(f"{name} has {logits.shape[-2]} samples (shape {logits.shape}) but labels have shape {labels.shape}")
+
+
+def save_predictions(
+    out_dir: str | os.PathLike,
+    run_id: str,
+    *,
+    logits: Any,
+    labels: Any,
+    val_logits: Any = None,
+    val_labels: Any = None,
+    ood: dict | None = None,
+    combine: str = "probs",
+) -> Path:
+    """Save member logits beside the record as ``<out_dir>/<run_id>.preds.npz`` (atomic).
+
+    Keys: ``logits`` (float16, shape kept, normally [M, N, C]), ``labels`` (int64 [N]),
+    ``val_logits``/``val_labels`` (only when given), ``ood_<name>`` (float16) per OOD set and
+    ``combine`` (0-d string). Values beyond the float16 range are clipped to +-65504.
+    """
+    _check_record({"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "complete"}, "save_predictions")
+    if combine not in ("probs", "logits"):
+        raise ValueError(f"combine must be 'probs' or 'logits', got {combine!r}")
+    arrays: dict[str, np.ndarray] = {}
+    arrays["logits"] = _to_f16(logits)
+    arrays["labels"] = _to_labels(labels)
+    _check_pair("logits", arrays["logits"], arrays["labels"])
+    if (val_logits is None) != (val_labels is None):
+        raise ValueError("val_logits and val_labels must be given together")
+    if val_logits is not None:
+        arrays["val_logits"] = _to_f16(val_logits)
+        arrays["val_labels"] = _to_labels(val_labels)
+        _check_pair("val_logits", arrays["val_logits"], arrays["val_labels"])
+    for name, z in (ood or {}).items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+            raise ValueError(f"bad OOD set name {name!r}")
+        arrays[f"ood_{name}"] = _to_f16(z)
+        _check_pair(f"ood_{name}", arrays[f"ood_{name}"], None)
+    arrays["combine"] = np.array(combine)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = predictions_path(out_dir, run_id)
+    with _atomic_file(path) as f:
+        f.write(buf.getbuffer())
+    return path
+
+
+def load_predictions(
+    path_or_record_dir: str | os.PathLike,
+    run_id: str | None = None,
+    *,
+    dtype: Any = np.float32,
+) -> dict:
+    """Load predictions saved by :func:`save_predictions`.
+
+    ``load_predictions(out_dir, run_id)``, ``load_predictions(".../<id>.preds.npz")`` or
+    ``load_predictions(".../<id>.json")`` (the record; its sibling npz is read). Returns
+    ``{"logits", "labels", "val_logits" (or None), "val_labels" (or None), "ood": {name: logits},
+    "combine": str, "path"}``. Logits are cast to ``dtype`` (float32 by default; ``dtype=None``
+    keeps the stored float16).
+    """
+    p = Path(path_or_record_dir)
+    if run_id is not None:
+        p = predictions_path(p, run_id)
+    elif p.name.endswith(".json") and not p.name.endswith(PREDS_SUFFIX):
+        p = p.with_name(p.name[: -len(".json")] + PREDS_SUFFIX)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no predictions file")
+
+    def cast(a: np.ndarray) -> np.ndarray:
+        return a if dtype is None else a.astype(dtype)
+
+    with np.load(p, allow_pickle=False) as z:
+        keys = set(z.files)
+        if not {"logits", "labels"} <= keys:
+            raise ValueError(f"{p}: not a predictions file (keys {sorted(keys)})")
+        out = {
+            "logits": cast(z["logits"]),
+            "labels": z["labels"],
+            "val_logits": cast(z["val_logits"]) if "val_logits" in keys else None,
+            "val_labels": z["val_labels"] if "val_labels" in keys else None,
+            "ood": {k[len("ood_"):]: cast(z[k]) for k in sorted(keys) if k.startswith("ood_")},
+            "combine": str(z["combine"]) if "combine" in keys else "probs",
+            "path": p,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    except Exception:  # noqa: BLE001 - never fail
+        return None
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        r = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            r = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            if r.returncode == 0 and r.stdout.strip():
+                return r.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or None
+
+
+def environment_info() -> dict:
+    """Versions, host, git commit and devices of this process. Never raises."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "numpy": np.__version__,
+        "pandas": _pkg_version("pandas"),
+        "torch": _pkg_version("torch"),
+        "torchvision": _pkg_version("torchvision"),
+        "timm": _pkg_version("timm"),
+        "ensemble_bench": None,
+        "git_commit": None,
+        "git_dirty": None,
+        "cpu": None,
+        "cpu_count": os.cpu_count(),
+        "cuda": None,
+        "cudnn": None,
+        "cuda_device": None,
+        "cuda_device_count": 0,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    try:
+        from benchmark import __version__
+
+        info["ensemble_bench"] = __version__
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        info["cpu"] = _cpu_model()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        here = Path(__file__).resolve().parent
+        head = _git(["rev-parse", "--verify", "-q", "HEAD"], here)
+        info["git_commit"] = head.strip() or None if head is not None else None
+        status = _git(["status", "--porcelain", "--untracked-files=no"], here)
+        if status is not None:
+            info["git_dirty"] = bool(status.strip())
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+        if torch.backends.cudnn.is_available():
+            info["cudnn"] = torch.backends.cudnn.version()
+        if torch.cuda.is_available():
+            info["cuda_device_count"] = torch.cuda.device_count()
+            info["cuda_device"] = torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# flat rows and leaderboards
+# --------------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature", "member_acc", "disagreement")
+COST_COLUMNS = (
+    "params", "params_nonzero", "flops", "macs", "flops_dense",
+    "latency_ms", "throughput", "peak_mem_mb", "train_s", "train_flops",
+)
+DEVICE_COLUMNS = ("latency_device", "throughput_device", "train_device")
+MSP_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+# rows of the leaderboard are one group of these keys; everything else numeric is mean/std over seeds
+GROUP_KEYS = (
+    "dataset", "backbone", "method", "config_key", "epochs", "batch_size", "lr",
+    "combine", "num_members", *DEVICE_COLUMNS,
+)
+_STR_KEYS = ("dataset", "backbone", "method", "config_key", "combine", *DEVICE_COLUMNS)
+_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
+
+
+def _num(x: Any) -> float:
+    if isinstance(x, bool) or x is None:
+        return math.nan
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return float(x)
+    return math.nan
+
+
+def _dict(x: Any) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def flatten_record(rec: dict) -> dict:
+    """One flat row of a record: identity columns, metrics, msp OOD metrics per set, cost, devices.
+
+    Values that are absent from the record become NaN (numbers) or None (strings).
+    """
+    cfg = _dict(rec.get("config"))
+    meth = _dict(rec.get("method"))
+    metrics = _dict(rec.get("metrics"))
+    cost = _dict(rec.get("cost"))
+    training = _dict(rec.get("training"))
+    options = meth.get("options") if isinstance(meth.get("options"), dict) else _dict(cfg.get("options"))
+
+    row: dict[str, Any] = {
+        "dataset": cfg.get("dataset", rec.get("dataset")),
+        "backbone": cfg.get("backbone", rec.get("backbone")),
+        "method": meth.get("name") or cfg.get("method"),
+        "config_key": _canonical(options),
+        "epochs": cfg.get("epochs"),
+        "batch_size": cfg.get("batch_size"),
+        "lr": cfg.get("lr"),
+        "seed": cfg.get("seed"),
+        "run_id": rec.get("run_id"),
+        "status": rec.get("status"),
+        "combine": meth.get("combine"),
+        "num_members": _num(meth.get("num_members")),
+    }
+    for k in METRIC_COLUMNS:
+        row[k] = _num(metrics.get(k))
+    for set_name, by_score in sorted(_dict(metrics.get("ood")).items()):
+        by_score = _dict(by_score)
+        msp = _dict(by_score.get("msp"))
+        for m in MSP_OOD_METRICS:
+            row[f"{m}_{set_name}"] = _num(msp.get(m))
+        for score, vals in sorted(by_score.items()):
+            if score != "msp":
+                row[f"auroc_{set_name}_{score}"] = _num(_dict(vals).get("auroc"))
+    for k in COST_COLUMNS:
+        src = training if k in ("train_s", "train_flops") else cost
+        row[k] = _num(src.get(k))
+    row["latency_device"] = cost.get("latency_device") or cost.get("device")
+    row["throughput_device"] = cost.get("throughput_device") or cost.get("latency_device") or cost.get("device")
+    row["train_device"] = training.get("device")
+    return row
+
+
+def _is_aggregated(col: str, series: Any) -> bool:
+    import pandas as pd
+
+    return col not in _NOT_AGGREGATED and pd.api.types.is_numeric_dtype(series)
+
+
+def leaderboard(records: list[dict]):
+    """Aggregate records into one row per configuration; mean and std over seeds.
+
+    Rows are groups of :data:`GROUP_KEYS` (dataset, backbone, method, config_key, epochs,
+    batch_size, lr, combine, num_members and the three device columns, so that timings from
+    different devices are never averaged). For every numeric column ``x``: ``x_mean`` and
+    ``x_std`` (sample std, ddof=1; NaN with one seed). A value missing in any seed of a group
+    makes that group's mean/std NaN (no silent averaging over fewer seeds than ``n_seeds``).
+    Also ``n_seeds`` (runs in the group), ``seeds`` (sorted list as a string) and ``run_ids``.
+    Records whose status is not "complete" are left out with a warning. Sorted by dataset,
+    backbone, then ``acc_mean`` descending.
+    """
+    import pandas as pd
+
+    complete = [r for r in records if r.get("status", "complete") == "complete"]
+    if len(complete) != len(records):
+        warnings.warn(f"leaderboard: left out {len(records) - len(complete)} record(s) whose status is not 'complete'", stacklevel=2)
+    flat = pd.DataFrame([flatten_record(r) for r in complete])
+    base_cols = [*GROUP_KEYS, "n_seeds", "seeds"]
+    if flat.empty:
+        cols = base_cols + [f"{c}_{s}" for c in (*METRIC_COLUMNS, *COST_COLUMNS) for s in ("mean", "std")] + ["run_ids"]
+        return pd.DataFrame(columns=cols)
+
+    for k in _STR_KEYS:  # groupby must not drop or split on missing strings
+        flat[k] = flat[k].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
+    for k in ("epochs", "batch_size", "lr"):
+        flat[k] = pd.to_numeric(flat[k], errors="coerce")
+    value_cols = [c for c in flat.columns if _is_aggregated(c, flat[c])]
+
+    rows = []
+    for key, g in flat.groupby(list(GROUP_KEYS), dropna=False, sort=False):
+        row = dict(zip(GROUP_KEYS, key))
+        seeds = sorted(int(s) for s in g["seed"] if _num(s) == _num(s))
+        if len(set(seeds)) != len(seeds):
+            warnings.warn(f"leaderboard: duplicate seeds {seeds} for {row['method']} {row['config_key']}", stacklevel=2)
+        row["n_seeds"] = len(g)
+        row["seeds"] = str(seeds)
+        for c in value_cols:
+            v = g[c].astype(float)
+            row[f"{c}_mean"] = v.mean(skipna=False)
+            row[f"{c}_std"] = v.std(ddof=1, skipna=False) if len(v) > 1 else math.nan
+        row["run_ids"] = ",".join(sorted(str(r) for r in g["run_id"]))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for k in ("epochs", "batch_size", "num_members"):
+        if df[k].notna().all():
+            df[k] = df[k].astype("int64")
+    df = df.sort_values(
+        ["dataset", "backbone", "acc_mean", "method", "config_key"],
+        ascending=[True, True, False, True, True],
+        na_position="last",
+        kind="mergesort",
+    ).reset_index(drop=True)
+    return df
+
+
+def write_leaderboard(df, csv_path: str | os.PathLike | None = None, md_path: str | os.PathLike | None = None) -> None:
+    """Write the leaderboard as CSV (every column) and/or markdown (:func:`format_markdown`), atomically."""
+    if csv_path is not None:
+        write_text_atomic(csv_path, df.to_csv(index=False))
+    if md_path is not None:
+        write_text_atomic(md_path, format_markdown(df))
+
+
+def _fmt(mean: Any, std: Any, scale: float = 1.0, digits: int = 2) -> str:
+    m = _num(mean)
+    if math.isnan(m):
+        return "–"
+    s = _num(std)
+    text = f"{m * scale:.{digits}f}"
+    if not math.isnan(s) and s != 0:
+        text += f" ± {s * scale:.{digits}f}"
+    return text
+
+
+def _options_text(config_key: Any) -> str:
+    try:
+        opts = json.loads(config_key) if isinstance(config_key, str) and config_key else {}
+    except json.JSONDecodeError:
+        return str(config_key)
+    if not isinstance(opts, dict) or not opts:
+        return "–" if not opts else str(opts)
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in opts.items())
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _device_name(d: Any) -> str:
+    return d if isinstance(d, str) and d else "?"
+
+
+def format_markdown(df) -> str:
+    """Compact human tables of a leaderboard, one per (dataset, backbone).
+
+    Columns: method, options, n (seeds), acc (%), nll, ece (%), brier, AUROC (%) per OOD set (msp
+    score), params (M), GFLOPs, latency ms, train s, as ``mean ± std`` (just the mean when there
+    is one seed or no spread). The latency / training device is named in the column header when it
+    is the same for every row of a table, otherwise in a devices column. Columns for epochs,
+    batch size, lr, members' combine rule appear only when they differ between rows of a table.
+    """
+    if df is None or len(df) == 0:
+        return "_no results_\n"
+    ood_sets = sorted(c[len("fpr95_"): -len("_mean")] for c in df.columns if c.startswith("fpr95_") and c.endswith("_mean"))
+    parts: list[str] = []
+    for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
+        lat_devs = sorted({_device_name(d) for d in t["latency_device"]})
+        train_devs = sorted({_device_name(d) for d in t["train_device"]})
+        lat_hdr = "latency ms" + (f" ({lat_devs[0]})" if len(lat_devs) == 1 else "")
+        train_hdr = "train s" + (f" ({train_devs[0]})" if len(train_devs) == 1 else "")
+        varying = [k for k in ("epochs", "batch_size", "lr") if t[k].astype(str).nunique() > 1]
+        show_combine = any(c not in ("probs", "") for c in t["combine"])
+        out_rows = []
+        for _, r in t.iterrows():
+            row: dict[str, str] = {"method": r["method"], "options": _options_text(r["config_key"])}
+            for k in varying:
+                row[k] = str(r[k])
+            if show_combine:
+                row["combine"] = r["combine"] or "probs"
+            row["n"] = str(r["n_seeds"])
+
+            def g(col: str, scale: float = 1.0, digits: int = 2) -> str:
+                return _fmt(r.get(f"{col}_mean"), r.get(f"{col}_std"), scale, digits)
+
+            row["acc (%)"] = g("acc", 100)
+            row["nll"] = g("nll", 1, 3)
+            row["ece (%)"] = g("ece", 100)
+            row["brier"] = g("brier", 1, 4)
+            for s in ood_sets:
+                row[f"AUROC {s} (%)"] = g(f"auroc_{s}", 100)
+            row["params (M)"] = g("params", 1e-6)
+            row["GFLOPs"] = g("flops", 1e-9, 3)
+            row[lat_hdr] = g("latency_ms", 1, 2)
+            row[train_hdr] = g("train_s", 1, 0)
+            if len(lat_devs) > 1 or len(train_devs) > 1:
+                row["devices"] = f"latency: {_device_name(r['latency_device'])}; train: {_device_name(r['train_device'])}"
+            out_rows.append(row)
+        header = list(out_rows[0])
+        lines = [f"### {dataset or '?'} · {backbone or '?'}", ""]
+        lines.append("| " + " | ".join(_cell(h) for h in header) + " |")
+        text_cols = {"method", "options", "combine", "devices"}
+        lines.append("|" + "|".join("---" if h in text_cols else "---:" for h in header) + "|")
+        for row in out_rows:
+            lines.append("| " + " | ".join(_cell(row.get(h, "")) for h in header) + " |")
+        parts.append("\n".join(lines))
+    note = "_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score._"
+    return "\n\n".join(parts) + "\n\n" + note + "\n"
