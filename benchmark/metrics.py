@@ -1,0 +1,521 @@
+"""Shared metric functions: every leaderboard number is computed here from member outputs.
+
+Conventions (see shared/specs/metrics.md):
+
+* member logits ``z`` have shape ``[M, N, C]`` (a 2-D ``[N, C]`` array is a single model, M = 1);
+* member probabilities ``p_m = softmax(z_m)``; the ensemble predictive distribution is
+  ``p̄ = mean_m p_m`` (probabilities are averaged).  ``combine="logits"`` is the one explicit
+  exception: ``p̄ = softmax(mean_m z_m)``.  Member-based quantities (member accuracy,
+  disagreement, the mean member entropy inside the mutual information) always use each
+  member's own softmax;
+* everything is computed in float64 on the CPU; inputs may be torch tensors or numpy arrays;
+* bad input raises ``ValueError`` with a single-line message (the CLI turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "member_probs",
+    "ensemble_probs",
+    "ensemble_log_probs",
+    "accuracy",
+    "nll",
+    "brier",
+    "ece",
+    "member_accuracy",
+    "disagreement",
+    "fit_temperature",
+    "ood_scores",
+    "ood_metrics",
+    "evaluate",
+    "logits_from_probs",
+    "score_npz",
+    "COMBINE_MODES",
+    "OOD_SCORES",
+]
+
+COMBINE_MODES = ("probs", "logits")
+OOD_SCORES = ("msp", "entropy", "mi")
+
+# Search range of the temperature (log-space), see fit_temperature.
+_T_MIN, _T_MAX = 0.05, 20.0
+_T_GRID = 49  # coarse grid points over [log T_MIN, log T_MAX]
+_T_TOL = 1e-7  # golden-section tolerance on log T
+
+_DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# input handling
+# --------------------------------------------------------------------------------------------
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _to_tensor(x: Any, name: str) -> Tensor:
+    """Any array-like -> CPU tensor (dtype kept for the caller to decide)."""
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise ValueError(_one_line(f"{name} must be an array or tensor; got {type(x).__name__} ({exc})")) from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be a numeric array; got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _float_tensor(x: Any, name: str) -> Tensor:
+    t = _to_tensor(x, name)
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must be a real floating-point array; got dtype {t.dtype}")
+    t = t.to(_DTYPE)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return t
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(int(s) for s in t.shape)
+
+
+def _check_logits(logits: Any, name: str = "logits") -> Tensor:
+    """Validate and return float64 logits of shape [M, N, C] (2-D [N, C] becomes M = 1)."""
+    z = _float_tensor(logits, name)
+    if z.dim() == 2:
+        z = z.unsqueeze(0)
+    if z.dim() != 3:
+        raise ValueError(f"{name} must be [M, N, C] (or [N, C] for one model); got shape {_shape(z)}")
+    if min(z.shape) == 0:
+        raise ValueError(f"{name} must have M, N, C >= 1; got shape {_shape(z)}")
+    return z
+
+
+def _check_probs_bar(probs_bar: Any, name: str = "probs_bar") -> Tensor:
+    p = _float_tensor(probs_bar, name)
+    if p.dim() != 2:
+        raise ValueError(f"{name} must be [N, C] ensemble probabilities; got shape {_shape(p)}")
+    if min(p.shape) == 0:
+        raise ValueError(f"{name} must have N, C >= 1; got shape {_shape(p)}")
+    return p
+
+
+def _check_labels(labels: Any, n: int, c: int, name: str = "labels") -> Tensor:
+    y = _to_tensor(labels, name)
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N]; got shape {_shape(y)}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has length {y.shape[0]} but the predictions have N = {n}")
+    if y.is_floating_point():
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        if not bool((y == torch.round(y)).all()):
+            raise ValueError(f"{name} must be integer class indices; got non-integer values")
+    elif y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"{name} must be integer class indices; got dtype {y.dtype}")
+    y = y.to(torch.int64)
+    if n and (int(y.min()) < 0 or int(y.max()) >= c):
+        raise ValueError(
+            f"{name} must lie in [0, {c}) for C = {c} classes; got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    return y
+
+
+def _check_combine(combine: Any) -> str:
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}; got {combine!r}")
+    return combine
+
+
+def _check_scores(s: Any, name: str) -> np.ndarray:
+    t = _float_tensor(s, name)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {_shape(t)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    return t.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# predictive distributions (internal versions take validated float64 [M, N, C] tensors)
+# --------------------------------------------------------------------------------------------
+def _ensemble_log_probs(z: Tensor, combine: str) -> Tensor:
+    if combine == "logits":
+        return torch.log_softmax(z.mean(dim=0), dim=-1)
+    m = z.shape[0]
+    return torch.logsumexp(torch.log_softmax(z, dim=-1), dim=0) - math.log(m)
+
+
+def _ensemble_probs(z: Tensor, combine: str) -> Tensor:
+    if combine == "logits":
+        return torch.softmax(z.mean(dim=0), dim=-1)
+    return torch.softmax(z, dim=-1).mean(dim=0)
+
+
+def _nll(z: Tensor, y: Tensor, combine: str) -> float:
+    lp = _ensemble_log_probs(z, combine)
+    return float(-lp.gather(1, y.unsqueeze(1)).mean())
+
+
+def _accuracy(p: Tensor, y: Tensor) -> float:
+    return float((p.max(dim=1).indices == y).to(_DTYPE).mean())
+
+
+def _brier(p: Tensor, y: Tensor) -> float:
+    onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(_DTYPE)
+    return float(((p - onehot) ** 2).sum(dim=1).mean())
+
+
+def _ece(p: Tensor, y: Tensor, n_bins: int) -> float:
+    conf, pred = p.max(dim=1)
+    conf = conf.clamp(0.0, 1.0)
+    correct = (pred == y).to(_DTYPE)
+    # Bin assignment exactly as torchmetrics does it: float32 confidences, float32 linspace
+    # boundaries, bucketize(right=True) - 1, so bin i = [b_i, b_{i+1}) and a confidence equal to
+    # 1.0 (after float32 rounding) gets a bin of its own. Sums are accumulated in float64.
+    bounds = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
+    idx = torch.bucketize(conf.to(torch.float32), bounds, right=True) - 1
+    idx = idx.clamp(0, n_bins)
+    conf_sum = torch.zeros(n_bins + 1, dtype=_DTYPE).scatter_add_(0, idx, conf)
+    acc_sum = torch.zeros(n_bins + 1, dtype=_DTYPE).scatter_add_(0, idx, correct)
+    # sum_b (n_b / N) * |acc_b - conf_b|  ==  sum_b |acc_sum_b - conf_sum_b| / N
+    return float((acc_sum - conf_sum).abs().sum() / p.shape[0])
+
+
+def _member_preds(z: Tensor) -> Tensor:
+    return torch.softmax(z, dim=-1).max(dim=-1).indices  # [M, N]
+
+
+def _member_accuracy(z: Tensor, y: Tensor) -> float:
+    return float((_member_preds(z) == y.unsqueeze(0)).to(_DTYPE).mean())
+
+
+def _disagreement(z: Tensor) -> float:
+    m, n, c = z.shape
+    if m < 2:
+        return 0.0
+    preds = _member_preds(z)  # [M, N]
+    counts = torch.zeros(n, c, dtype=_DTYPE).scatter_add_(1, preds.T.contiguous(), torch.ones(n, m, dtype=_DTYPE))
+    pairs = m * (m - 1) / 2.0
+    agree_pairs = (counts * (counts - 1) / 2.0).sum(dim=1)  # per sample
+    return float(((pairs - agree_pairs) / pairs).mean())
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return torch.special.entr(p).sum(dim=-1)
+
+
+def _ood_scores(z: Tensor, combine: str) -> dict[str, Tensor]:
+    p_bar = _ensemble_probs(z, combine)
+    h_bar = _entropy(p_bar)
+    if z.shape[0] == 1:
+        mi = torch.zeros_like(h_bar)
+    else:
+        mi = h_bar - _entropy(torch.softmax(z, dim=-1)).mean(dim=0)
+        if combine == "probs":
+            mi = mi.clamp_min(0.0)  # >= 0 by Jensen; remove rounding noise
+    return {"msp": -p_bar.max(dim=1).values, "entropy": h_bar, "mi": mi}
+
+
+def _fit_temperature(z: Tensor, y: Tensor, combine: str) -> float:
+    """argmin_T NLL(z / T) over T in [_T_MIN, _T_MAX]: coarse log-grid, then golden section."""
+    cache: dict[float, float] = {}
+
+    def f(log_t: float) -> float:
+        if log_t not in cache:
+            cache[log_t] = _nll(z / math.exp(log_t), y, combine)
+        return cache[log_t]
+
+    lo, hi = math.log(_T_MIN), math.log(_T_MAX)
+    grid = np.linspace(lo, hi, _T_GRID)
+    vals = [f(float(g)) for g in grid]
+    k = int(np.argmin(vals))
+    a = float(grid[max(k - 1, 0)])
+    b = float(grid[min(k + 1, _T_GRID - 1)])
+    # golden-section search on [a, b] (the grid minimum lies inside, so the refined point can only
+    # improve on it; the ensemble NLL need not be convex in log T, hence the grid first)
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    c = b - inv_phi * (b - a)
+    d = a + inv_phi * (b - a)
+    while b - a > _T_TOL:
+        if f(c) <= f(d):
+            b, d = d, c
+            c = b - inv_phi * (b - a)
+        else:
+            a, c = c, d
+            d = a + inv_phi * (b - a)
+    best = min(cache, key=lambda t: (cache[t], abs(t)))
+    return float(math.exp(best))
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def member_probs(logits: Tensor) -> Tensor:
+    """[M, N, C] logits -> [M, N, C] per-member softmax (float64)."""
+    return torch.softmax(_check_logits(logits), dim=-1)
+
+
+def ensemble_probs(logits: Tensor, combine: str = "probs") -> Tensor:
+    """[M, N, C] logits -> [N, C] ensemble predictive distribution p̄ (float64)."""
+    return _ensemble_probs(_check_logits(logits), _check_combine(combine))
+
+
+def ensemble_log_probs(logits: Tensor, combine: str = "probs") -> Tensor:
+    """[M, N, C] logits -> [N, C] log p̄, finite even where a probability underflows."""
+    return _ensemble_log_probs(_check_logits(logits), _check_combine(combine))
+
+
+def accuracy(probs_bar, labels) -> float:
+    """Mean of [argmax p̄ == y]."""
+    p = _check_probs_bar(probs_bar)
+    return _accuracy(p, _check_labels(labels, p.shape[0], p.shape[1]))
+
+
+def nll(logits, labels, combine: str = "probs") -> float:
+    """-mean log p̄(y) of the ensemble (the mixture, not the mean of member NLLs)."""
+    z = _check_logits(logits)
+    return _nll(z, _check_labels(labels, z.shape[1], z.shape[2]), _check_combine(combine))
+
+
+def brier(probs_bar, labels) -> float:
+    """Mean over samples of sum over classes (p̄_c - onehot(y)_c)^2, in [0, 2]."""
+    p = _check_probs_bar(probs_bar)
+    return _brier(p, _check_labels(labels, p.shape[0], p.shape[1]))
+
+
+def ece(probs_bar, labels, n_bins: int = 15) -> float:
+    """Top-label expected calibration error, equal-width bins; = torchmetrics MulticlassCalibrationError(norm="l1")."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    p = _check_probs_bar(probs_bar)
+    return _ece(p, _check_labels(labels, p.shape[0], p.shape[1]), int(n_bins))
+
+
+def member_accuracy(logits, labels) -> float:
+    """Mean over members of each member's accuracy."""
+    z = _check_logits(logits)
+    return _member_accuracy(z, _check_labels(labels, z.shape[1], z.shape[2]))
+
+
+def disagreement(logits) -> float:
+    """Mean over member pairs of the fraction of samples whose argmax differ (0 for M = 1)."""
+    return _disagreement(_check_logits(logits))
+
+
+def fit_temperature(val_logits, val_labels, combine: str = "probs") -> float:
+    """One temperature T for all members (logits / T) minimising the ensemble NLL on validation data.
+
+    T is searched in [0.05, 20]: a 49-point grid in log T followed by golden-section refinement
+    around the best grid point (tolerance 1e-7 in log T).
+    """
+    z = _check_logits(val_logits, "val_logits")
+    y = _check_labels(val_labels, z.shape[1], z.shape[2], "val_labels")
+    return _fit_temperature(z, y, _check_combine(combine))
+
+
+def ood_scores(logits, combine: str = "probs") -> dict[str, Tensor]:
+    """OOD scores (higher = more likely OOD), each [N] float64: msp = -max p̄, entropy = H(p̄),
+    mi = H(p̄) - mean_m H(p_m) (0 for M = 1)."""
+    return _ood_scores(_check_logits(logits), _check_combine(combine))
+
+
+def ood_metrics(id_scores: Tensor, ood_scores: Tensor) -> dict[str, float]:
+    """AUROC, AUPR-In, AUPR-Out and FPR@95%TPR with OOD as the positive class.
+
+    fpr95 is the false-positive rate at the first threshold (scanning from the most OOD-looking
+    score down) at which at least 95% of OOD samples are flagged, i.e. ``fpr[argmax(tpr >= 0.95)]``
+    over *every* distinct threshold (roc_curve with drop_intermediate=False).
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    s_id = _check_scores(id_scores, "id_scores")
+    s_ood = _check_scores(ood_scores, "ood_scores")
+    y = np.concatenate([np.zeros(len(s_id), dtype=np.int64), np.ones(len(s_ood), dtype=np.int64)])
+    s = np.concatenate([s_id, s_ood])
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr_in": float(average_precision_score(1 - y, -s)),
+        "aupr_out": float(average_precision_score(y, s)),
+        "fpr95": float(fpr[int(np.argmax(tpr >= 0.95))]),
+    }
+
+
+def evaluate(
+    logits,
+    labels,
+    *,
+    val_logits=None,
+    val_labels=None,
+    ood: dict[str, Tensor] | None = None,
+    combine: str = "probs",
+) -> dict:
+    """All metrics of one run as a JSON-serialisable dict of python floats.
+
+    Keys: acc, nll, brier, ece, member_acc, disagreement; with validation data also nll_ts, ece_ts,
+    temperature; and ``ood`` = {name: {"msp"|"entropy"|"mi": {auroc, aupr_in, aupr_out, fpr95}}}
+    (empty dict when no OOD sets are given). ``ood`` values are member logits [M, K, C].
+    """
+    combine = _check_combine(combine)
+    z = _check_logits(logits)
+    m, n, c = z.shape
+    y = _check_labels(labels, n, c)
+
+    vz = vy = None
+    if (val_logits is None) != (val_labels is None):
+        raise ValueError("val_logits and val_labels must be given together")
+    if val_logits is not None:
+        vz = _check_logits(val_logits, "val_logits")
+        if vz.shape[0] != m or vz.shape[2] != c:
+            raise ValueError(
+                f"val_logits must be [M={m}, V, C={c}] like the test logits; got shape {_shape(vz)}"
+            )
+        vy = _check_labels(val_labels, vz.shape[1], c, "val_labels")
+
+    ood_z: dict[str, Tensor] = {}
+    if ood is not None:
+        if not isinstance(ood, dict):
+            raise ValueError(f"ood must be a dict of name -> logits [M, K, C]; got {type(ood).__name__}")
+        for name, arr in ood.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"ood set names must be non-empty strings; got {name!r}")
+            oz = _check_logits(arr, f"ood[{name!r}]")
+            if oz.shape[0] != m or oz.shape[2] != c:
+                raise ValueError(
+                    f"ood[{name!r}] must be [M={m}, K, C={c}] like the test logits; got shape {_shape(oz)}"
+                )
+            ood_z[name] = oz
+
+    p_bar = _ensemble_probs(z, combine)
+    out: dict[str, Any] = {
+        "acc": _accuracy(p_bar, y),
+        "nll": _nll(z, y, combine),
+        "brier": _brier(p_bar, y),
+        "ece": _ece(p_bar, y, 15),
+        "member_acc": _member_accuracy(z, y),
+        "disagreement": _disagreement(z),
+    }
+    if vz is not None:
+        t = _fit_temperature(vz, vy, combine)
+        zt = z / t
+        out["nll_ts"] = _nll(zt, y, combine)
+        out["ece_ts"] = _ece(_ensemble_probs(zt, combine), y, 15)
+        out["temperature"] = float(t)
+
+    out["ood"] = {}
+    if ood_z:
+        id_s = _ood_scores(z, combine)
+        for name, oz in ood_z.items():
+            o_s = _ood_scores(oz, combine)
+            out["ood"][name] = {k: ood_metrics(id_s[k], o_s[k]) for k in OOD_SCORES}
+    return out
+
+
+def logits_from_probs(probs: Tensor) -> Tensor:
+    """log(clamp(p, tiny)) as float64, so that saved probabilities can be scored like logits
+    (softmax of the result gives back p, renormalised)."""
+    p = _float_tensor(probs, "probs")
+    if p.dim() not in (2, 3) or p.numel() == 0:
+        raise ValueError(f"probs must be [M, N, C] (or [N, C]); got shape {_shape(p)}")
+    if bool((p < 0).any()):
+        raise ValueError("probs contains negative values (were logits saved as probs?)")
+    if bool((p.sum(dim=-1) <= 0).any()):
+        raise ValueError("probs contains a row that sums to zero")
+    return torch.log(p.clamp_min(torch.finfo(_DTYPE).tiny))
+
+
+def score_npz(path) -> dict:
+    """Score a saved run: ``evaluate`` on the arrays of an .npz file (see module docs / spec).
+
+    Arrays: ``logits`` [M,N,C] or ``probs`` [M,N,C]; ``labels`` [N]; optional ``val_logits`` /
+    ``val_probs`` [M,V,C] with ``val_labels`` [V]; optional ``combine`` (0-d string); any number of
+    ``ood_<name>`` [M,K,C] (logits, or probabilities when the file stores ``probs``).
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ValueError(f"{p}: no such file")
+    if not os.path.isfile(p):
+        raise ValueError(f"{p}: not a file")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{p}: not an .npz archive")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise ValueError(_one_line(f"{p}: cannot read .npz ({type(exc).__name__}: {exc})")) from None
+
+    def get_float(key: str) -> np.ndarray:
+        a = arrays[key]
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{p}: array '{key}' must be numeric; got dtype {a.dtype}")
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{p}: array '{key}' contains NaN or inf")
+        return a
+
+    def as_logits(key: str, from_probs: bool) -> Tensor:
+        a = get_float(key)
+        if a.ndim not in (2, 3):
+            raise ValueError(f"{p}: array '{key}' must be [M, N, C]; got shape {a.shape}")
+        if from_probs:
+            try:
+                return logits_from_probs(a)
+            except ValueError as exc:
+                raise ValueError(f"{p}: array '{key}': {exc}") from None
+        return torch.from_numpy(a)
+
+    has_logits, has_probs = "logits" in arrays, "probs" in arrays
+    if has_logits and has_probs:
+        raise ValueError(f"{p}: holds both 'logits' and 'probs'; keep one")
+    if not (has_logits or has_probs):
+        raise ValueError(f"{p}: missing array 'logits' (or 'probs'); found {sorted(arrays)}")
+    if "labels" not in arrays:
+        raise ValueError(f"{p}: missing array 'labels'; found {sorted(arrays)}")
+    from_probs = has_probs
+
+    combine = "probs"
+    if "combine" in arrays:
+        c = arrays["combine"]
+        if c.ndim != 0 or c.dtype.kind not in "US":
+            raise ValueError(f"{p}: 'combine' must be a 0-d string array ('probs' or 'logits')")
+        combine = str(c.item().decode() if isinstance(c.item(), bytes) else c.item())
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"{p}: combine must be one of {COMBINE_MODES}; got {combine!r}")
+
+    logits = as_logits("probs" if from_probs else "logits", from_probs)
+    labels = arrays["labels"]
+
+    val_logits = val_labels = None
+    has_vl, has_vp = "val_logits" in arrays, "val_probs" in arrays
+    if has_vl and has_vp:
+        raise ValueError(f"{p}: holds both 'val_logits' and 'val_probs'; keep one")
+    if has_vl or has_vp:
+        if "val_labels" not in arrays:
+            raise ValueError(f"{p}: has {'val_probs' if has_vp else 'val_logits'} but no 'val_labels'")
+        val_logits = as_logits("val_probs" if has_vp else "val_logits", has_vp)
+        val_labels = arrays["val_labels"]
+    elif "val_labels" in arrays:
+        raise ValueError(f"{p}: has 'val_labels' but no 'val_logits' (or 'val_probs')")
+
+    ood = {}
+    for key in sorted(arrays):
+        if key.startswith("ood_"):
+            name = key[len("ood_"):]
+            if not name:
+                raise ValueError(f"{p}: OOD array name 'ood_' has an empty set name")
+            ood[name] = as_logits(key, from_probs)
+
+    try:
+        return evaluate(logits, labels, val_logits=val_logits, val_labels=val_labels, ood=ood, combine=combine)
+    except ValueError as exc:
+        raise ValueError(_one_line(f"{p}: {exc}")) from None
