@@ -1,0 +1,254 @@
+"""The ``ensemble-bench`` command line. Bad input: one line on stderr, exit code 2, nothing written."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmark.errors import TrainingDiverged, UsageError
+
+QUICKSTART_OUT = "quickstart-runs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + error by default)
+        raise UsageError(message)
+
+
+def _add_run_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method")
+    p.add_argument("--backbone")
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--download", action="store_true", default=None, help="fetch the dataset with torchvision")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--schedule")
+    p.add_argument("--val-fraction", dest="val_fraction", type=float)
+    p.add_argument("--out")
+    p.add_argument("--device")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward (CUDA)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+
+
+RUN_KEYS = ("method", "backbone", "dataset", "data_dir", "download", "epochs", "seed", "lr", "batch_size",
+            "weight_decay", "schedule", "val_fraction", "out", "device", "compile", "progress")
+
+
+def _run_config(args):
+    from benchmark.config import make_run_config, parse_assignments, run_config_from_toml
+
+    given = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
+    opts = parse_assignments(args.sets)
+    if args.config:
+        if opts:
+            given["options"] = opts
+        return run_config_from_toml(args.config, given)
+    for k in ("method", "backbone", "dataset"):
+        if k not in given:
+            raise UsageError(f"run needs --{k} (or --config FILE.toml)")
+    given["options"] = opts
+    return make_run_config(given)
+
+
+def cmd_run(args) -> int:
+    from benchmark.runner import execute
+
+    cfg = _run_config(args)
+    rec = execute(cfg, force=args.force)
+    path = Path(cfg.out) / f"{rec['run_id']}.json"
+    m = rec["metrics"]
+    print(json.dumps({"run_id": rec["run_id"], "record": str(path), "acc": m["acc"], "nll": m["nll"],
+                      "ece": m["ece"], "params": rec["cost"]["params"], "flops": rec["cost"]["flops"]}, indent=1))
+    return 0
+
+
+def cmd_list(args) -> int:
+    import methods
+    from benchmark import backbones, data
+
+    print("methods (options and defaults; set with --set key=value):")
+    for name in methods.names():
+        cls = methods.get(name)
+        defaults = cls.option_defaults()
+        opts = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "(no options)"
+        print(f"  {name:<15} {opts}")
+        if cls.summary:
+            print(f"  {'':<15} {cls.summary}")
+    print("backbones:")
+    print("  " + ", ".join(backbones.EXAMPLES))
+    print("datasets (OOD sets):")
+    for d in data.DATASETS:
+        print(f"  {d:<9} ({', '.join(data.OOD_SETS[d])})" + ("  offline default, ships with scikit-learn" if d == "digits" else ""))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from benchmark.metrics import score_npz
+
+    try:
+        scores = score_npz(args.file)
+    except ValueError as e:   # the metrics module's one-line input errors
+        raise UsageError(str(e)) from None
+    print(json.dumps(scores, indent=1))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from benchmark import cost
+    from benchmark.config import parse_assignments
+    from benchmark.runner import build_for_cost, resolve_device
+
+    if args.num_classes < 2:
+        raise UsageError(f"--num-classes must be >= 2; got {args.num_classes}")
+    device = resolve_device(args.device)
+    model = build_for_cost(args.method, args.backbone, args.num_classes, args.in_channels, args.image_size,
+                           parse_assignments(args.sets), device)
+    res = cost.measure(model, (args.in_channels, args.image_size, args.image_size), device,
+                       latency=args.latency, latency_runs=args.runs)
+    res.pop("per_layer", None)
+    res["num_members"] = model.num_members
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from benchmark import results
+
+    try:
+        recs, problems = results.load_records(args.runs_dir)
+    except results.RecordError as e:
+        raise UsageError(str(e)) from None
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    if not recs:
+        raise UsageError(f"no complete run records in {args.runs_dir}")
+    df = results.leaderboard(recs)
+    md = results.format_markdown(df)
+    if args.output:
+        out = Path(args.output)
+        results.write_leaderboard(df, csv_path=out, md_path=out.with_suffix(".md"))
+    print(md)
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    """Every registered method on the offline default (digits, cnn_small, CPU), then the leaderboard."""
+    import methods
+    from benchmark import results
+    from benchmark.config import make_run_config
+    from benchmark.runner import execute
+
+    names = args.methods.split(",") if args.methods else methods.names()
+    for name in names:
+        cls = methods.get(name)
+        opts = dict(getattr(cls, "quickstart_options", {}))
+        cfg = make_run_config({"method": name, "backbone": "cnn_small", "dataset": "digits", "epochs": args.epochs,
+                               "seed": args.seed, "out": args.out, "device": "cpu", "lr": 0.05,
+                               "progress": False, "options": opts})
+        rec = execute(cfg, log=lambda s: None if args.quiet else print(s, file=sys.stderr, flush=True))
+        print(f"{name:<15} acc {rec['metrics']['acc']:.4f}  nll {rec['metrics']['nll']:.4f}  "
+              f"train {rec['training']['train_s']:.1f}s", flush=True)
+    recs, _ = results.load_records(args.out)
+    df = results.leaderboard(recs)
+    results.write_leaderboard(df, csv_path=Path(args.out) / "leaderboard.csv", md_path=Path(args.out) / "leaderboard.md")
+    print()
+    print(results.format_markdown(df))
+    print(f"\nrecords and leaderboard.csv in {args.out}/")
+    return 0
+
+
+def _optional_command(module: str, fn: str):
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).__getattribute__(fn)(args)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ensemble-bench", description="Fair, fast benchmarks of efficient-ensemble methods.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("list", help="methods with their options, backbones, datasets")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("run", help="train one method and write its result record")
+    s.add_argument("--config", help="a TOML file with the run settings ([options] for the method)")
+    s.add_argument("--force", action="store_true", help="run again even if a complete record exists")
+    _add_run_settings(s)
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("score", help="metrics from saved member outputs (.npz)")
+    s.add_argument("file")
+    s.set_defaults(fn=cmd_score)
+
+    s = sub.add_parser("cost", help="params, FLOPs (and latency) of a method without training")
+    s.add_argument("--method", required=True)
+    s.add_argument("--backbone", required=True)
+    s.add_argument("--num-classes", dest="num_classes", type=int, required=True)
+    s.add_argument("--in-channels", dest="in_channels", type=int, default=3)
+    s.add_argument("--image-size", dest="image_size", type=int, default=32)
+    s.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE")
+    s.add_argument("--latency", action="store_true", help="also time batch-1 latency and throughput")
+    s.add_argument("--runs", type=int, default=50)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_cost)
+
+    s = sub.add_parser("leaderboard", help="aggregate run records: mean and std over seeds")
+    s.add_argument("runs_dir")
+    s.add_argument("-o", "--output", help="CSV path (a .md table is written beside it)")
+    s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("quickstart", help="every method on the offline default (CPU), then the leaderboard")
+    s.add_argument("--out", default=QUICKSTART_OUT)
+    s.add_argument("--epochs", type=int, default=15)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--methods", help="comma-separated subset")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_quickstart)
+
+    s = sub.add_parser("sweep", help="run a grid of runs locally or on Slurm (submitit)")
+    s.add_argument("spec")
+    s.add_argument("--executor", choices=("local", "slurm"), default="local")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--status", action="store_true", help="only print done/running/pending/failed counts")
+    s.add_argument("--workers", type=int, default=1, help="local executor: parallel processes")
+    s.set_defaults(fn=_optional_command("benchmark.sweep", "cli_sweep"))
+
+    s = sub.add_parser("sweep-status", help="done / running / pending / failed counts of a sweep")
+    s.add_argument("spec")
+    s.set_defaults(fn=_optional_command("benchmark.sweep", "cli_status"))
+
+    s = sub.add_parser("report", help="figures and a markdown/HTML report from run records")
+    s.add_argument("runs_dir")
+    s.add_argument("-o", "--out", required=True)
+    s.set_defaults(fn=_optional_command("benchmark.report", "cli_report"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "fn", None):
+            build_parser().print_help()
+            return 2
+        return int(args.fn(args) or 0)
+    except UsageError as e:
+        print(f"ensemble-bench: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"ensemble-bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ensemble-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

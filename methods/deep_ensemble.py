@@ -1,0 +1,105 @@
+"""Deep ensembles (Lakshminarayanan et al., NeurIPS 2017; specs/deep_ensembles.md).
+
+M members, each the backbone with its own initialisation and its own data order, trained with the
+single-model recipe; no bagging. Two paths that train the same members:
+  separate  M independent trainings, one after the other (works for every backbone, timm included)
+  batched   the M members as one grouped network (width M, M groups everywhere, each member its own stem
+            reading its own slot of an M-image input) trained in one loop; each slot is fed from the
+            member's own loader, and the loss is the SUM of member losses, so every member gets exactly
+            the gradient of its separate training (tests/test_deep_ensemble.py checks the weights match).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from benchmark.api import EnsembleModel, FitContext, GroupedOutput, Method, StackedEnsemble, member_cross_entropy
+from benchmark.backbones import is_staged
+from benchmark.errors import UsageError
+from benchmark.layers import GroupedLayers, load_members_into_grouped
+from benchmark.train import stable_seed
+from methods import register
+from methods.single import member_seed
+
+
+def batched_layers(m: int) -> GroupedLayers:
+    return GroupedLayers(width=m, members=m, gamma=1, min_group_channels=None, stem_groups=m)
+
+
+class MemberLoaders:
+    """Loaders of members 1..M-1 running in lock-step with the trainer's loader (member 0), each with
+    its own generator: own order, own augmentation. Checkpointed through the trainer's ``stateful``."""
+
+    def __init__(self, trainer, seeds):
+        self.trainer = trainer
+        self.gens = [torch.Generator().manual_seed(stable_seed(s)) for s in seeds]
+        self.iters = None
+
+    def reset(self, *_):
+        self.iters = None
+
+    def next_batches(self):
+        if self.iters is None:
+            self.iters = [iter(self.trainer.loader("train", generator=g)) for g in self.gens]
+        return [next(it) for it in self.iters]
+
+    def state_dict(self):
+        return {"gens": [g.get_state() for g in self.gens]}
+
+    def load_state_dict(self, s):
+        for g, st in zip(self.gens, s["gens"]):
+            g.set_state(st)
+        self.iters = None
+
+
+@register("deep_ensemble")
+class DeepEnsemble(Method):
+    summary = "M independently initialised and shuffled copies of the backbone"
+
+    @dataclass
+    class Config:
+        num_members: int = 4
+        batched: bool = False   # train the members as one grouped network (suite backbones only)
+
+        def __post_init__(self):
+            if self.num_members < 1:
+                raise ValueError(f"num_members must be >= 1; got {self.num_members}")
+
+    def _members(self, ctx: FitContext):
+        return [ctx.make_backbone(seed=member_seed(ctx, k)) for k in range(self.options.num_members)]
+
+    def build(self, ctx: FitContext) -> EnsembleModel:
+        m = self.options.num_members
+        if not self.options.batched:
+            return StackedEnsemble(self._members(ctx))
+        if ctx.backbone_name.startswith("timm:"):
+            raise UsageError("deep_ensemble batched=true needs a suite backbone (not timm:); use batched=false")
+        net = ctx.make_backbone(layers=batched_layers(m))
+        if not is_staged(net):
+            raise UsageError(f"deep_ensemble batched=true is not available for {ctx.backbone_name}")
+        load_members_into_grouped(net, self._members(ctx))
+        return GroupedOutput(net, m, ctx.num_classes, input_repeat=m)
+
+    def fit(self, ctx: FitContext) -> EnsembleModel:
+        model = self.build(ctx)
+        m = self.options.num_members
+        if not self.options.batched:
+            for k, member in enumerate(model.members):
+                ctx.trainer.fit(member, stage=f"member{k}", seed=("member", ctx.seed, k))
+            return model
+        loaders = MemberLoaders(ctx.trainer, [("member", ctx.seed, k) for k in range(1, m)])
+
+        def slots(x, y):
+            others = loaders.next_batches()
+            xs = torch.cat([x] + [o[0] for o in others], dim=1)
+            ys = torch.stack([y] + [o[1] for o in others], dim=0)
+            return xs, ys
+
+        def loss(net, x, y):
+            return member_cross_entropy(net.forward_raw(x), y, "sum")
+
+        ctx.trainer.fit(model, stage="batched", seed=("member", ctx.seed, 0), batch_transform=slots,
+                        loss_fn=loss, stateful=[loaders], on_epoch_end=loaders.reset)
+        ctx.info["batched"] = True
+        return model

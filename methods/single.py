@@ -1,0 +1,30 @@
+"""The single-model baseline (specs/deep_ensembles.md): the backbone trained once, M = 1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmark.api import EnsembleModel, FitContext, Method, StackedEnsemble
+from benchmark.train import stable_seed
+from methods import register
+
+
+def member_seed(ctx: FitContext, k: int) -> int:
+    """Initialisation and data-order seed of member k; member 0 is the single model of the same seed."""
+    return stable_seed(ctx.seed, "member", k)
+
+
+@register("single")
+class Single(Method):
+    summary = "the backbone trained once with cross-entropy (M = 1)"
+
+    @dataclass
+    class Config:
+        pass
+
+    def build(self, ctx: FitContext) -> EnsembleModel:
+        return StackedEnsemble([ctx.make_backbone(seed=member_seed(ctx, 0))])
+
+    def fit(self, ctx: FitContext) -> EnsembleModel:
+        model = self.build(ctx)
+        ctx.trainer.fit(model.members[0], stage="member0", seed=("member", ctx.seed, 0))
+        return model
