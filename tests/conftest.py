@@ -1,0 +1,83 @@
+"""Shared fixtures: the development data copies (../shared/data), a small real CIFAR-10 bundle and a
+helper that fits one method through the real harness."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ENSEMBLE_BENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_data_dir() -> Path:
+    if not (SHARED_DATA / "cifar10_train.npz").is_file():
+        pytest.skip(f"real CIFAR-10 copies not found in {SHARED_DATA} (set ENSEMBLE_BENCH_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_data_dir()
+
+
+def subsample(bundle, n_train: int, n_test: int, n_val: int | None = None, n_ood: int = 500):
+    """A smaller bundle of the same data: the first rows of every split (fixed, not seeded)."""
+    from benchmark.data import DataBundle, Split
+
+    def cut(s, n):
+        return Split(s.x[:n].clone(), s.y[:n].clone()) if s is not None else None
+
+    return DataBundle(bundle.name, bundle.num_classes, cut(bundle.train, n_train),
+                      cut(bundle.val, n_val or max(n_train // 10, 200)), cut(bundle.test, n_test),
+                      {k: v[:n_ood].clone() for k, v in bundle.ood.items()}, bundle.mean, bundle.std,
+                      bundle.augment, bundle.source + f" (test subset: {n_train} train / {n_test} test)")
+
+
+@pytest.fixture(scope="session")
+def cifar10_small(shared_data):
+    """Real CIFAR-10 (JPEG-decoded development copy): 3,000 train, 300 val, 1,000 test, OOD sets."""
+    from benchmark import data
+
+    return subsample(data.load("cifar10", shared_data), 3000, 1000, 300)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from benchmark import data
+
+    return data.load("digits")
+
+
+def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int = 3, seed: int = 0,
+               options: dict | None = None, ckpt_dir=None, **run):
+    """Fit ``method`` through the real harness on ``bundle``; returns (model, trainer, ctx)."""
+    import methods
+    from benchmark.api import FitContext
+    from benchmark.config import build_options, make_run_config
+    from benchmark.train import Trainer
+
+    torch.manual_seed(seed)
+    cfg = make_run_config({"method": method, "backbone": backbone, "dataset": bundle.name, "epochs": epochs,
+                           "seed": seed, "options": dict(options or {}), "progress": False, **run})
+    trainer = Trainer(bundle, cfg, "cpu", ckpt_dir=ckpt_dir, log=lambda s: None)
+    ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+                     image_size=bundle.image_size, device=torch.device("cpu"), data=bundle, trainer=trainer)
+    cls = methods.get(method)
+    model = cls(build_options(cls.Config, cfg.options, method)).fit(ctx)
+    return model, trainer, ctx
+
+
+def ensemble_vs_members(model, trainer, split=None):
+    """(ensemble NLL, mean member NLL, ensemble acc) on the bundle's test split."""
+    from benchmark.metrics import nll
+
+    split = split or trainer.data.test
+    logits = trainer.predict(model, split.x)
+    y = split.y.cpu()
+    ens = nll(logits, y, combine=getattr(model, "combine", "probs"))
+    members = sum(nll(logits[m:m + 1], y) for m in range(logits.shape[0])) / logits.shape[0]
+    acc = (logits.softmax(-1).mean(0).argmax(-1) == y).float().mean().item()
+    return ens, members, acc

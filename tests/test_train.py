@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+
+from benchmark.errors import TrainingDiverged
+from benchmark.train import lr_factor
+from conftest import fit_method
+
+
+def test_cosine_with_warmup():
+    assert lr_factor("cosine", 0.0, 10, warmup=2) == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor("cosine", 1.0, 10, warmup=2) == pytest.approx(0.5)
+    assert lr_factor("cosine", 2.0, 10, warmup=2) == pytest.approx(1.0)
+    assert lr_factor("cosine", 6.0, 10, warmup=2) == pytest.approx(0.5)
+    assert lr_factor("cosine", 10.0, 10, warmup=2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_multistep_and_linear_and_constant():
+    assert lr_factor("multistep", 4.9, 10, milestones=(0.5, 0.75), decay=0.1) == 1.0
+    assert lr_factor("multistep", 5.0, 10, milestones=(0.5, 0.75), decay=0.1) == pytest.approx(0.1)
+    assert lr_factor("multistep", 8.0, 10, milestones=(0.5, 0.75), decay=0.1) == pytest.approx(0.01)
+    # NFE / FreeTickets style: constant to 50%, linear to 0.01 at 90%, then 0.01
+    assert lr_factor("linear", 4.0, 10) == 1.0
+    assert lr_factor("linear", 7.0, 10) == pytest.approx(1 - 0.99 * 0.5)
+    assert lr_factor("linear", 9.0, 10) == pytest.approx(0.01)
+    assert lr_factor("linear", 9.9, 10) == pytest.approx(0.01)
+    assert lr_factor("constant", 3.3, 10) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor("bogus", 1, 10)
+
+
+def test_nan_loss_stops_with_clear_error(digits):
+    with pytest.raises(TrainingDiverged, match="diverged"):
+        fit_method("single", digits, epochs=2, lr=1e12)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_mid_stage_gives_identical_weights(digits, tmp_path):
+    """A stage killed after epoch 2 of 4 and resumed ends with exactly the weights of an uninterrupted run."""
+    ref, _, _ = fit_method("single", digits, epochs=4, ckpt_dir=tmp_path / "ref")
+
+    class Kill(Exception):
+        pass
+
+    import benchmark.train as train_mod
+
+    orig = train_mod.Trainer.fit
+
+    def fit_then_kill(self, model, **kw):
+        def boom(m, epoch):
+            if epoch == 2:
+                raise Kill()
+        kw["on_epoch_end"] = boom
+        return orig(self, model, **kw)
+
+    train_mod.Trainer.fit = fit_then_kill
+    try:
+        with pytest.raises(Kill):
+            fit_method("single", digits, epochs=4, ckpt_dir=tmp_path / "run")
+    finally:
+        train_mod.Trainer.fit = orig
+    # epoch 2 raised inside on_epoch_end, before its checkpoint: the checkpoint holds epoch 1
+    state = torch.load(tmp_path / "run" / "member0.pt", weights_only=False)
+    assert len(state["result"]["history"]) == 1 and not state["done"]
+    resumed, trainer, _ = fit_method("single", digits, epochs=4, ckpt_dir=tmp_path / "run")
+    assert trainer.stages["member0"].resumed_from_epoch == 1
+    a, b = _state(ref), _state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_finished_stage_is_not_trained_again(digits, tmp_path):
+    m1, t1, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 2}, ckpt_dir=tmp_path)
+    m2, t2, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 2}, ckpt_dir=tmp_path)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])
+    assert all(s.train_s == t1.stages[k].train_s for k, s in t2.stages.items())
+
+
+def test_best_val_selection_keeps_the_best_epoch(digits):
+    import methods
+    from benchmark.api import FitContext
+    from benchmark.config import make_run_config
+    from benchmark.train import Trainer
+
+    cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 4, "progress": False})
+    tr = Trainer(digits, cfg, "cpu", log=lambda s: None)
+    ctx = FitContext(cfg, 10, 1, 8, torch.device("cpu"), digits, tr)
+    model = methods.get("single")().build(ctx).members[0]
+    vals = iter([3.0, 1.0, 2.0, 5.0])
+    snapshots = []
+
+    def val_fn(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(vals)
+
+    res = tr.fit(model, stage="s", epochs=4, select="best_val", val_fn=val_fn)
+    assert res.best_epoch == 2 and res.best_val == 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k
+
+
+def test_training_cost_is_recorded(digits):
+    _, trainer, _ = fit_method("single", digits, epochs=2)
+    s = trainer.summary()
+    assert s["epochs_run"] == {"member0": 2}
+    assert s["samples_seen"] == 2 * len(digits.train)
+    assert s["train_flops"] is not None and s["train_flops"] > 0
+    st = trainer.stages["member0"]
+    assert math.isclose(s["train_flops"], 3 * st.flops_per_sample * st.samples_seen)
