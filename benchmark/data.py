@@ -232,24 +232,26 @@ def _digits():
 
 # ------------------------------------------------------------------------------------ batch loading
 def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (zero padding ``aug.crop_pad``) and horizontal flip of a whole uint8/float batch
-    [B, C, H, W], as tensor ops on x's device: one gather, no per-image Python."""
+    """Random crop (zero padding ``aug.crop_pad``) then random horizontal flip of a whole batch
+    [B, C, H, W] (uint8 or float), as tensor ops on x's device: one gather of a flat index that encodes
+    each image's offset and flip; no per-image Python. Random numbers come from ``generator`` (CPU)."""
     b, c, h, w = x.shape
+    p = aug.crop_pad
+    if p <= 0 and not aug.flip:
+        return x
     dev = x.device
-    if aug.crop_pad > 0:
-        p = aug.crop_pad
-        padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device="cpu").to(dev)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device="cpu").to(dev)
-        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]   # [B,1,H,1]
-        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :]   # [B,1,1,W]
-        bi = torch.arange(b, device=dev)[:, None, None, None]
-        ci = torch.arange(c, device=dev)[None, :, None, None]
-        x = padded[bi, ci, rows, cols]
+    hp, wp = h + 2 * p, w + 2 * p
+    padded = F.pad(x, (p, p, p, p)) if p > 0 else x
+    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
+    j = torch.arange(w).expand(b, w)
     if aug.flip:
-        flip = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(dev)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+        flip = torch.rand(b, 1, generator=generator) < 0.5
+        j = torch.where(flip, (w - 1) - j, j)      # crop, then mirror the crop
+    rows = (dy + torch.arange(h)) * wp              # [B, H]
+    cols = dx + j                                   # [B, W]
+    idx = (rows[:, :, None] + cols[:, None, :]).view(b, 1, h * w).to(dev).expand(b, c, h * w)
+    return padded.reshape(b, c, hp * wp).gather(2, idx).view(b, c, h, w)
 
 
 class Normalizer:
