@@ -1,0 +1,405 @@
+"""Reports: the Pareto front, DEE and reliability bins by hand; a report from a real run folder (every
+figure present, every HTML reference resolves); partial sweeps; devices never share a column; bad
+folders give one line and exit code 2."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark import report
+from benchmark.cli import main
+from benchmark.report import DEE, deep_ensemble_equivalent, pareto_front
+
+
+# --------------------------------------------------------------------------------------------
+# pure functions
+# --------------------------------------------------------------------------------------------
+def test_pareto_front_higher_is_better_with_ties_and_dominated_points():
+    pts = [
+        (1.0, 0.50),   # 0 front
+        (2.0, 0.70),   # 1 front
+        (2.0, 0.60),   # 2 same cost as 1, worse value: dominated
+        (3.0, 0.70),   # 3 same value as 1, higher cost: dominated
+        (4.0, 0.90),   # 4 front
+        (4.0, 0.90),   # 5 identical to 4: both on the front
+        (0.5, 0.20),   # 6 cheapest: front
+        (5.0, 0.85),   # 7 dominated by 4
+        (math.nan, 1.0),   # 8 no cost: never on the front, dominates nothing
+        (6.0, math.inf),   # 9 non-finite value: left out
+    ]
+    assert pareto_front(pts, higher_is_better=True) == [6, 0, 1, 4, 5]
+    # the same points read as lower-is-better: the cheapest point has the lowest value and dominates all
+    assert pareto_front(pts, higher_is_better=False) == [6]
+
+
+def test_pareto_front_lower_is_better_with_ties():
+    pts = [(1, 0.10), (1, 0.10), (2, 0.05), (2, 0.08), (3, 0.05), (0.5, 0.30), (4, 0.01), (4, 0.02)]
+    # 3 (same cost as 2, higher value), 4 (same value as 2, higher cost), 7 (same cost as 6, worse) are dominated
+    assert pareto_front(pts, higher_is_better=False) == [5, 0, 1, 2, 6]
+    # negating the values swaps the direction
+    assert pareto_front([(c, -v) for c, v in pts], higher_is_better=True) == [5, 0, 1, 2, 6]
+    assert pareto_front([], True) == []
+    assert pareto_front([(3, 1.0)], False) == [0]
+    with pytest.raises(ValueError):
+        pareto_front([(1.0,)], True)
+
+
+def test_pareto_front_is_exactly_the_non_dominated_set_on_random_points():
+    rng = np.random.default_rng(0)
+    for higher in (True, False):
+        for _ in range(20):
+            pts = [(float(c), float(v)) for c, v in zip(rng.integers(1, 6, 15), rng.integers(0, 6, 15))]
+            front = pareto_front(pts, higher)
+            g = [(c, v if higher else -v) for c, v in pts]
+
+            def dominates(a, b):
+                return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+            for i in range(len(pts)):
+                dominated = any(dominates(g[j], g[i]) for j in range(len(pts)))
+                assert (i in front) == (not dominated)
+            assert [pts[i][0] for i in front] == sorted(pts[i][0] for i in front)
+
+
+def test_deep_ensemble_equivalent_interpolates_on_the_running_best():
+    curve = [(1, 0.30), (2, 0.25), (4, 0.20)]   # NLL, lower is better
+    assert deep_ensemble_equivalent(curve, 0.225, False).value == pytest.approx(3.0)
+    assert deep_ensemble_equivalent(curve, 0.25, False) == DEE(2.0)
+    assert deep_ensemble_equivalent(curve, 0.30, False) == DEE(1.0)
+    assert deep_ensemble_equivalent(curve, 0.35, False) == DEE(1.0, "<")
+    assert deep_ensemble_equivalent(curve, 0.15, False) == DEE(4.0, ">")
+    assert DEE(4.0, ">").text() == ">4" and DEE(2.5).text() == "2.5"
+    # a noisy curve (M = 2 worse than M = 1) is read through its running best 0.30, 0.30, 0.20
+    noisy = [(2, 0.32), (1, 0.30), (4, 0.20)]
+    assert deep_ensemble_equivalent(noisy, 0.25, False).value == pytest.approx(3.0)
+    # higher is better (accuracy)
+    acc = [(1, 0.90), (3, 0.94), (5, 0.95)]
+    assert deep_ensemble_equivalent(acc, 0.92, True).value == pytest.approx(2.0)
+    assert deep_ensemble_equivalent(acc, math.nan, True) is None
+    assert deep_ensemble_equivalent([], 0.9, True) is None
+
+
+def test_reliability_bins_reproduce_the_ece_metric():
+    from benchmark.metrics import ece
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(500, 10)) * 3
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    p[:7] = np.eye(10)[rng.integers(0, 10, 7)]            # confidence exactly 1.0: a bin of its own in the ECE
+    y = np.where(rng.random(500) < 0.7, p.argmax(1), rng.integers(0, 10, 500))
+    b = report.reliability_bins(p, y, 15)
+    assert b["ece"] == pytest.approx(ece(p, y, n_bins=15), abs=1e-12)
+    assert b["count"].sum() == 500 and len(b["acc"]) == 15
+    conf = p.max(1)
+    in_bin = (conf >= 14 / 15)
+    assert b["count"][14] == in_bin.sum()
+    assert b["acc"][14] == pytest.approx((p.argmax(1) == y)[in_bin].mean())
+
+
+# --------------------------------------------------------------------------------------------
+# hand-made records (schema of benchmark.results)
+# --------------------------------------------------------------------------------------------
+DEV_A, DEV_B = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
+
+
+def make_record(run_id, method, options, seed, members, *, acc, nll, params, flops, latency, device,
+                train_s=10.0, status="complete"):
+    return {
+        "schema_version": 1, "run_id": run_id, "status": status, "error": None,
+        "config": {"method": method, "backbone": "resnet18", "dataset": "cifar10", "epochs": 200, "seed": seed,
+                   "batch_size": 128, "lr": 0.1, "val_fraction": 0.1, "options": options},
+        "method": {"name": method, "options": options, "combine": "probs", "num_members": members},
+        "metrics": {"acc": acc, "nll": nll, "nll_ts": nll * 0.9, "ece": 0.02, "brier": 0.1,
+                    "ood": {"svhn": {"msp": {"auroc": 0.9, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95": 0.3}}}},
+        "cost": {"params": params, "flops": flops, "latency_ms": latency, "latency_device": device,
+                 "throughput": 1000.0 / latency, "throughput_device": device, "device": device},
+        "training": {"train_s": train_s, "train_flops": flops * 3e6, "device": device},
+    }
+
+
+def write_records(folder: Path, recs) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in recs:
+        (folder / f"{r['run_id']}.json").write_text(json.dumps(r))
+    return folder
+
+
+def test_size_family_found_from_params_and_flops_alone():
+    p1, f1 = 11_000_000, 1.1e9
+    recs = [
+        make_record("one", "alpha", {}, 0, 1, acc=0.90, nll=0.40, params=p1, flops=f1, latency=1, device=DEV_A),
+        make_record("x2", "beta", {"m": 2}, 0, 2, acc=0.92, nll=0.30, params=2 * p1, flops=2 * f1, latency=2, device=DEV_A),
+        make_record("x4", "beta", {"m": 4}, 0, 4, acc=0.94, nll=0.20, params=4 * p1, flops=4 * f1, latency=4, device=DEV_A),
+        # members share weights: params do not scale with M, so it is not a size family, it gets placed
+        make_record("g2", "gamma", {"m": 2}, 0, 2, acc=0.93, nll=0.25, params=p1, flops=2 * f1, latency=2, device=DEV_A),
+        make_record("g4", "gamma", {"m": 4}, 0, 4, acc=0.95, nll=0.10, params=p1, flops=4 * f1, latency=3, device=DEV_A),
+    ]
+    (sec,) = report.group_sections(recs)
+    fam = report.find_size_family(sec.configs)
+    assert fam is not None and fam.method == "beta"
+    assert sorted(fam.by_size) == [1.0, 2.0, 4.0]
+    assert fam.by_size[1.0].method == "alpha"      # the same network alone is the M = 1 point
+    g2 = next(c for c in sec.configs if c.method == "gamma" and c.num_members == 2)
+    g4 = next(c for c in sec.configs if c.method == "gamma" and c.num_members == 4)
+    # NLL curve 0.40 / 0.30 / 0.20 at M = 1 / 2 / 4: 0.25 sits halfway between 2 and 4 -> 3.0 (nll_ts = 0.9 x)
+    assert report._dee_for(fam, g2, "nll_ts", False).value == pytest.approx(3.0)
+    assert report._dee_for(fam, g4, "nll_ts", False) == DEE(4.0, ">")
+    cols = {c.header: c for c in report.leaderboard_columns(sec, fam)}
+    dee = cols["DEE (by nll_ts, members)"]
+    by_label = dict(zip(cols["method"].cells, dee.cells))
+    assert by_label["beta (m=4)"] == "4 (curve)" and by_label["alpha"] == "1 (curve)"
+    assert by_label["gamma (m=2)"] == "3" and by_label["gamma (m=4)"] == ">4"
+    assert dict(zip(cols["method"].cells, dee.best)) == {"alpha": False, "beta (m=2)": False, "beta (m=4)": False,
+                                                          "gamma (m=2)": False, "gamma (m=4)": True}
+    # no family without two sizes
+    (sec1,) = report.group_sections(recs[:1] + recs[3:])
+    assert report.find_size_family(sec1.configs) is None
+
+
+def _table(html_text: str, index: int = 0) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Headers, cell texts and bold flags of the index-th <table> of an HTML page."""
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell, self.bold, self.in_cell = [], None, False, False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append({"head": [], "rows": [], "bold": []})
+            elif tag == "tr":
+                self.tables[-1]["rows"].append([])
+                self.tables[-1]["bold"].append([])
+            elif tag in ("td", "th"):
+                self.cell, self.bold, self.in_cell = "", False, True
+            elif tag == "strong":
+                self.bold = True
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                t = self.tables[-1]
+                if tag == "th":
+                    t["head"].append(self.cell)
+                else:
+                    t["rows"][-1].append(self.cell)
+                    t["bold"][-1].append(self.bold)
+                self.in_cell = False
+
+        def handle_data(self, data):
+            if self.in_cell:
+                self.cell += data
+
+    p = P()
+    p.feed(html_text)
+    t = p.tables[index]
+    rows = [(r, b) for r, b in zip(t["rows"], t["bold"]) if r]
+    return t["head"], [r for r, _ in rows], [b for _, b in rows]
+
+
+def test_mixed_devices_are_never_mixed_in_a_column(tmp_path, capsys):
+    p1, f1 = 11_000_000, 1.1e9
+    recs = [
+        make_record("a0", "alpha", {}, 0, 1, acc=0.90, nll=0.40, params=p1, flops=f1, latency=1.0, device=DEV_A, train_s=100),
+        make_record("a1", "alpha", {}, 1, 1, acc=0.92, nll=0.38, params=p1, flops=f1, latency=1.2, device=DEV_A, train_s=110),
+        make_record("a2", "alpha", {}, 2, 1, acc=0.91, nll=0.39, params=p1, flops=f1, latency=10.0, device=DEV_B, train_s=50),
+        make_record("b0", "beta", {"m": 4}, 0, 4, acc=0.95, nll=0.2, params=4 * p1, flops=4 * f1, latency=2.0, device=DEV_A, train_s=400),
+    ]
+    runs = write_records(tmp_path / "runs", recs)
+    out = tmp_path / "rep"
+    assert main(["report", str(runs), "-o", str(out)]) == 0
+    capsys.readouterr()
+    head, rows, bold = _table((out / "report.html").read_text())
+    time_cols = [h for h in head if h.startswith(("latency", "throughput", "train time", "peak memory"))]
+    assert time_cols, head
+    for h in time_cols:   # every timing column names exactly one device
+        assert (DEV_A in h) != (DEV_B in h), h
+    lat_a = head.index(f"latency (ms, batch 1) · {DEV_A}")
+    lat_b = head.index(f"latency (ms, batch 1) · {DEV_B}")
+    alpha = next(r for r in rows if r[0] == "alpha")
+    beta = next(r for r in rows if r[0].startswith("beta"))
+    assert alpha[lat_a] == "1.10 ± 0.14 (2 runs)"      # seeds 0 and 1 only
+    assert alpha[lat_b] == "10.00 (1 run)"              # seed 2 alone, never averaged with the A100 runs
+    assert beta[lat_a] == "2.00" and beta[lat_b] == "–"
+    train_a = head.index(f"train time (s) · {DEV_A}")
+    assert alpha[train_a].startswith("105.0 ± 7.1")
+    # quality is over all three seeds; best per column in bold (acc: beta, latency on A100: alpha)
+    acc = head.index("acc (%)")
+    assert alpha[acc] == "91.00 ± 1.00" and beta[acc] == "95.00"
+    b_alpha = bold[rows.index(alpha)]
+    b_beta = bold[rows.index(beta)]
+    assert b_beta[acc] and not b_alpha[acc]
+    assert b_alpha[lat_a] and not b_beta[lat_a]
+    assert not b_alpha[lat_b]      # one value in a column: nothing to compare, nothing bold
+    md = (out / "report.md").read_text()
+    assert f"latency (ms, batch 1) · {DEV_A}" in md and f"latency (ms, batch 1) · {DEV_B}" in md
+    # one latency Pareto figure per device
+    figs = sorted(p.name for p in (out / "figures" / "cifar10_resnet18").glob("pareto_latency_*.png"))
+    assert figs == ["pareto_latency_1.png", "pareto_latency_2.png"]
+    # a config with fewer seeds than the section is listed; runs without prediction files are named
+    assert "FEWER SEEDS" in md and "missing [1, 2]" in md
+    assert "b0 (beta): no saved predictions" in md
+    _check_refs(out)
+
+
+# --------------------------------------------------------------------------------------------
+# a report from a small real run folder
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def real_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_runs") / "runs"
+    code = main(["quickstart", "--methods", "single,deep_ensemble", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href") and v is not None:
+                self.refs.append((tag, k, v))
+
+
+def _check_refs(out: Path) -> list[str]:
+    p = _Refs()
+    p.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert p.refs
+    for tag, attr, ref in p.refs:
+        assert "://" not in ref and not ref.startswith(("/", "data:")), ref   # relative, beside the page
+        target = (out / ref).resolve()
+        assert target.is_file() and target.stat().st_size > 0, f"<{tag} {attr}={ref}> does not exist"
+        assert out.resolve() in target.parents
+    return [ref for tag, attr, ref in p.refs if tag == "img"]
+
+
+def test_report_from_real_runs_has_every_figure_and_only_existing_references(real_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(real_runs), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "report.html" in stdout
+    imgs = _check_refs(out)
+    base = "figures/digits_cnn_small/"
+    expected = {"pareto_flops", "pareto_params", "pareto_latency_1", "reliability", "ood_hist_1_photos",
+                "size_curve", "train_cost"}
+    assert {Path(i).stem for i in imgs} == expected and all(i.startswith(base) for i in imgs)
+    for stem in expected:
+        png, svg = out / base / f"{stem}.png", out / base / f"{stem}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "<svg" in svg.read_text(encoding="utf-8")[:2000]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    for stem in expected:   # the markdown shows the same figures, relatively
+        assert f"]({base}{stem}.png)" in md and f"]({base}{stem}.svg)" in md
+    # the table: one row per config, values from the records, protocol stated
+    recs = {json.loads(p.read_text())["method"]["name"]: json.loads(p.read_text())
+            for p in real_runs.glob("*.json")}
+    head, rows, _ = _table((out / "report.html").read_text(encoding="utf-8"))
+    assert sorted(r[0] for r in rows) == ["deep_ensemble", "single"]
+    for r in rows:
+        rec = recs[r[0]]
+        assert r[head.index("acc (%)")] == f"{100 * rec['metrics']['acc']:.2f}"
+        assert r[head.index("combine")] == rec["method"]["combine"]
+        assert r[head.index("M")] == str(rec["method"]["num_members"])
+    assert "the last 10% of the training set is held out" in md and "temperature" in md
+    assert "probs = the mean of the members' softmax probabilities" in md
+    # the size curve: deep_ensemble at M = 4, and the single network as its M = 1
+    assert "deep_ensemble configs with M = 1, 4" in md and "M = 1 is single" in md
+    assert (out / "leaderboard.csv").is_file()
+
+
+def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(real_runs, runs)
+    single = next(json.loads(p.read_text()) for p in runs.glob("single-*.json"))
+    failed = copy.deepcopy(single)
+    failed.update(run_id="single-boom", status="failed", error="RuntimeError: CUDA out of memory (GPU 0)")
+    failed["config"]["seed"] = 7
+    for k in ("metrics", "cost", "training"):
+        failed.pop(k)
+    running = copy.deepcopy(failed)
+    running.update(run_id="single-still", status="running", error=None)
+    running["config"]["seed"] = 8
+    extra_seed = copy.deepcopy(single)     # a second seed of single without predictions on disk
+    extra_seed["run_id"] = "single-seed1"
+    extra_seed["config"]["seed"] = 1
+    write_records(runs, [failed, running, extra_seed])
+    (runs / "truncated.json").write_text('{"schema_version": 1, "run_')
+    out = tmp_path / "report"
+    rep = report.build_report(runs, out, figures=False)     # the figures of this folder: test above
+    assert rep.figures == [] and not (out / "figures").exists()
+    md = (out / "report.md").read_text(encoding="utf-8")
+    section = md.split("## Missing and incomplete runs", 1)[1].split("\n## ", 1)[0]
+    assert "FAILED single-boom" in section and "CUDA out of memory (GPU 0)" in section
+    assert "RUNNING (or killed) single-still" in section
+    assert "UNREADABLE" in section and "truncated.json" in section
+    assert "FEWER SEEDS" in section and "deep_ensemble" in section     # 1 seed, single has 2
+    assert sum(item.startswith("FAILED") for item in rep.notes) == 1
+    head, rows, _ = _table((out / "report.html").read_text(encoding="utf-8"))
+    single_row = next(r for r in rows if r[0] == "single")
+    assert single_row[head.index("seeds")] == "2"          # the failed/running seeds are not aggregated
+    assert sorted(r[0] for r in rows) == ["deep_ensemble", "single"]
+    # the CLI also names failures and unreadable files on stderr, one line each
+    from benchmark.report import cli_report
+
+    class Args:
+        runs_dir, out = str(runs), str(tmp_path / "again")
+
+    report_build = report.build_report
+    try:   # the same path as `ensemble-bench report`, without drawing the figures a second time
+        report.build_report = lambda r, o, **kw: report_build(r, o, figures=False)
+        assert cli_report(Args) == 0
+    finally:
+        report.build_report = report_build
+    err = capsys.readouterr().err
+    assert "warning: FAILED single-boom" in err and "warning: UNREADABLE" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing written
+# --------------------------------------------------------------------------------------------
+def _bad(capsys, *argv) -> str:
+    code = main(["report", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ensemble-bench: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_empty_corrupt_and_missing_folders_give_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "nothing to report: no run records" in _bad(capsys, str(empty), "-o", str(out))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "a.json").write_text("{not json")
+    (corrupt / "b.json").write_text("[1, 2, 3]")
+    (corrupt / "c.json").write_bytes(b"\xff\xfe\x00garbage")
+    (corrupt / "d.json").write_text("")
+    msg = _bad(capsys, str(corrupt), "-o", str(out))
+    assert "nothing to report: none of the 4 .json file(s)" in msg and "a.json" in msg
+    assert "does not exist" in _bad(capsys, str(tmp_path / "nope"), "-o", str(out))
+    # only failed / running runs: nothing to report, the first failure named
+    rec = make_record("f1", "alpha", {}, 0, 1, acc=0.9, nll=0.4, params=1, flops=1, latency=1, device=DEV_A,
+                      status="failed")
+    rec["error"] = "ValueError: bad lr"
+    only_failed = write_records(tmp_path / "failed", [rec])
+    msg = _bad(capsys, str(only_failed), "-o", str(out))
+    assert "no complete run records" in msg and "1 failed" in msg and "ValueError: bad lr" in msg
+    assert not out.exists()          # nothing written on bad input
+    # an output path that is a file
+    good = write_records(tmp_path / "good", [make_record("g", "alpha", {}, 0, 1, acc=0.9, nll=0.4, params=10,
+                                                         flops=10, latency=1, device=DEV_A)])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "not a directory" in _bad(capsys, str(good), "-o", str(afile))
