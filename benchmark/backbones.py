@@ -113,10 +113,10 @@ class WideBasic(nn.Module):
     def __init__(self, L: Layers, cin: int, planes: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         self.bn1 = L.norm(cin)
-        self.conv1 = L.conv(cin, planes, 3, 1, role="block_in")
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv1 = L.conv(cin, planes, 3, stride, role="block_in")   # stride on the first conv, as in the
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()   # official WRN (5.24G MACs)
         self.bn2 = L.norm(planes)
-        self.conv2 = L.conv(planes, planes, 3, stride, role="hidden")
+        self.conv2 = L.conv(planes, planes, 3, 1, role="hidden")
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != planes:
             self.shortcut = nn.Sequential(L.conv(cin, planes, 1, stride, padding=0, role="shortcut"))

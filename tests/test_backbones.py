@@ -43,6 +43,12 @@ def test_forward_until_from_compose_exactly():
         assert torch.allclose(m.forward_from(m.forward_until(x, k), k), m(x), atol=1e-5)
 
 
+def test_wrn28_10_macs_match_the_paper():
+    from benchmark.cost import count_flops
+    macs = count_flops(build_backbone("wrn28_10", 10), torch.randn(1, 3, 32, 32))["macs"]
+    assert abs(macs / 5.24e9 - 1) < 0.005, macs
+
+
 def test_timm_backbone_by_name():
     m = build_backbone("timm:resnet18", 5, in_channels=6)
     assert m(torch.randn(2, 6, 32, 32)).shape == (2, 5)
