@@ -75,6 +75,20 @@ class GroupedOutput(EnsembleModel):
         return out.view(b, self.num_members, self.num_classes).transpose(0, 1)
 
 
+class SlotInputs(nn.Module):
+    """The training view of a ``GroupedOutput`` whose input holds one image per member slot (M-slot
+    batches of a batched deep ensemble or MIMO): ``forward`` takes the slot input as it is, no tiling.
+    Training through it also lets the trainer count the FLOPs of one training row, which equal those of
+    the deployed forward (the test-time tiling is free)."""
+
+    def __init__(self, model: GroupedOutput):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_raw(x)
+
+
 @dataclass
 class FitContext:
     """What a method gets. ``data`` and ``trainer`` are None when only the architecture is wanted

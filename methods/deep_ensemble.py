@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.api import EnsembleModel, FitContext, GroupedOutput, Method, StackedEnsemble, member_cross_entropy
+from benchmark.api import (EnsembleModel, FitContext, GroupedOutput, Method, SlotInputs, StackedEnsemble,
+                           default_loss)
 from benchmark.backbones import is_staged
 from benchmark.errors import UsageError
 from benchmark.layers import GroupedLayers, load_members_into_grouped
@@ -96,10 +97,7 @@ class DeepEnsemble(Method):
             ys = torch.stack([y] + [o[1] for o in others], dim=0)
             return xs, ys
 
-        def loss(net, x, y):
-            return member_cross_entropy(net.forward_raw(x), y, "sum")
-
-        ctx.trainer.fit(model, stage="batched", seed=("member", ctx.seed, 0), batch_transform=slots,
-                        loss_fn=loss, stateful=[loaders], on_epoch_end=loaders.reset)
+        ctx.trainer.fit(SlotInputs(model), stage="batched", seed=("member", ctx.seed, 0), batch_transform=slots,
+                        loss_fn=default_loss, stateful=[loaders], on_epoch_end=loaders.reset)
         ctx.info["batched"] = True
         return model

@@ -34,13 +34,13 @@ def _relative_update_error(digits, batched_loss=None):
     from methods.single import member_seed
 
     sep, _, ctx = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 3})
-    orig = de_mod.member_cross_entropy
+    orig = de_mod.default_loss
     if batched_loss is not None:
-        de_mod.member_cross_entropy = batched_loss
+        de_mod.default_loss = batched_loss
     try:
         bat, _, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 3, "batched": True})
     finally:
-        de_mod.member_cross_entropy = orig
+        de_mod.default_loss = orig
     unpacked = [build_backbone("cnn_small", 10, 1) for _ in range(3)]
     copy_grouped_into_members(bat.net, unpacked)
     worst = 0.0
@@ -62,11 +62,18 @@ def test_batched_path_trains_each_member_as_the_separate_path(digits):
     assert torch.allclose(sep.eval()(x), bat.eval()(x), atol=5e-3)
 
 
+def test_batched_training_cost_is_counted(digits):
+    _, trainer, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 2, "batched": True})
+    _, single_tr, _ = fit_method("single", digits, epochs=1)
+    s, one = trainer.summary(), single_tr.summary()
+    assert s["train_flops"] == pytest.approx(2 * one["train_flops"], rel=1e-6)
+
+
 def test_batched_scaling_would_be_detected(digits):
     """Control: averaging member losses (gradients scaled by 1/M) is caught by the same measure."""
     from benchmark.api import member_cross_entropy
 
-    worst, _, _ = _relative_update_error(digits, lambda logits, y, reduce="sum": member_cross_entropy(logits, y, "mean"))
+    worst, _, _ = _relative_update_error(digits, lambda model, x, y: member_cross_entropy(model(x), y, "mean"))
     assert worst > 0.2, worst
 
 
