@@ -673,6 +673,8 @@ def leaderboard(records: list[dict]):
         na_position="last",
         kind="mergesort",
     ).reset_index(drop=True)
+    # optional: deep-ensemble-equivalent sizes when the records hold a DE curve (add_dee_columns)
+    df = add_dee_columns(df)
     return df
 
 
@@ -752,7 +754,9 @@ def format_markdown(df) -> str:
             for s in ood_sets:
                 row[f"AUROC {s} (%)"] = g(f"auroc_{s}", 100)
             row["params (M)"] = g("params", 1e-6)
-            row["GFLOPs"] = g("flops", 1e-9, 3)
+            row["non-zero params (M)"] = g("params_nonzero", 1e-6)   # sparse methods' live weights
+            row["GFLOPs"] = g("flops", 1e-9, 3)                        # sparse-aware (per-layer density)
+            row["train PFLOPs"] = g("train_flops", 1e-15, 3)
             row[lat_hdr] = g("latency_ms", 1, 2)
             row[train_hdr] = g("train_s", 1, 0)
             if len(lat_devs) > 1 or len(train_devs) > 1:
@@ -766,5 +770,150 @@ def format_markdown(df) -> str:
         for row in out_rows:
             lines.append("| " + " | ".join(_cell(row.get(h, "")) for h in header) + " |")
         parts.append("\n".join(lines))
-    note = "_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score._"
+    note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
+            "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
+            "so their latency shows no saving); train PFLOPs ~ 3 x forward FLOPs x samples seen._")
     return "\n\n".join(parts) + "\n\n" + note + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# deep-ensemble-equivalent size (DEE)
+# --------------------------------------------------------------------------------------------
+#
+# DEE of a result (Yun et al. 2023, after Kim et al.'s "deep ensemble equivalent"): the size of a deep
+# ensemble that reaches the same metric, read off a DE curve measured on the same harness.
+#
+# The DE curve of a recipe (same dataset, backbone, epochs, batch size and lr: DEE_KEYS) is made of the
+# complete records of the reference methods (DEE_REFERENCE_METHODS: deep ensembles of any size, and the
+# single model as size 1), the metric averaged over seeds at each size. A curve needs size 1 and at
+# least one other size. Rule: with g = the metric oriented so that larger is better (-nll, acc), the
+# curve is taken as its running best over sizes (a larger DE is credited with the best value any smaller
+# one reached, so seed noise cannot make the answer ambiguous) and linearly interpolated between the
+# measured sizes; DEE is the smallest size s at which this curve reaches g. Outside the curve nothing is
+# extrapolated: a result better than the largest DE measured (size M) is reported as DEE(M, ">") and
+# one worse than the single model as DEE(1, "<").
+
+from typing import NamedTuple  # noqa: E402
+
+DEE_REFERENCE_METHODS = ("deep_ensemble", "single")
+DEE_KEYS = ("dataset", "backbone", "epochs", "batch_size", "lr")
+DEE_LEADERBOARD_METRICS = ("nll_ts", "acc")
+
+
+class DEE(NamedTuple):
+    """A deep-ensemble-equivalent size: ``size`` (interpolated; the curve's end when out of range) and
+    ``bound``: "" inside the DE curve, ">" better than the largest DE measured, "<" worse than one model."""
+
+    size: float
+    bound: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.bound}{self.size:.2f}"
+
+
+def higher_is_better(metric: str) -> bool:
+    """acc, member_acc, auroc*, aupr*: larger is better; every other metric (nll, nll_ts, ece, brier, fpr95):
+    smaller is better."""
+    return metric in ("acc", "member_acc") or metric.startswith(("auroc", "aupr"))
+
+
+def dee_size(value: float, curve: list[tuple[float, float]], larger_better: bool) -> DEE:
+    """DEE of ``value`` on ``curve`` = [(size, metric), ...] (any order; sizes distinct, smallest 1). See
+    the rule above."""
+    pts = sorted((float(m), float(v) if larger_better else -float(v)) for m, v in curve)
+    if len(pts) < 2 or pts[0][0] != 1.0:
+        raise ValueError("a DE curve needs size 1 and at least one larger size")
+    env, best = [], -math.inf
+    for m, g in pts:
+        best = max(best, g)
+        env.append((m, best))
+    g = float(value) if larger_better else -float(value)
+    if g < env[0][1]:
+        return DEE(env[0][0], "<")
+    if g > env[-1][1]:
+        return DEE(env[-1][0], ">")
+    if g == env[0][1]:
+        return DEE(env[0][0])
+    for (m0, g0), (m1, g1) in zip(env, env[1:]):
+        if g0 < g <= g1:
+            return DEE(m0 + (g - g0) / (g1 - g0) * (m1 - m0))
+    return DEE(env[-1][0])   # unreachable: g lies within [env[0], env[-1]]
+
+
+def _dee_key(row: Mapping) -> tuple:
+    return tuple(_num(row.get(k)) if k in ("epochs", "batch_size", "lr") else str(row.get(k)) for k in DEE_KEYS)
+
+
+def _dee_curves(points: list[tuple[tuple, float, float, float]]) -> dict[tuple, list[tuple[float, float]]]:
+    """{key: [(size, mean metric)]} from (key, size, metric, weight) entries; keys without a usable curve
+    (no size 1, or a single size) are left out."""
+    sums: dict[tuple, dict[float, list[float]]] = {}
+    for key, size, v, w in points:
+        if math.isnan(size) or math.isnan(v) or size < 1:
+            continue
+        acc = sums.setdefault(key, {}).setdefault(size, [0.0, 0.0])
+        acc[0] += w * v
+        acc[1] += w
+    curves = {}
+    for key, by_size in sums.items():
+        if 1.0 in by_size and len(by_size) >= 2:
+            curves[key] = sorted((m, s / w) for m, (s, w) in by_size.items())
+    return curves
+
+
+def dee(records: list[dict], metric: str = "nll_ts", *,
+        reference_methods: tuple[str, ...] = DEE_REFERENCE_METHODS) -> dict[str, DEE]:
+    """DEE of every complete record whose recipe (DEE_KEYS) has a DE curve among ``records``, by run id.
+    The curve is the seed-mean of ``metric`` at each size of the reference methods' records (the single
+    model counts as size 1). Records without the metric, or without a curve, are left out."""
+    rows = [flatten_record(r) for r in records if r.get("status", "complete") == "complete"]
+    if metric not in METRIC_COLUMNS and not any(metric in r for r in rows):
+        raise ValueError(f"unknown metric {metric!r} for DEE")
+    pts = [(_dee_key(r), _num(r["num_members"]), _num(r.get(metric)), 1.0)
+           for r in rows if r["method"] in reference_methods]
+    curves = _dee_curves(pts)
+    better = higher_is_better(metric)
+    out: dict[str, DEE] = {}
+    for r in rows:
+        curve = curves.get(_dee_key(r))
+        v = _num(r.get(metric))
+        if curve is not None and not math.isnan(v):
+            out[str(r["run_id"])] = dee_size(v, curve, better)
+    return out
+
+
+def add_dee_columns(df, metrics: tuple[str, ...] = DEE_LEADERBOARD_METRICS, *,
+                    reference_methods: tuple[str, ...] = DEE_REFERENCE_METHODS):
+    """Add ``dee_<metric>`` (float) and ``dee_<metric>_bound`` ("", ">" or "<") to a leaderboard for every
+    metric whose DE curve exists: DEE of the row's seed-mean ``<metric>_mean`` on the curve of the
+    reference rows' means (weighted by their n_seeds), same DEE_KEYS. Rows without a curve get NaN / "".
+    Returns ``df`` unchanged when no curve exists (no deep-ensemble rows of two sizes)."""
+    if df is None or len(df) == 0 or "method" not in df.columns:
+        return df
+    for metric in metrics:
+        col = f"{metric}_mean"
+        if col not in df.columns:
+            continue
+        pts = [(_dee_key(r), _num(r.get("num_members")), _num(r.get(col)), max(_num(r.get("n_seeds")), 1.0))
+               for _, r in df.iterrows() if r["method"] in reference_methods]
+        curves = _dee_curves(pts)
+        if not curves:
+            continue
+        better = higher_is_better(metric)
+        sizes, bounds = [], []
+        for _, r in df.iterrows():
+            curve = curves.get(_dee_key(r))
+            v = _num(r.get(col))
+            if curve is None or math.isnan(v):
+                sizes.append(math.nan)
+                bounds.append("")
+            else:
+                d = dee_size(v, curve, better)
+                sizes.append(d.size)
+                bounds.append(d.bound)
+        df[f"dee_{metric}"] = sizes
+        df[f"dee_{metric}_bound"] = bounds
+    return df
+
+
+__all__ += ["DEE", "dee", "dee_size", "add_dee_columns", "higher_is_better", "DEE_REFERENCE_METHODS", "DEE_KEYS"]
