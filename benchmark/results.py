@@ -756,7 +756,7 @@ def format_markdown(df) -> str:
             row["params (M)"] = g("params", 1e-6)
             row["non-zero params (M)"] = g("params_nonzero", 1e-6)   # sparse methods' live weights
             row["GFLOPs"] = g("flops", 1e-9, 3)                        # sparse-aware (per-layer density)
-            row["train PFLOPs"] = g("train_flops", 1e-15, 3)
+            row["train TFLOPs"] = g("train_flops", 1e-12, 2)
             row[lat_hdr] = g("latency_ms", 1, 2)
             row[train_hdr] = g("train_s", 1, 0)
             if len(lat_devs) > 1 or len(train_devs) > 1:
@@ -772,7 +772,7 @@ def format_markdown(df) -> str:
         parts.append("\n".join(lines))
     note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
             "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
-            "so their latency shows no saving); train PFLOPs ~ 3 x forward FLOPs x samples seen._")
+            "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen._")
     return "\n\n".join(parts) + "\n\n" + note + "\n"
 
 
