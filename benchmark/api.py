@@ -132,6 +132,10 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # True when the members are independent, full copies of the backbone trained with the single-model
+    # recipe: records of such a method at sizes 1..M form the deep-ensemble size curve that the
+    # deep-ensemble-equivalent size (DEE) of every other method is read from.
+    size_reference: ClassVar[bool] = False
 
     @dataclass
     class Config:

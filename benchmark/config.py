@@ -28,7 +28,7 @@ NON_IDENTITY_FIELDS = ("out", "data_dir", "download", "device", "progress", "sav
 
 @dataclass
 class RunConfig:
-    method: str = "single"
+    method: str = ""             # a registered method name (validated by resolve)
     backbone: str = "cnn_small"
     dataset: str = "digits"
     epochs: int = 10

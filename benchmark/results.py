@@ -547,7 +547,7 @@ MSP_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 # rows of the leaderboard are one group of these keys; everything else numeric is mean/std over seeds
 GROUP_KEYS = (
     "dataset", "backbone", "method", "config_key", "epochs", "batch_size", "lr",
-    "combine", "num_members", *DEVICE_COLUMNS,
+    "combine", "num_members", "size_reference", *DEVICE_COLUMNS,
 )
 _STR_KEYS = ("dataset", "backbone", "method", "config_key", "combine", *DEVICE_COLUMNS)
 _NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
@@ -594,6 +594,9 @@ def flatten_record(rec: dict) -> dict:
         "status": rec.get("status"),
         "combine": meth.get("combine"),
         "num_members": _num(meth.get("num_members")),
+        # the method declares its members independent full copies of the backbone (api.Method.size_reference):
+        # its records at sizes 1..M form the deep-ensemble size curve of DEE
+        "size_reference": bool(meth.get("size_reference", False)),
     }
     for k in METRIC_COLUMNS:
         row[k] = _num(metrics.get(k))
@@ -784,8 +787,8 @@ def format_markdown(df) -> str:
 # ensemble that reaches the same metric, read off a DE curve measured on the same harness.
 #
 # The DE curve of a recipe (same dataset, backbone, epochs, batch size and lr: DEE_KEYS) is made of the
-# complete records of the reference methods (DEE_REFERENCE_METHODS: deep ensembles of any size, and the
-# single model as size 1), the metric averaged over seeds at each size. A curve needs size 1 and at
+# complete records of the size-reference methods (record method.size_reference, set from the method's
+# class: deep ensembles of any size, and the single model as size 1), the metric averaged over seeds at each size. A curve needs size 1 and at
 # least one other size. Rule: with g = the metric oriented so that larger is better (-nll, acc), the
 # curve is taken as its running best over sizes (a larger DE is credited with the best value any smaller
 # one reached, so seed noise cannot make the answer ambiguous) and linearly interpolated between the
@@ -795,7 +798,6 @@ def format_markdown(df) -> str:
 
 from typing import NamedTuple  # noqa: E402
 
-DEE_REFERENCE_METHODS = ("deep_ensemble", "single")
 DEE_KEYS = ("dataset", "backbone", "epochs", "batch_size", "lr")
 DEE_LEADERBOARD_METRICS = ("nll_ts", "acc")
 
@@ -861,8 +863,7 @@ def _dee_curves(points: list[tuple[tuple, float, float, float]]) -> dict[tuple, 
     return curves
 
 
-def dee(records: list[dict], metric: str = "nll_ts", *,
-        reference_methods: tuple[str, ...] = DEE_REFERENCE_METHODS) -> dict[str, DEE]:
+def dee(records: list[dict], metric: str = "nll_ts") -> dict[str, DEE]:
     """DEE of every complete record whose recipe (DEE_KEYS) has a DE curve among ``records``, by run id.
     The curve is the seed-mean of ``metric`` at each size of the reference methods' records (the single
     model counts as size 1). Records without the metric, or without a curve, are left out."""
@@ -870,7 +871,7 @@ def dee(records: list[dict], metric: str = "nll_ts", *,
     if metric not in METRIC_COLUMNS and not any(metric in r for r in rows):
         raise ValueError(f"unknown metric {metric!r} for DEE")
     pts = [(_dee_key(r), _num(r["num_members"]), _num(r.get(metric)), 1.0)
-           for r in rows if r["method"] in reference_methods]
+           for r in rows if r["size_reference"]]
     curves = _dee_curves(pts)
     better = higher_is_better(metric)
     out: dict[str, DEE] = {}
@@ -882,8 +883,7 @@ def dee(records: list[dict], metric: str = "nll_ts", *,
     return out
 
 
-def add_dee_columns(df, metrics: tuple[str, ...] = DEE_LEADERBOARD_METRICS, *,
-                    reference_methods: tuple[str, ...] = DEE_REFERENCE_METHODS):
+def add_dee_columns(df, metrics: tuple[str, ...] = DEE_LEADERBOARD_METRICS):
     """Add ``dee_<metric>`` (float) and ``dee_<metric>_bound`` ("", ">" or "<") to a leaderboard for every
     metric whose DE curve exists: DEE of the row's seed-mean ``<metric>_mean`` on the curve of the
     reference rows' means (weighted by their n_seeds), same DEE_KEYS. Rows without a curve get NaN / "".
@@ -895,7 +895,7 @@ def add_dee_columns(df, metrics: tuple[str, ...] = DEE_LEADERBOARD_METRICS, *,
         if col not in df.columns:
             continue
         pts = [(_dee_key(r), _num(r.get("num_members")), _num(r.get(col)), max(_num(r.get("n_seeds")), 1.0))
-               for _, r in df.iterrows() if r["method"] in reference_methods]
+               for _, r in df.iterrows() if bool(r.get("size_reference"))]
         curves = _dee_curves(pts)
         if not curves:
             continue
@@ -916,4 +916,4 @@ def add_dee_columns(df, metrics: tuple[str, ...] = DEE_LEADERBOARD_METRICS, *,
     return df
 
 
-__all__ += ["DEE", "dee", "dee_size", "add_dee_columns", "higher_is_better", "DEE_REFERENCE_METHODS", "DEE_KEYS"]
+__all__ += ["DEE", "dee", "dee_size", "add_dee_columns", "higher_is_better", "DEE_KEYS"]

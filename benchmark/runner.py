@@ -79,7 +79,8 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     record: dict[str, Any] = {
         "schema_version": results.SCHEMA_VERSION, "run_id": run_id, "status": "running",
         "config": cfg.to_dict(),
-        "method": {"name": cfg.method, "options": dict(cfg.options)},
+        "method": {"name": cfg.method, "options": dict(cfg.options),
+                   "size_reference": bool(getattr(type(method), "size_reference", False))},
         "data": bundle.describe(),
         "env": results.environment_info(),
         "timings": {"started": _now()}, "error": None,
@@ -109,9 +110,14 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
                                 latency=True, latency_runs=cfg.latency_runs,
                                 bf16=trainer.bf16, channels_last=trainer.channels_last)
         training = trainer.summary()
+        # work a method does outside Trainer.fit (e.g. mask updates, batch-norm passes) joins the totals
         extra = ctx.info.pop("train_flops_extra", None)
         if extra is not None and training["train_flops"] is not None:
             training["train_flops"] += float(extra)
+        extra_s = ctx.info.pop("train_s_extra", None)
+        if extra_s is not None:
+            training["train_s"] += float(extra_s)
+            training["train_s_extra"] = float(extra_s)
         training["device"] = cost_mod.device_name(device)
         if cfg.save_predictions:
             results.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,

@@ -425,9 +425,10 @@ class Bridge(Method):
             "base_flops": base_flops, "trunk_flops": trunk_flops, "bridge_flops": bridge_flops,
             "bridge_flops_fraction": bridge_flops / base_flops if base_flops else None,
             "curves": curves_info, "bridges": bridges_info,
-            "bn_recompute_s": bn_s,   # teachers' batch-norm passes: outside the trainer's stage times
+            "bn_recompute_s": bn_s,   # teachers' batch-norm passes: added to train_s through train_s_extra
         })
         ctx.info["train_flops_extra"] = ctx.info.get("train_flops_extra", 0.0) + extra_flops
+        ctx.info["train_s_extra"] = ctx.info.get("train_s_extra", 0.0) + bn_s
         return model
 
     def _fit_bridge(self, ctx: FitContext, model: BridgeEnsemble, bridge: BridgeNet, teacher: nn.Module, *,

@@ -56,6 +56,7 @@ class MemberLoaders:
 
 @register("deep_ensemble")
 class DeepEnsemble(Method):
+    size_reference = True
     summary = "M independently initialised and shuffled copies of the backbone"
 
     @dataclass

@@ -15,6 +15,7 @@ def member_seed(ctx: FitContext, k: int) -> int:
 
 @register("single")
 class Single(Method):
+    size_reference = True
     summary = "the backbone trained once with cross-entropy (M = 1)"
 
     @dataclass

@@ -17,7 +17,8 @@ def rec(run_id, method, *, members=1, nll_ts, acc=0.9, seed=0, backbone="resnet3
     return {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": status,
             "config": {"method": method, "backbone": backbone, "dataset": "cifar10", "epochs": epochs,
                        "seed": seed, "batch_size": 128, "lr": 0.1, "options": opts},
-            "method": {"name": method, "options": opts, "combine": "probs", "num_members": members, "info": {}},
+            "method": {"name": method, "options": opts, "combine": "probs", "num_members": members, "info": {},
+                       "size_reference": method in ("single", "deep_ensemble")},
             "metrics": {"acc": acc, "nll": nll_ts + 0.02, "nll_ts": nll_ts, "ece": 0.01, "brier": 0.1}}
 
 
