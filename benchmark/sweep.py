@@ -1,0 +1,689 @@
+"""Sweeps: a TOML grid of runs, expanded to RunConfigs and run locally or on Slurm through submitit.
+
+A sweep spec::
+
+    name = "cifar10-resnet18"      # optional; the Slurm job name
+    [grid]                         # every key a list of values; the sweep is their product
+    method = ["single", "deep_ensemble", "packed"]
+    backbone = ["resnet18"]
+    dataset = ["cifar10"]
+    seed = [0, 1, 2]
+    epochs = [200]
+    [options.packed]               # a method's option grid, crossed with the grid for that method only
+    gamma = [1, 2]
+    [run]                          # fixed settings of every run: out, data_dir, device, download, lr, ...
+    out = "results/runs"
+    [slurm]                        # executor settings (see SLURM_KEYS)
+    partition = "gpu"
+    timeout_min = 240
+
+Every run is a :class:`~benchmark.config.RunConfig` with its stable run id; a run whose record is
+complete is skipped, so running a sweep again runs only what is missing, failed or interrupted.
+
+On Slurm, the runs of one submission form ONE job array (``executor.batch()``); each task is a
+:class:`RunJob`, a ``submitit.helpers.Checkpointable``: on a time limit or a preemption submitit calls
+its ``checkpoint()``, which requeues the same run, and the run resumes from the trainer's per-epoch
+checkpoint (``<out>/.ckpt/<run_id>/``), losing at most the epoch in progress. The submitit folder is
+``<out>/.submitit/<job id>/`` (pickles, sbatch script, logs); ``<out>/.submitit/runs/<run_id>.json``
+remembers which job runs which run, so a sweep started again while its jobs are still queued or
+running submits nothing twice, and ``sweep-status`` can tell queued from running from interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import submitit
+
+from benchmark.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, load_toml, make_run_config
+from benchmark.errors import UsageError
+
+SPEC_KEYS = ("name", "grid", "options", "run", "slurm")
+# the run fields a sweep requires to be spelled out (the RunConfig defaults are a CPU demo)
+REQUIRED_RUN_KEYS = ("method", "backbone", "dataset")
+# [slurm] keys: type, and what submitit calls it (None: an executor argument, not an sbatch setting)
+SLURM_KEYS: dict[str, tuple[type, str | None]] = {
+    "partition": (str, "partition"),
+    "timeout_min": (int, "time"),
+    "gpus_per_node": (int, "gpus_per_node"),
+    "cpus_per_task": (int, "cpus_per_task"),
+    "mem_gb": (float, "mem"),
+    "array_parallelism": (int, "array_parallelism"),
+    "additional_parameters": (dict, "additional_parameters"),
+    "signal_delay_s": (int, "signal_delay_s"),
+    "setup": (list, "setup"),
+    "job_name": (str, "job_name"),
+    "qos": (str, "qos"),
+    "account": (str, "account"),
+    "constraint": (str, "constraint"),
+    "exclude": (str, "exclude"),
+    "nodelist": (str, "nodelist"),
+    "gres": (str, "gres"),
+    "comment": (str, "comment"),
+    "srun_args": (list, "srun_args"),
+    "use_srun": (bool, "use_srun"),
+    "max_num_timeout": (int, None),   # how many time-limit requeues before a run gives up
+    "python": (str, None),            # the python command on the nodes (default: this interpreter)
+}
+SLURM_DEFAULTS = {"timeout_min": 240, "cpus_per_task": 4, "array_parallelism": 256, "max_num_timeout": 3}
+SUBMITIT_DIR = ".submitit"
+# squeue states of a job that has not ended yet
+_ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED"}
+_QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "STOPPED"}
+
+
+# ------------------------------------------------------------------------------------------ spec
+@dataclass
+class SweepSpec:
+    path: str
+    name: str
+    grid: dict[str, list]
+    options: dict[str, dict[str, list]]
+    run: dict[str, Any]
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.grid["method"]) if "method" in self.grid else [self.run["method"]]
+
+    @property
+    def out(self) -> Path:
+        """The results folder of every run of the sweep (absolute: jobs may start elsewhere)."""
+        return Path(self.run.get("out", RUN_FIELDS["out"].default)).expanduser().absolute()
+
+
+def _type_name(v: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
+            list: "a list"}.get(v, getattr(v, "__name__", str(v)))
+
+
+def _check_slurm(where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [slurm] must be a table")
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if k not in SLURM_KEYS:
+            raise UsageError(f"{where}: unknown [slurm] key {k!r}; valid keys: {', '.join(SLURM_KEYS)}")
+        tp = SLURM_KEYS[k][0]
+        ok = isinstance(v, tp) and not (tp is int and isinstance(v, bool))
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v, ok = float(v), True
+        if not ok:
+            raise UsageError(f"{where}: [slurm] {k} must be {_type_name(tp)}; got {v!r}")
+        if k in ("setup", "srun_args") and not all(isinstance(s, str) for s in v):
+            raise UsageError(f"{where}: [slurm] {k} must be a list of strings; got {v!r}")
+        if k == "additional_parameters":
+            bad = [kk for kk, vv in v.items() if not isinstance(vv, (str, int, float, bool))]
+            if bad:
+                raise UsageError(f"{where}: [slurm] additional_parameters.{bad[0]} must be a string, number or boolean")
+        if k in ("timeout_min", "cpus_per_task", "array_parallelism") and v < 1:
+            raise UsageError(f"{where}: [slurm] {k} must be >= 1; got {v}")
+        if k in ("gpus_per_node", "signal_delay_s", "max_num_timeout") and v < 0:
+            raise UsageError(f"{where}: [slurm] {k} must be >= 0; got {v}")
+        if k == "mem_gb" and not v > 0:
+            raise UsageError(f"{where}: [slurm] mem_gb must be > 0; got {v}")
+        out[k] = v
+    return out
+
+
+def parse_spec(doc: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
+    """Check a spec's structure (one-line :class:`UsageError`); names and values of each run are checked
+    when the runs are made (:func:`expand`)."""
+    unknown = [k for k in doc if k not in SPEC_KEYS]
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} at the top level; valid: {', '.join(SPEC_KEYS)}")
+    for k in ("grid", "options", "run", "slurm"):
+        if k in doc and not isinstance(doc[k], dict):
+            raise UsageError(f"{where}: [{k}] must be a table")
+    name = doc.get("name", Path(where).stem)
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{where}: name must be a non-empty string")
+    grid = dict(doc.get("grid", {}))
+    run = dict(doc.get("run", {}))
+    if not grid:
+        raise UsageError(f"{where}: [grid] is missing or empty; a sweep needs at least one list, e.g. seed = [0, 1, 2]")
+    for k, v in grid.items():
+        if k == "options":
+            raise UsageError(f"{where}: method options go in [options.<method>] tables, not in [grid]")
+        if k not in RUN_FIELDS:
+            raise UsageError(f"{where}: unknown [grid] key {k!r}; valid run settings: {', '.join(RUN_FIELDS)}")
+        if k in NON_IDENTITY_FIELDS:
+            raise UsageError(f"{where}: [grid] {k} does not change what a run computes (it is not part of the "
+                             f"run id); set it in [run]")
+        if not isinstance(v, list):
+            raise UsageError(f"{where}: [grid] {k} must be a list (the values to sweep); got {v!r}; write [{_toml(v)}] for one value")
+        if not v:
+            raise UsageError(f"{where}: [grid] {k} is an empty list")
+    for k in run:
+        if k == "options":
+            raise UsageError(f"{where}: method options go in [options.<method>] tables, not in [run]")
+        if k not in RUN_FIELDS:
+            raise UsageError(f"{where}: unknown [run] key {k!r}; valid run settings: {', '.join(RUN_FIELDS)}")
+        if k in grid:
+            raise UsageError(f"{where}: {k} is set in both [grid] and [run]; keep one")
+    for k in REQUIRED_RUN_KEYS:
+        if k not in grid and k not in run:
+            raise UsageError(f"{where}: say which {k} to run: {k} = [...] in [grid] (or {k} = ... in [run])")
+    if not isinstance(run.get("method", ""), str):
+        raise UsageError(f"{where}: [run] method must be a string")
+    methods_in_sweep = list(grid["method"]) if "method" in grid else [run["method"]]
+    options: dict[str, dict[str, list]] = {}
+    for method, table in doc.get("options", {}).items():
+        if not isinstance(table, dict):
+            raise UsageError(f"{where}: [options.{method}] must be a table of option = [values]")
+        if method not in methods_in_sweep:
+            raise UsageError(f"{where}: [options.{method}] is for method {method!r}, which this sweep does not run "
+                             f"(methods: {', '.join(map(str, methods_in_sweep))})")
+        for k, v in table.items():
+            if not isinstance(v, list):
+                raise UsageError(f"{where}: [options.{method}] {k} must be a list (the values to sweep); got {v!r}; "
+                                 f"write [{_toml(v)}] for one value")
+            if not v:
+                raise UsageError(f"{where}: [options.{method}] {k} is an empty list")
+        options[method] = dict(table)
+    slurm = _check_slurm(where, doc.get("slurm", {}))
+    return SweepSpec(path=where, name=name, grid=grid, options=options, run=run, slurm=slurm)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    return parse_spec(load_toml(path), str(path))
+
+
+def _product(table: dict[str, list]) -> Iterator[dict[str, Any]]:
+    keys = list(table)
+    for values in itertools.product(*(table[k] for k in keys)):
+        yield dict(zip(keys, values))
+
+
+def expand(spec: SweepSpec) -> list[RunConfig]:
+    """Every run of the sweep, in grid order, each validated by :func:`make_run_config` (names of methods,
+    backbones, datasets and options; values). Runs that resolve to the same run id appear once. ``out``
+    and ``data_dir`` are made absolute (relative to the current directory), which leaves run ids alone."""
+    runs: list[RunConfig] = []
+    seen: set[str] = set()
+    fixed = dict(spec.run)
+    fixed["out"] = str(spec.out)
+    if fixed.get("data_dir"):
+        fixed["data_dir"] = str(Path(fixed["data_dir"]).expanduser().absolute())
+    for point in _product(spec.grid):
+        method = point.get("method", fixed.get("method"))
+        for opts in _product(spec.options.get(method, {})):
+            values = {**fixed, **point, "options": opts}
+            try:
+                cfg = make_run_config(values)
+            except UsageError as e:
+                shown = ", ".join(f"{k}={v}" for k, v in {**point, **opts}.items())
+                raise UsageError(f"{spec.path}: run ({shown}): {e}") from None
+            rid = cfg.run_id()
+            if rid not in seen:
+                seen.add(rid)
+                runs.append(cfg)
+    return runs
+
+
+# ---------------------------------------------------------------------------------- the job
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, run_id: str) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on one run (``<out>/.submitit/locks/<run_id>.lock``): yields
+    False when another process holds it, so two executors never train the same run at once. The
+    kernel drops it when the process ends, however it ends."""
+    import fcntl
+
+    path = out / SUBMITIT_DIR / "locks" / f"{run_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _limit_threads() -> None:
+    """Inside a Slurm job, use the CPUs given to the task unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    n = os.environ.get("SLURM_CPUS_PER_TASK")
+    if n and n.isdigit() and int(n) > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One run of a sweep, as submitit runs it. Picklable (a config dict); ``checkpoint()`` (called by
+    submitit on a time limit or preemption) resubmits the same run, which resumes from the trainer's
+    per-epoch checkpoint. Returns a small summary; a failing run raises after the runner has recorded
+    the failure, so Slurm and submitit see it failed too."""
+
+    def __init__(self, config: dict[str, Any], run_id: str, prefix_logs: bool = False):
+        self.config = dict(config)
+        self.run_id = run_id
+        self.prefix_logs = prefix_logs
+        self.requeues = 0
+
+    def __call__(self) -> dict[str, Any]:
+        from benchmark.runner import execute
+
+        _limit_threads()
+        cfg = make_run_config(self.config)
+        if cfg.run_id() != self.run_id:
+            raise RuntimeError(f"run {self.run_id}: this code gives the config the id {cfg.run_id()} (a method's "
+                               f"options or RunConfig changed since submission); submit the sweep again")
+        if self.prefix_logs:
+            def log(s: str) -> None:
+                print(f"{self.run_id}: {s}" if not s.startswith(self.run_id) else s, file=sys.stderr, flush=True)
+        else:
+            def log(s: str) -> None:
+                print(s, file=sys.stderr, flush=True)
+        if self.requeues:
+            log(f"{self.run_id}: attempt {self.requeues + 1} (requeued {self.requeues}x); resuming from checkpoints")
+        with run_lock(Path(cfg.out), self.run_id) as mine:
+            if not mine:
+                log(f"{self.run_id}: another process is running it; left to that one")
+                return {"run_id": self.run_id, "status": "busy", "requeues": self.requeues}
+            rec = execute(cfg, log=log)
+        return {"run_id": self.run_id, "status": rec["status"], "requeues": self.requeues,
+                "acc": rec.get("metrics", {}).get("acc")}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The training state is on disk (per-epoch checkpoints): requeue the same run, counting attempts.
+        self.requeues += 1
+        print(f"{self.run_id}: interrupted; requeue {self.requeues} resumes after the last finished epoch",
+              file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- queue and state
+def _manifest_path(out: Path, run_id: str) -> Path:
+    return out / SUBMITIT_DIR / "runs" / f"{run_id}.json"
+
+
+def read_manifest(out: Path, run_id: str) -> dict | None:
+    import json
+
+    p = _manifest_path(out, run_id)
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("job_id"), str) else None
+
+
+def write_manifest(out: Path, run_id: str, entry: dict) -> None:
+    from benchmark.results import write_json_atomic
+
+    write_json_atomic(_manifest_path(out, run_id), entry)
+
+
+def slurm_available() -> bool:
+    return shutil.which("sbatch") is not None and shutil.which("squeue") is not None
+
+
+def slurm_queue() -> dict[str, tuple[str, str]]:
+    """``{job id: (state, command)}`` of this user's jobs that Slurm still knows, one row per array task
+    (``1234_5``). Raises RuntimeError when squeue fails (no controller)."""
+    try:
+        p = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%i|%T|%o"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"squeue failed: {e}") from None
+    if p.returncode != 0:
+        msg = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+        raise RuntimeError(f"squeue failed: {msg}")
+    out: dict[str, tuple[str, str]] = {}
+    for line in p.stdout.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) == 3:
+            out[parts[0]] = (parts[1].upper(), parts[2])
+    return out
+
+
+@dataclass
+class RunState:
+    config: RunConfig
+    run_id: str
+    state: str                 # done | running | pending | failed
+    detail: str = ""           # queued | not submitted | interrupted | ... (for pending/running)
+    error: str | None = None   # the failed record's error
+    job_id: str | None = None  # the Slurm job (array task) that runs or ran it
+
+
+def _job_active(entry: dict | None, queue: dict[str, tuple[str, str]] | None, folder: Path) -> tuple[str, str] | None:
+    """The queue row of the run's job if that job is still alive and is ours (its batch script lives in
+    our submitit folder: a job id reused by Slurm after a reset is not mistaken for ours)."""
+    if not entry or queue is None:
+        return None
+    row = queue.get(entry["job_id"])
+    if row is None or row[0] not in _ACTIVE_STATES:
+        return None
+    if row[1] and not row[1].startswith(str(folder) + os.sep):
+        return None
+    return row
+
+
+def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
+               queue: dict[str, tuple[str, str]] | None | str = "auto") -> tuple[list[RunState], str | None]:
+    """The state of every run of the sweep, from the records and (when any run was sent to Slurm and
+    squeue answers) the Slurm queue. Returns (states, a note when the queue could not be read)."""
+    from benchmark import results
+
+    runs = expand(spec) if runs is None else runs
+    out = spec.out
+    folder = out / SUBMITIT_DIR
+    entries = {cfg.run_id(): read_manifest(out, cfg.run_id()) for cfg in runs}
+    note = None
+    if queue == "auto":
+        queue = None
+        if any(entries.values()):
+            if slurm_available():
+                try:
+                    queue = slurm_queue()
+                except RuntimeError as e:
+                    note = f"Slurm queue not readable ({e}); states from the records only"
+            else:
+                note = "runs were sent to Slurm but squeue is not available here; states from the records only"
+    states = []
+    for cfg in runs:
+        rid = cfg.run_id()
+        entry = entries[rid]
+        rec = None
+        path = results.record_path(out, rid)
+        if path.is_file():
+            try:
+                rec = results.read_record(path)
+            except results.RecordError:
+                rec = None
+        status = rec["status"] if rec else None
+        job = _job_active(entry, queue, folder)
+        job_id = entry["job_id"] if entry else None
+        if status == "complete":
+            states.append(RunState(cfg, rid, "done", job_id=job_id))
+        elif job is not None:   # alive in the queue: its state says more than a record of an earlier attempt
+            queued = job[0] in _QUEUED_STATES
+            states.append(RunState(cfg, rid, "pending" if queued else "running",
+                                   "queued" if queued else job[0].lower(), job_id=job_id))
+        elif status == "failed":
+            states.append(RunState(cfg, rid, "failed", error=rec.get("error") or "(no error recorded)", job_id=job_id))
+        elif status == "running":
+            if entry is not None and queue is not None:
+                # sent to Slurm, its job is gone, the record says running: killed or cancelled mid-run
+                states.append(RunState(cfg, rid, "pending", "interrupted", job_id=job_id))
+            else:
+                states.append(RunState(cfg, rid, "running", job_id=job_id))
+        elif entry is not None and queue is not None:
+            states.append(RunState(cfg, rid, "pending", "job ended without a record", job_id=job_id))
+        else:
+            states.append(RunState(cfg, rid, "pending", "not submitted", job_id=job_id))
+    return states, note
+
+
+def _to_submit(states: list[RunState]) -> list[RunState]:
+    """Runs that need a job: not done and no job of theirs alive in the queue. Failed and interrupted
+    runs are submitted again (they resume from their checkpoints), and so is a run whose record says
+    running without a Slurm job known to run it (a local sweep that was stopped); should a process
+    still be training it, the new job finds the run locked and leaves it alone."""
+    return [s for s in states if s.state == "failed" or (s.state == "pending" and s.detail != "queued")
+            or (s.state == "running" and s.job_id is None)]
+
+
+# ------------------------------------------------------------------------------------ executors
+def slurm_parameters(spec: SweepSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sbatch parameters in submitit's names, SlurmExecutor arguments) from the spec's [slurm] table."""
+    s = {**SLURM_DEFAULTS, **spec.slurm}
+    params: dict[str, Any] = {"job_name": spec.name}
+    exec_args: dict[str, Any] = {}
+    for k, v in s.items():
+        target = SLURM_KEYS[k][1]
+        if target is None:
+            exec_args[k] = v
+        elif k == "mem_gb":
+            params["mem"] = f"{int(v)}GB" if float(v).is_integer() else f"{int(v * 1024)}MB"
+        else:
+            params[target] = v
+    if params.get("gpus_per_node") == 0:
+        params.pop("gpus_per_node")
+    return params, exec_args
+
+
+def submit_slurm(spec: SweepSpec, runs: list[RunConfig]) -> list[tuple[RunConfig, Any]]:
+    """Submit ``runs`` as one Slurm job array; returns [(config, submitit job)] and records which job
+    runs which run."""
+    if not runs:
+        return []
+    if not slurm_available():
+        raise UsageError("--executor slurm needs Slurm's sbatch and squeue on PATH "
+                         "(for a local test cluster: slurm/localcluster.sh install && slurm/localcluster.sh up)")
+    out = spec.out
+    folder = out / SUBMITIT_DIR
+    params, exec_args = slurm_parameters(spec)
+    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=exec_args.get("max_num_timeout", 3),
+                                      python=exec_args.get("python"))
+    try:
+        executor.update_parameters(**params)
+    except ValueError as e:
+        raise UsageError(f"{spec.path}: bad [slurm] settings: {str(e).splitlines()[0]}") from None
+    jobs = []
+    try:
+        # submitit prints sbatch's stderr before raising; the error below says it in one line
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+            for cfg in runs:
+                jobs.append(executor.submit(RunJob(cfg.to_dict(), cfg.run_id())))
+    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError,
+            submitit.core.utils.FailedSubmissionError) as e:
+        text = (e.stderr or e.output) if isinstance(e, subprocess.CalledProcessError) else str(e)
+        text = text.decode(errors="replace") if isinstance(text, bytes) else str(text or e)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        raise UsageError(f"sbatch refused the job array: {lines[-1] if lines else type(e).__name__}") from None
+    submitted = _now()
+    for cfg, job in zip(runs, jobs):
+        write_manifest(out, cfg.run_id(), {"run_id": cfg.run_id(), "job_id": str(job.job_id), "executor": "slurm",
+                                           "submitted": submitted, "spec": str(Path(spec.path).absolute()),
+                                           "folder": str(job.paths.folder)})
+    return list(zip(runs, jobs))
+
+
+@dataclass
+class LocalOutcome:
+    run_id: str
+    status: str            # complete | failed | busy
+    error: str | None = None
+
+
+def _pool_init(threads: int) -> None:
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _pool_run(job: RunJob) -> dict[str, Any]:
+    return job()
+
+
+def run_local(runs: list[RunConfig], workers: int = 1, *,
+              report: Callable[[LocalOutcome], None] | None = None) -> list[LocalOutcome]:
+    """Run ``runs`` on this machine: in this process one after another (``workers=1``) or in a pool of
+    ``workers`` processes. A failing run is recorded as failed (by the runner) and the others go on."""
+    report = report or (lambda o: None)
+    outcomes: list[LocalOutcome] = []
+
+    def done(rid: str, summary: dict | None, err: BaseException | None) -> None:
+        if err is not None:
+            o = LocalOutcome(rid, "failed", f"{type(err).__name__}: {err}")
+        else:
+            o = LocalOutcome(rid, summary["status"])
+        outcomes.append(o)
+        report(o)
+
+    if workers <= 1 or len(runs) <= 1:
+        for cfg in runs:
+            rid = cfg.run_id()
+            try:
+                summary = RunJob(cfg.to_dict(), rid)()
+            except Exception as e:   # recorded by the runner; the sweep goes on
+                done(rid, None, e)
+            else:
+                done(rid, summary, None)
+        return outcomes
+    import concurrent.futures as cf
+    import multiprocessing
+
+    n = min(workers, len(runs))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_pool_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(_pool_run, RunJob(cfg.to_dict(), cfg.run_id(), prefix_logs=True)): cfg.run_id()
+                   for cfg in runs}
+        try:
+            for fut in cf.as_completed(futures):
+                try:
+                    summary = fut.result()
+                except Exception as e:
+                    done(futures[fut], None, e)
+                else:
+                    done(futures[fut], summary, None)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return outcomes
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _describe(cfg: RunConfig, spec: SweepSpec) -> str:
+    """A run in one line: what it is, the other grid settings the sweep varies and its swept options."""
+    base = ("method", "backbone", "dataset", "seed", "epochs")
+    extra = [f"{k}={getattr(cfg, k)}" for k, v in spec.grid.items() if k not in base and len(v) > 1]
+    table = spec.options.get(cfg.method, {})
+    opts = [f"{k}={cfg.options[k]}" for k, v in table.items() if len(v) > 1 and k in cfg.options]
+    text = f"{cfg.method} {cfg.backbone} {cfg.dataset} seed={cfg.seed} epochs={cfg.epochs}"
+    return text + "".join(f" {e}" for e in extra) + (f" [{','.join(opts)}]" if opts else "")
+
+
+def _counts(states: list[RunState]) -> dict[str, int]:
+    return {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "failed")}
+
+
+def format_status(spec: SweepSpec, states: list[RunState], note: str | None = None) -> str:
+    c = _counts(states)
+    lines = [f"sweep {spec.name} ({spec.path}): {len(states)} runs, records in {spec.out}",
+             f"  done {c['done']}   running {c['running']}   pending {c['pending']}   failed {c['failed']}"]
+    details: dict[str, int] = {}
+    for s in states:
+        if s.state == "pending":
+            details[s.detail] = details.get(s.detail, 0) + 1
+    if details:
+        lines.append("  pending: " + ", ".join(f"{n} {d}" for d, n in sorted(details.items())))
+    if note:
+        lines.append(f"  note: {note}")
+    failed = [s for s in states if s.state == "failed"]
+    if failed:
+        lines.append("failed runs:")
+        for s in failed:
+            err = (s.error or "").strip().splitlines()
+            lines.append(f"  {s.run_id}  {_describe(s.config, spec)}")
+            lines.append(f"      {err[0] if err else '(no error recorded)'}")
+    return "\n".join(lines)
+
+
+def _spec_and_runs(path: str) -> tuple[SweepSpec, list[RunConfig]]:
+    spec = load_spec(path)
+    return spec, expand(spec)
+
+
+def cli_status(args) -> int:
+    spec, runs = _spec_and_runs(args.spec)
+    states, note = run_states(spec, runs)
+    print(format_status(spec, states, note))
+    return 0
+
+
+def cli_sweep(args) -> int:
+    if getattr(args, "status", False):
+        return cli_status(args)
+    workers = getattr(args, "workers", 1)
+    if workers is None or workers < 1:
+        raise UsageError(f"--workers must be >= 1; got {workers}")
+    executor = getattr(args, "executor", "local")
+    if executor == "slurm" and workers > 1:
+        raise UsageError("--workers is for the local executor; on Slurm, [slurm] array_parallelism sets how many runs go at once")
+    spec, runs = _spec_and_runs(args.spec)
+    if executor == "slurm" and not slurm_available() and not args.dry_run:
+        raise UsageError("--executor slurm needs Slurm's sbatch and squeue on PATH "
+                         "(for a local test cluster: slurm/localcluster.sh install && slurm/localcluster.sh up)")
+    queue: Any = "auto"
+    if executor == "slurm" and not args.dry_run:
+        try:   # submitting without knowing what is queued could submit a run twice
+            queue = slurm_queue()
+        except RuntimeError as e:
+            raise UsageError(f"cannot submit: {e} (is the cluster up?)") from None
+    states, note = run_states(spec, runs, queue=queue)
+    todo = _to_submit(states)
+    todo_ids = {s.run_id for s in todo}
+    c = _counts(states)
+    alive = [s for s in states if s.state in ("pending", "running") and s.run_id not in todo_ids]
+    print(f"sweep {spec.name}: {len(states)} runs: {c['done']} complete (skipped), {len(alive)} queued or running "
+          f"(skipped), {len(todo)} to run on {executor}", flush=True)
+    if note:
+        print(f"  note: {note}")
+    for s in alive:
+        print(f"  skip  {s.run_id}  {s.state} (job {s.job_id})")
+    if args.dry_run:
+        for s in todo:
+            why = s.state if s.state != "pending" else s.detail
+            print(f"  run   {s.run_id}  ({why})  {_describe(s.config, spec)}")
+        if executor == "slurm" and todo:
+            params, exec_args = slurm_parameters(spec)
+            shown = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+            print(f"  slurm: one job array of {len(todo)} tasks: {shown}; max_num_timeout="
+                  f"{exec_args.get('max_num_timeout', 3)}")
+        print("dry run: nothing submitted")
+        return 0
+    if not todo:
+        print("nothing to submit")
+        return 0
+    cfgs = [s.config for s in todo]
+    if executor == "slurm":
+        submitted = submit_slurm(spec, cfgs)
+        array_id = str(submitted[0][1].job_id).split("_")[0]
+        print(f"submitted {len(submitted)} runs to Slurm as job array {array_id} "
+              f"(at most {spec.slurm.get('array_parallelism', SLURM_DEFAULTS['array_parallelism'])} at once); "
+              f"submitit files and logs in {spec.out / SUBMITIT_DIR}")
+        for cfg, job in submitted:
+            print(f"  {job.job_id}  {cfg.run_id()}  {_describe(cfg, spec)}")
+        print(f"follow with: ensemble-bench sweep-status {args.spec}")
+        return 0
+
+    def report(o: LocalOutcome) -> None:
+        print(f"  {o.status:<8} {o.run_id}" + (f"  {o.error}" if o.error else ""), flush=True)
+
+    outcomes = run_local(cfgs, workers, report=report)
+    n = {k: sum(o.status == k for o in outcomes) for k in ("complete", "failed", "busy")}
+    print(f"ran {len(outcomes)} runs locally: {n['complete']} complete, {n['failed']} failed"
+          + (f", {n['busy']} left to another process running them" if n["busy"] else ""))
+    return 1 if n["failed"] else 0

@@ -1,0 +1,507 @@
+"""Sweep specs, grid expansion, run ids, run states and the local executor (no Slurm needed here;
+tests/test_slurm.py runs sweeps on a real local Slurm cluster)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmark import results, sweep
+from benchmark.cli import main
+from benchmark.config import RUN_FIELDS, NON_IDENTITY_FIELDS, make_run_config
+from benchmark.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the tiny sweep of the issue: 2 methods x 2 seeds, tiny backbone, 1 epoch, data that ships offline
+TINY = """
+name = "tiny"
+[grid]
+method = ["single", "deep_ensemble"]
+seed = [0, 1]
+[options.deep_ensemble]
+num_members = [2]
+[run]
+backbone = "cnn_small"
+dataset = "digits"
+epochs = 1
+lr = 0.05
+device = "cpu"
+latency_runs = 3
+progress = false
+out = "{out}"
+[slurm]
+timeout_min = 5
+cpus_per_task = 1
+mem_gb = 1
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.toml", **fmt) -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text).format(**fmt) if fmt else textwrap.dedent(text))
+    return p
+
+
+def ids(runs) -> list[str]:
+    return [r.run_id() for r in runs]
+
+
+# ------------------------------------------------------------------------------------- grid and ids
+def test_grid_is_a_product_and_method_options_cross_their_method_only(tmp_path):
+    spec = sweep.load_spec(write(tmp_path, """
+        [grid]
+        method = ["single", "deep_ensemble"]
+        seed = [0, 1, 2]
+        epochs = [1, 2]
+        [options.deep_ensemble]
+        num_members = [2, 3]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        """))
+    runs = sweep.expand(spec)
+    single = [r for r in runs if r.method == "single"]
+    de = [r for r in runs if r.method == "deep_ensemble"]
+    assert len(single) == 3 * 2 and len(de) == 3 * 2 * 2
+    assert all(r.options == {} for r in single)
+    assert sorted({r.options["num_members"] for r in de}) == [2, 3]
+    assert {(r.seed, r.epochs, r.options["num_members"]) for r in de} == {
+        (s, e, m) for s in (0, 1, 2) for e in (1, 2) for m in (2, 3)}
+    assert len(set(ids(runs))) == len(runs)
+    # fixed [run] settings reach every run; out is absolute so jobs can start anywhere
+    assert all(r.backbone == "cnn_small" and r.dataset == "digits" for r in runs)
+    assert all(Path(r.out).is_absolute() for r in runs)
+
+
+def test_run_ids_identical_for_reordered_keys_and_tables(tmp_path):
+    a = sweep.load_spec(write(tmp_path, """
+        [grid]
+        method = ["deep_ensemble"]
+        seed = [0, 1]
+        lr = [0.05, 0.1]
+        [options.deep_ensemble]
+        num_members = [2, 3]
+        batched = [false]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        epochs = 1
+        """, "a.toml"))
+    b = sweep.load_spec(write(tmp_path, """
+        [run]
+        epochs = 1
+        dataset = "digits"
+        backbone = "cnn_small"
+        [options.deep_ensemble]
+        batched = [false]
+        num_members = [2, 3]
+        [grid]
+        lr = [0.05, 0.1]
+        seed = [0, 1]
+        method = ["deep_ensemble"]
+        """, "b.toml"))
+    assert sorted(ids(sweep.expand(a))) == sorted(ids(sweep.expand(b)))
+    assert len(sweep.expand(a)) == 8
+
+
+def test_run_ids_do_not_depend_on_where_records_go_or_typed_out_defaults(tmp_path):
+    base = """
+        [grid]
+        method = ["deep_ensemble"]
+        seed = [0]
+        {opts}
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        epochs = 1
+        out = "{out}"
+        device = "{device}"
+        """
+    a = sweep.load_spec(write(tmp_path, base, "a.toml", opts="", out="x", device="cpu"))
+    b = sweep.load_spec(write(tmp_path, base, "b.toml", out="/elsewhere/y", device="auto",
+                              opts="[options.deep_ensemble]\nnum_members = [4]"))
+    assert ids(sweep.expand(a)) == ids(sweep.expand(b))
+
+
+PINNED_SPEC = """
+[grid]
+method = ["single", "deep_ensemble"]
+seed = [0, 1]
+[options.deep_ensemble]
+num_members = [2]
+[run]
+backbone = "cnn_small"
+dataset = "digits"
+epochs = 1
+lr = 0.05
+"""
+# computed once; a change here means every run id of every stored record changed: do it on purpose
+PINNED_IDS = ["single-4e892146a373986f", "single-1022ea60c6e95c8a",
+              "deep_ensemble-b776fe1dba42c85e", "deep_ensemble-e136d4f6f14c1b8b"]
+
+
+def test_run_ids_pinned(tmp_path):
+    assert ids(sweep.expand(sweep.load_spec(write(tmp_path, PINNED_SPEC)))) == PINNED_IDS
+
+
+def test_run_ids_stable_across_processes(tmp_path):
+    spec = write(tmp_path, PINNED_SPEC)
+    code = ("import json, sys; from benchmark import sweep; "
+            "print(json.dumps([r.run_id() for r in sweep.expand(sweep.load_spec(sys.argv[1]))]))")
+    outs = []
+    for seed in ("0", "12345"):   # a different str hash seed in each process
+        env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS="1")
+        p = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+        assert p.returncode == 0, p.stderr
+        outs.append(json.loads(p.stdout))
+    assert outs[0] == outs[1] == PINNED_IDS
+
+
+def _other_value(name, value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 if value else 0.5
+    if isinstance(value, (list, tuple)):
+        return [v * 0.5 for v in value]
+    return {"method": "deep_ensemble", "backbone": "resnet20", "dataset": "svhn", "schedule": "multistep"}[name]
+
+
+def test_any_changed_setting_or_option_changes_the_run_id(tmp_path):
+    base = {"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 1, "seed": 0}
+    ref = make_run_config(dict(base))
+    identity = [k for k in RUN_FIELDS if k not in NON_IDENTITY_FIELDS and k != "options"]
+    seen = {ref.run_id()}
+    for k in identity:
+        cfg = make_run_config(dict(base, **{k: _other_value(k, getattr(ref, k))}))
+        assert cfg.run_id() not in seen, k
+        seen.add(cfg.run_id())
+    # every option of deep_ensemble, through a sweep spec
+    de = make_run_config(dict(base, method="deep_ensemble"))
+    for opt, value in de.options.items():
+        spec = sweep.load_spec(write(tmp_path, f"""
+            [grid]
+            method = ["deep_ensemble"]
+            [options.deep_ensemble]
+            {opt} = [{json.dumps(value)}, {json.dumps(_other_value(opt, value))}]
+            [run]
+            backbone = "cnn_small"
+            dataset = "digits"
+            epochs = 1
+            """, f"{opt}.toml"))
+        a, b = sweep.expand(spec)
+        assert a.run_id() == de.run_id() and b.run_id() != a.run_id(), opt
+
+
+def test_duplicate_points_are_one_run(tmp_path):
+    spec = sweep.load_spec(write(tmp_path, """
+        [grid]
+        method = ["deep_ensemble"]
+        seed = [0, 0]
+        [options.deep_ensemble]
+        num_members = [4, 4]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        """))
+    assert len(sweep.expand(spec)) == 1
+
+
+# ------------------------------------------------------------------------------------- validation
+GOOD_RUN = '[run]\nbackbone = "cnn_small"\ndataset = "digits"\n'
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[grid]\nmethod = "single"\n' + GOOD_RUN, "[grid] method must be a list"),
+    ('[grid]\nmethod = ["single"]\nseed = []\n' + GOOD_RUN, "[grid] seed is an empty list"),
+    ('[grid]\nmethod = ["single"]\nsed = [0]\n' + GOOD_RUN, "unknown [grid] key 'sed'"),
+    ('[grid]\nmethod = ["single"]\nout = ["a", "b"]\n' + GOOD_RUN, "[grid] out does not change what a run computes"),
+    ('[grid]\nmethod = ["single"]\n' + GOOD_RUN + 'lr = 0.1\nepochs = 1\nbogus = 1\n', "unknown [run] key 'bogus'"),
+    ('[grid]\nmethod = ["single"]\nlr = [0.1]\n' + GOOD_RUN + 'lr = 0.2\n', "lr is set in both [grid] and [run]"),
+    ('[grid]\nseed = [0]\n' + GOOD_RUN, "say which method to run"),
+    ('[grid]\nmethod = ["single"]\n[options.deep_ensemble]\nnum_members = [2]\n' + GOOD_RUN,
+     "[options.deep_ensemble] is for method 'deep_ensemble', which this sweep does not run"),
+    ('[grid]\nmethod = ["deep_ensemble"]\n[options.deep_ensemble]\nnum_members = 2\n' + GOOD_RUN,
+     "[options.deep_ensemble] num_members must be a list"),
+    ('[grid]\nmethod = ["single"]\n[slurm]\npartion = "gpu"\n' + GOOD_RUN, "unknown [slurm] key 'partion'"),
+    ('[grid]\nmethod = ["single"]\n[slurm]\ntimeout_min = "4h"\n' + GOOD_RUN, "[slurm] timeout_min must be an integer"),
+    ('[grid]\nmethod = ["single"]\n[slurm]\nmem_gb = -1\n' + GOOD_RUN, "[slurm] mem_gb must be > 0"),
+    ('[grid]\nmethod = ["single"]\n[slurm]\nadditional_parameters = {x = [1]}\n' + GOOD_RUN,
+     "additional_parameters.x must be a string"),
+    ('[grids]\nmethod = ["single"]\n' + GOOD_RUN, "unknown key 'grids' at the top level"),
+    ('[grid]\nmethod = ["single"]\noptions = [1]\n' + GOOD_RUN, "method options go in [options.<method>]"),
+    # names and values are checked for every run by make_run_config
+    ('[grid]\nmethod = ["single", "no_such_method"]\n' + GOOD_RUN, "unknown method 'no_such_method'"),
+    ('[grid]\nmethod = ["deep_ensemble"]\n[options.deep_ensemble]\nnum_membres = [2]\n' + GOOD_RUN,
+     "unknown option 'num_membres' for method 'deep_ensemble'"),
+    ('[grid]\nmethod = ["single"]\nepochs = [1, 0]\n' + GOOD_RUN, "epochs must be >= 1"),
+    ('[grid]\nmethod = ["single"]\nlr = ["fast"]\n' + GOOD_RUN, "bad value for lr"),
+    ('[grid]\nmethod = ["single"]\n' + GOOD_RUN.replace("cnn_small", "cnn_huge"), "cnn_huge"),
+    ('[grid\nmethod = ["single"]\n', "cannot parse"),
+])
+def test_bad_specs_are_one_line_usage_errors(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(UsageError) as e:
+        sweep.expand(sweep.load_spec(path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # the CLI: exit 2, one line on stderr, nothing written
+    for argv in (["sweep", str(path), "--dry-run"], ["sweep-status", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+def test_missing_spec_and_bad_workers(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    spec = write(tmp_path, TINY, out=tmp_path / "runs")
+    assert main(["sweep", str(spec), "--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
+    assert main(["sweep", str(spec), "--workers", "2", "--executor", "slurm"]) == 2
+    assert "--workers is for the local executor" in capsys.readouterr().err
+
+
+def test_slurm_settings_map_to_submitit(tmp_path):
+    spec = sweep.load_spec(write(tmp_path, """
+        name = "paper"
+        [grid]
+        method = ["single"]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        [slurm]
+        partition = "gpu"
+        timeout_min = 240
+        gpus_per_node = 1
+        cpus_per_task = 8
+        mem_gb = 1.5
+        array_parallelism = 64
+        max_num_timeout = 7
+        setup = ["module load cuda"]
+        additional_parameters = {hint = "nomultithread"}
+        """))
+    params, exec_args = sweep.slurm_parameters(spec)
+    assert params == {"job_name": "paper", "partition": "gpu", "time": 240, "gpus_per_node": 1, "cpus_per_task": 8,
+                      "mem": "1536MB", "array_parallelism": 64, "setup": ["module load cuda"],
+                      "additional_parameters": {"hint": "nomultithread"}}
+    assert exec_args == {"max_num_timeout": 7}
+    # submitit itself accepts them (the sbatch script it would write)
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    text = _make_sbatch_string(command="true", folder=tmp_path, map_count=3, **params)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-node=1", "#SBATCH --mem=1536MB",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --array=0-2%3", "#SBATCH --hint=nomultithread",
+                 "#SBATCH --job-name=paper", "module load cuda"):
+        assert line in text
+
+
+def test_dry_run_writes_nothing_and_lists_the_runs(tmp_path, capsys):
+    out = tmp_path / "runs"
+    spec = write(tmp_path, TINY, out=out)
+    assert main(["sweep", str(spec), "--dry-run", "--executor", "slurm"]) == 0
+    text = capsys.readouterr().out
+    for rid in ids(sweep.expand(sweep.load_spec(spec))):
+        assert f"run   {rid}  (not submitted)" in text
+    assert "one job array of 4 tasks" in text and "time=5" in text and "mem=1GB" in text
+    assert "dry run: nothing submitted" in text
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ run states
+def _record(out: Path, rid: str, status: str, error: str | None = None) -> None:
+    results.write_record(out, {"schema_version": results.SCHEMA_VERSION, "run_id": rid, "status": status,
+                               "error": error})
+
+
+def test_states_from_records_and_the_slurm_queue(tmp_path):
+    out = tmp_path / "runs"
+    spec = sweep.load_spec(write(tmp_path, """
+        [grid]
+        method = ["single"]
+        seed = [0, 1, 2, 3, 4, 5, 6, 7]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        out = "{out}"
+        """, out=out))
+    runs = sweep.expand(spec)
+    r = ids(runs)
+    folder = out / ".submitit"
+    script = str(folder / ".submission_file_x.sh")
+    _record(out, r[0], "complete")
+    _record(out, r[1], "failed", "TrainingDiverged: loss is nan")
+    _record(out, r[2], "running")                # its job is running
+    _record(out, r[3], "running")                # its job is gone: interrupted
+    _record(out, r[4], "failed", "OOM")          # failed earlier, submitted again, queued
+    # r[5]: queued, never started; r[6]: never submitted; r[7]: job id reused by someone else's job
+    for i, job in ((0, "9_0"), (1, "9_1"), (2, "9_2"), (3, "9_3"), (4, "10_0"), (5, "10_1"), (7, "9_7")):
+        sweep.write_manifest(out, r[i], {"run_id": r[i], "job_id": job, "executor": "slurm"})
+    queue = {"9_2": ("RUNNING", script), "10_0": ("PENDING", script), "10_1": ("PENDING", script),
+             "9_7": ("RUNNING", "/home/someone/else.sh")}
+    states, note = sweep.run_states(spec, runs, queue=queue)
+    got = [(s.state, s.detail) for s in states]
+    assert got == [("done", ""), ("failed", ""), ("running", "running"), ("pending", "interrupted"),
+                   ("pending", "queued"), ("pending", "queued"), ("pending", "not submitted"),
+                   ("pending", "job ended without a record")]
+    assert states[1].error == "TrainingDiverged: loss is nan" and note is None
+    # what a sweep started now would submit: failed, interrupted, never submitted, lost; not the live ones
+    assert [s.run_id for s in sweep._to_submit(states)] == [r[1], r[3], r[6], r[7]]
+    text = sweep.format_status(spec, states)
+    assert "done 1   running 1   pending 5   failed 1" in text
+    assert "TrainingDiverged: loss is nan" in text and "1 interrupted" in text and "2 queued" in text
+    # without the queue (squeue unavailable): records only
+    states, _ = sweep.run_states(spec, runs, queue=None)
+    assert [s.state for s in states][:4] == ["done", "failed", "running", "running"]
+
+
+def test_a_run_locked_by_another_process_is_left_alone(tmp_path):
+    cfg = sweep.expand(sweep.load_spec(write(tmp_path, TINY, out=tmp_path / "runs")))[0]
+    with sweep.run_lock(Path(cfg.out), cfg.run_id()) as mine:
+        assert mine
+        summary = sweep.RunJob(cfg.to_dict(), cfg.run_id())()
+    assert summary["status"] == "busy"
+    assert results.record_status(cfg.out, cfg.run_id()) is None
+
+
+def test_a_job_refuses_a_config_whose_id_changed(tmp_path):
+    cfg = sweep.expand(sweep.load_spec(write(tmp_path, TINY, out=tmp_path / "runs")))[0]
+    with pytest.raises(RuntimeError, match="gives the config the id"):
+        sweep.RunJob(cfg.to_dict(), "single-0000000000000000")()
+
+
+def test_checkpoint_requeues_the_same_run_and_counts():
+    job = sweep.RunJob({"method": "single"}, "single-x")
+    delayed = job.checkpoint()
+    assert delayed.function is job and job.requeues == 1
+    assert delayed.function.checkpoint().function.requeues == 2
+
+
+# --------------------------------------------------------------------------------- local executor
+def test_local_sweep_records_skip_and_status(tmp_path, capsys):
+    out = tmp_path / "runs"
+    spec = write(tmp_path, TINY, out=out)
+    expected = ids(sweep.expand(sweep.load_spec(spec)))
+    assert main(["sweep", str(spec)]) == 0
+    text = capsys.readouterr().out
+    assert "4 to run on local" in text and "4 complete, 0 failed" in text
+    recs, problems = results.load_records(out)
+    assert not problems and sorted(r["run_id"] for r in recs) == sorted(expected)
+    assert all(r["status"] == "complete" and r["config"]["epochs"] == 1 for r in recs)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    # again: nothing to do, nothing rewritten
+    assert main(["sweep", str(spec)]) == 0
+    assert "nothing to submit" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.json")} == mtimes
+    for argv in (["sweep-status", str(spec)], ["sweep", str(spec), "--status"]):
+        assert main(argv) == 0
+        assert "done 4   running 0   pending 0   failed 0" in capsys.readouterr().out
+
+
+def test_local_failing_run_is_recorded_and_the_others_finish(tmp_path, capsys):
+    out = tmp_path / "runs"
+    spec = write(tmp_path, """
+        [grid]
+        method = ["single"]
+        lr = [1e5, 0.05]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        epochs = 1
+        latency_runs = 3
+        device = "cpu"
+        out = "{out}"
+        """, out=out)
+    bad, good = ids(sweep.expand(sweep.load_spec(spec)))
+    assert main(["sweep", str(spec)]) == 1
+    text = capsys.readouterr().out
+    assert f"failed   {bad}  TrainingDiverged" in text and f"complete {good}" in text
+    assert results.record_status(out, good) == "complete"
+    rec = results.read_record(out / f"{bad}.json")
+    assert rec["status"] == "failed" and rec["error"].startswith("TrainingDiverged: training diverged")
+    assert main(["sweep-status", str(spec)]) == 0
+    text = capsys.readouterr().out
+    assert "done 1   running 0   pending 0   failed 1" in text
+    assert bad in text and "TrainingDiverged: training diverged" in text
+    # a second sweep would run the failed one only
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "1 complete (skipped)" in text and f"run   {bad}  (failed)" in text and good not in text
+
+
+def test_local_process_pool_gives_the_same_records(tmp_path, capsys):
+    out = tmp_path / "runs"
+    spec = write(tmp_path, TINY.replace('"single", "deep_ensemble"', '"single"').replace("num_members = [2]", "")
+                 .replace("[options.deep_ensemble]", ""), out=out)
+    assert main(["sweep", str(spec), "--workers", "2"]) == 0
+    assert "2 complete, 0 failed" in capsys.readouterr().out
+    recs, _ = results.load_records(out)
+    assert sorted(r["run_id"] for r in recs) == sorted(ids(sweep.expand(sweep.load_spec(spec))))
+
+
+# --------------------------------------------------------------------------------- example specs
+def test_example_specs_cover_the_paper_grid():
+    import dataclasses
+
+    import methods
+
+    want = {"single", "deep_ensemble", "packed", "mimo", "dst_ensemble", "edst_ensemble", "nfe", "bridge"}
+    specs = sorted((REPO / "slurm").glob("*.toml"))
+    assert specs, "no example specs in slurm/"
+    covered: set[tuple[str, str, str]] = set()
+    for path in specs:
+        spec = sweep.load_spec(path)     # structure and [slurm] settings
+        # every name and option is known to the code (for the methods registered in this checkout)
+        known = [m for m in spec.methods if m in methods.names()]
+        runs = sweep.expand(dataclasses.replace(
+            spec, grid={**spec.grid, "method": known} if "method" in spec.grid else spec.grid,
+            options={m: o for m, o in spec.options.items() if m in known}))
+        assert runs
+        if spec.name.startswith("paper"):
+            assert set(spec.methods) == want
+            assert sorted(spec.grid["seed"]) == [0, 1, 2]
+            assert spec.slurm.get("gpus_per_node") == 1 and spec.slurm.get("timeout_min")
+            assert {r.method for r in runs} == set(known)
+            covered |= {(m, b, d) for m in spec.methods for b in spec.grid["backbone"] for d in spec.grid["dataset"]}
+    assert covered == {(m, b, d) for m in want for b in ("resnet18", "wrn28_10") for d in ("cifar10", "cifar100")}
+
+
+def _write_records(out: str, worker: int, n: int) -> None:
+    for i in range(n):
+        rid = "shared-run" if i % 2 else f"run-{worker}-{i}"
+        results.write_record(out, {"schema_version": results.SCHEMA_VERSION, "run_id": rid, "status": "complete",
+                                   "error": None, "writer": worker, "payload": "x" * (1000 + 37 * i)})
+
+
+def test_records_written_by_concurrent_jobs_are_always_whole(tmp_path):
+    """Many jobs write into one results folder at once (one shares a run id with all the others): a
+    reader at any moment sees only whole records, and the leaderboard loader reports no problem."""
+    import multiprocessing
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_records, args=(str(out), w, 60)) for w in range(4)]
+    for p in procs:
+        p.start()
+    reads = 0
+    while any(p.is_alive() for p in procs) or reads == 0:
+        recs, problems = results.load_records(out, statuses=None)
+        assert problems == []
+        assert all(len(r["payload"]) >= 1000 for r in recs)
+        reads += 1
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    recs, problems = results.load_records(out)
+    assert problems == [] and len(recs) == 4 * 30 + 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
