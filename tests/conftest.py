@@ -36,6 +36,21 @@ def subsample(bundle, n_train: int, n_test: int, n_val: int | None = None, n_ood
                       bundle.augment, bundle.source + f" (test subset: {n_train} train / {n_test} test)")
 
 
+def half_resolution(bundle):
+    """The same real images at 16x16 (2x2 average pooling): a quarter of the CPU cost per epoch."""
+    from benchmark.data import Augment, DataBundle, Split
+
+    def pool(x):
+        return torch.nn.functional.avg_pool2d(x.float(), 2).round().to(torch.uint8)
+
+    def cut(s):
+        return Split(pool(s.x), s.y.clone()) if s is not None else None
+
+    return DataBundle(bundle.name, bundle.num_classes, cut(bundle.train), cut(bundle.val), cut(bundle.test),
+                      {k: pool(v) for k, v in bundle.ood.items()}, bundle.mean, bundle.std, Augment(crop_pad=2),
+                      bundle.source + " (2x2 average-pooled to 16x16)")
+
+
 @pytest.fixture(scope="session")
 def cifar10_small(shared_data):
     """Real CIFAR-10 (JPEG-decoded development copy): 3,000 train, 300 val, 1,000 test, OOD sets."""

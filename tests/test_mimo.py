@@ -12,7 +12,7 @@ from benchmark.config import build_options
 from benchmark.cost import count_flops, count_params
 from benchmark.errors import UsageError
 from benchmark.runner import build_for_cost
-from conftest import ensemble_vs_members, fit_method
+from conftest import ensemble_vs_members, fit_method, half_resolution
 from methods.mimo import SlotBatches, SlotInputs, mimo_loss
 
 
@@ -210,21 +210,6 @@ def test_cli_run_writes_a_complete_record_with_the_b_x_cost(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ real data
-def half_resolution(bundle):
-    """The same real images at 16x16 (2x2 average pooling): a quarter of the CPU cost per epoch."""
-    from benchmark.data import Augment, DataBundle, Split
-
-    def pool(x):
-        return nn.functional.avg_pool2d(x.float(), 2).round().to(torch.uint8)
-
-    def cut(s):
-        return Split(pool(s.x), s.y.clone()) if s is not None else None
-
-    return DataBundle(bundle.name, bundle.num_classes, cut(bundle.train), cut(bundle.val), cut(bundle.test),
-                      {k: pool(v) for k, v in bundle.ood.items()}, bundle.mean, bundle.std, Augment(crop_pad=2),
-                      bundle.source + " (2x2 average-pooled to 16x16)")
-
-
 @pytest.mark.slow
 def test_real_data_ensemble_beats_its_members_and_rho_1_does_not(cifar10_small):
     """MIMO (M=2, b=2) on real CIFAR-10 (3,000 training images at 16x16, 4 epochs). With independent slots
