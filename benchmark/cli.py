@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ensemble-bench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # e.g. `ensemble-bench list | head`: the reader went away, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
