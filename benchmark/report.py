@@ -21,8 +21,9 @@ Figures per section:
 * ``reliability``: one reliability diagram per config from the saved test predictions (15
   equal-width bins, the ECE binning of :mod:`benchmark.metrics`; seeds pooled);
 * ``ood_hist_<set>``: the msp score (-max p̄) of the ID test split against each OOD set, per config;
-* ``size_curve``: metric against the number of members M for a deep-ensemble reference family (see
-  :func:`find_size_family`), the other configs placed on it at their deep-ensemble-equivalent size;
+* ``size_curve``: metric against the number of members M for the deep-ensemble size curve (the records
+  the methods mark ``method.size_reference``, see :func:`find_size_family`), the other configs of the
+  same training recipe placed on it at their deep-ensemble-equivalent size (:func:`results.dee_size`);
 * ``train_cost``: accuracy against training FLOPs and training seconds (per device).
 
 Partial sweeps are reported, not fatal: failed runs (with their error), running runs, configs with
@@ -48,7 +49,6 @@ from benchmark.errors import UsageError
 
 __all__ = [
     "pareto_front",
-    "deep_ensemble_equivalent",
     "find_size_family",
     "group_sections",
     "reliability_bins",
@@ -112,50 +112,6 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
         if not dominated:
             front.append((c, i))
     return [i for _, i in sorted(front)]
-
-
-@dataclass(frozen=True)
-class DEE:
-    """Deep-ensemble-equivalent size: ``value`` members, or beyond the curve (``bound`` "<" or ">")."""
-
-    value: float
-    bound: str = ""   # "", "<" (worse than the smallest ensemble on the curve), ">" (better than the largest)
-
-    def text(self) -> str:
-        if self.bound:
-            return f"{self.bound}{self.value:g}"
-        return f"{self.value:.2f}".rstrip("0").rstrip(".")
-
-
-def deep_ensemble_equivalent(curve: Sequence[tuple[float, float]], value: float,
-                             higher_is_better: bool) -> DEE | None:
-    """Where ``value`` lies on a deep-ensemble size curve ``[(M, metric), ...]`` (Ashukha et al. 2020).
-
-    The curve is made monotone by its running best (a larger ensemble is at least as good as a
-    smaller one), then DEE is the smallest M at which it reaches ``value``, interpolated linearly
-    between the sizes on the curve. A value worse than the smallest ensemble gives ``DEE(M_min, "<")``,
-    one better than the largest ``DEE(M_max, ">")``. None when the value or the curve is unusable.
-    """
-    pts = sorted((float(m), float(y)) for m, y in curve if math.isfinite(float(m)) and math.isfinite(float(y)))
-    if not pts or value is None or not math.isfinite(float(value)):
-        return None
-    sign = 1.0 if higher_is_better else -1.0
-    t = sign * float(value)
-    env, best = [], -math.inf
-    for m, y in pts:
-        best = max(best, sign * y)
-        env.append((m, best))
-    if t < env[0][1]:
-        return DEE(env[0][0], "<")
-    if t > env[-1][1]:
-        return DEE(env[-1][0], ">")
-    for k, (m, g) in enumerate(env):
-        if g >= t:
-            if k == 0 or g == t:
-                return DEE(m)
-            m0, g0 = env[k - 1]
-            return DEE(m0 + (t - g0) / (g - g0) * (m - m0))
-    return DEE(env[-1][0])  # pragma: no cover - unreachable (t <= env[-1][1])
 
 
 def reliability_bins(probs_bar: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
@@ -370,84 +326,111 @@ def _label_configs(sec: Section) -> None:
 # --------------------------------------------------------------------------------------------
 # the deep-ensemble reference family and DEE
 # --------------------------------------------------------------------------------------------
+_RECIPE_KEYS = ("epochs", "batch_size", "lr")   # with the section's (dataset, backbone): results.DEE_KEYS
+
+
+def _recipe(c: Config) -> tuple:
+    """The training recipe of a config, compared as results._dee_key does (numbers, missing = None)."""
+    return tuple(_hashable(_nan(c.fields.get(k))) for k in _RECIPE_KEYS)
+
+
 @dataclass
 class SizeFamily:
-    method: str
-    by_size: dict          # M -> Config
+    """The deep-ensemble size curve of a section: its size-reference configs of one training recipe."""
+
+    by_size: dict          # M -> [Config, ...]: every size-reference config of the recipe with M members
+    recipe: tuple          # (epochs, batch_size, lr)
     reason: str
 
+    @property
+    def configs(self) -> list[Config]:
+        return [c for m in sorted(self.by_size) for c in self.by_size[m]]
 
-def _per_member(c: Config) -> tuple[float, float] | None:
-    m = c.num_members
-    p, f = c.stat("params")[0], c.stat("flops")[0]
-    if not (math.isfinite(m) and m >= 1 and math.isfinite(p) and math.isfinite(f) and p > 0 and f > 0):
-        return None
-    return p / m, f / m
+    def point(self, col: str, m: float) -> tuple[float, float, int]:
+        """(mean, sample std, n) of ``col`` at size ``m``: the seeds of every config at that size pooled,
+        configs whose mean is missing left out (the weighted row means of results.add_dee_columns)."""
+        v = [x for c in self.by_size.get(m, []) if math.isfinite(c.stat(col)[0]) for x in c.values(col)]
+        if not v:
+            return math.nan, math.nan, 0
+        a = np.asarray(v, dtype=np.float64)
+        return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else math.nan, len(a)
 
+    def curve(self, col: str) -> list[tuple[float, float]]:
+        """[(M, mean)] at the sizes where ``col`` is known; usable by results.dee_size only when it holds
+        size 1 and another size (see :meth:`usable`)."""
+        return [(m, y) for m in sorted(self.by_size) for y in (self.point(col, m)[0],) if math.isfinite(y)]
 
-def _same(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+    def usable(self, col: str) -> bool:
+        sizes = [m for m, _ in self.curve(col)]
+        return 1.0 in sizes and len(sizes) >= 2
+
+    def covers(self, c: Config) -> bool:
+        """Whether ``c`` is read off this curve (same recipe; results.dee gives DEE only then)."""
+        return _recipe(c) == self.recipe
 
 
 def find_size_family(configs: Sequence[Config]) -> SizeFamily | None:
-    """The configs that form a deep-ensemble size curve, found from the records alone.
+    """The deep-ensemble size curve of a section, as the records declare it.
 
-    A deep ensemble of M members is M copies of one network, so its params and FLOPs are exactly M
-    times those of one member. Candidates are the configs of one method whose params and FLOPs per
-    member are identical (same epochs, batch size and lr); when that method has no 1-member config, a
-    1-member config of another method with the same params and FLOPs (the single network it copies)
-    is its M = 1 point. The family with the most distinct sizes (at least 2) wins; ties go to a
-    family containing M = 1, then to the method name. At a size with several configs, the method's
-    own config with the most seeds is used.
+    A method marks its records ``method.size_reference`` when its members are independent full copies
+    of the backbone trained with the single-model recipe (the single model as size 1, deep ensembles of
+    any size); nothing is guessed from params or FLOPs. The family is the size-reference configs of one
+    training recipe (epochs, batch size, lr), M = their member count, and it needs M = 1 and at least one
+    other size (the rule of results.dee). When several recipes qualify, the one with the most sizes wins
+    (then the most runs, then the smallest recipe). Configs of one size are pooled, as in results.dee.
     """
+    groups: dict[tuple, dict[float, list[Config]]] = {}
+    for c in configs:
+        m = c.num_members
+        if c.fields.get("size_reference") is True and math.isfinite(m) and m >= 1:
+            groups.setdefault(_recipe(c), {}).setdefault(float(m), []).append(c)
     candidates = []
-    for method in sorted({c.method for c in configs}):
-        own = [c for c in configs if c.method == method and _per_member(c) is not None]
-        groups: list[tuple[tuple, tuple, list[Config]]] = []
-        for c in own:
-            sig, train = _per_member(c), tuple(_hashable(c.fields.get(k)) for k in ("epochs", "batch_size", "lr"))
-            for s, t, members in groups:
-                if t == train and _same(s, sig):
-                    members.append(c)
-                    break
-            else:
-                groups.append((sig, train, [c]))
-        for sig, train, members in groups:
-            by_size: dict[float, Config] = {}
-            for c in sorted(members, key=lambda c: (-len(c.rows), c.label)):
-                by_size.setdefault(c.num_members, c)
-            borrowed = None
-            if 1.0 not in by_size:
-                ones = [c for c in configs if c.method != method and c.num_members == 1.0
-                        and _per_member(c) is not None and _same(_per_member(c), sig)
-                        and tuple(_hashable(c.fields.get(k)) for k in ("epochs", "batch_size", "lr")) == train]
-                if ones:
-                    borrowed = sorted(ones, key=lambda c: (-len(c.rows), c.label))[0]
-                    by_size[1.0] = borrowed
-            if len(by_size) < 2:
-                continue
-            sizes = ", ".join(f"{m:g}" for m in sorted(by_size))
-            reason = (f"{method} configs with M = {sizes}: params and FLOPs are exactly M x one member network"
-                      + (f"; M = 1 is {borrowed.label}, the same network alone" if borrowed else ""))
-            candidates.append((-len(by_size), 0 if 1.0 in by_size else 1, method, SizeFamily(method, by_size, reason)))
+    for recipe, by_size in groups.items():
+        if 1.0 not in by_size or len(by_size) < 2:
+            continue
+        runs = sum(len(c.rows) for cs in by_size.values() for c in cs)
+        candidates.append((-len(by_size), -runs, str(recipe), recipe, by_size))
     if not candidates:
         return None
     candidates.sort(key=lambda t: t[:3])
-    return candidates[0][3]
+    _, _, _, recipe, by_size = candidates[0]
+    for cs in by_size.values():
+        cs.sort(key=lambda c: c.label)
+    sizes = ", ".join(f"{m:g}" for m in sorted(by_size))
+    labels = ", ".join(c.label for m in sorted(by_size) for c in by_size[m])
+    train = ", ".join(f"{k}={'?' if v is None else f'{v:g}'}" for k, v in zip(_RECIPE_KEYS, recipe))
+    reason = (f"the records of the size-reference methods at M = {sizes} ({train}): {labels}; "
+              f"method.size_reference marks members that are independent full copies of the backbone trained "
+              f"with the single-model recipe; seeds pooled at each size, nothing guessed from params or FLOPs")
+    return SizeFamily(by_size, recipe, reason)
 
 
-def _dee_for(family: SizeFamily, config: Config, col: str, higher: bool) -> DEE | None:
-    curve = [(m, c.stat(col)[0]) for m, c in family.by_size.items()]
-    return deep_ensemble_equivalent(curve, config.stat(col)[0], higher)
+def _dee_for(family: SizeFamily, config: Config, col: str, higher: bool) -> results.DEE | None:
+    """results.dee_size of the config's seed mean on the family's curve; None when the config has another
+    recipe, the value is missing or the curve is unusable (the report never fails on odd curves)."""
+    v = config.stat(col)[0]
+    if not family.covers(config) or not math.isfinite(v):
+        return None
+    try:
+        return results.dee_size(v, family.curve(col), higher)
+    except (ValueError, TypeError):
+        return None
+
+
+def _dee_text(d: results.DEE) -> str:
+    """``>4`` / ``<1`` beyond the curve, else the size with up to two decimals (``2.5``, ``3``)."""
+    if d.bound:
+        return f"{d.bound}{d.size:g}"
+    return f"{d.size:.2f}".rstrip("0").rstrip(".")
 
 
 def _dee_metric(sec: Section, family: SizeFamily | None) -> tuple[str, bool] | None:
-    """Calibrated NLL (Ashukha et al.) when every curve point has it, else NLL, else accuracy."""
+    """Calibrated NLL (Ashukha et al.) when the curve has it, else NLL, else accuracy."""
     if family is None:
         return None
-    for col, higher in (("nll_ts", False), ("nll", False), ("acc", True)):
-        if all(math.isfinite(c.stat(col)[0]) for c in family.by_size.values()):
-            return col, higher
+    for col in ("nll_ts", "nll", "acc"):
+        if family.usable(col):
+            return col, results.higher_is_better(col)
     return None
 
 
@@ -736,20 +719,19 @@ def _fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base
         return []
     from matplotlib.lines import Line2D
 
-    panels = [(col, lab, s, hi) for col, lab, s, hi in _SIZE_METRICS
-              if all(math.isfinite(c.stat(col)[0]) for c in family.by_size.values())]
+    panels = [(col, lab, s, hi) for col, lab, s, hi in _SIZE_METRICS if family.usable(col)]
     for name in sec.ood_sets():
         col = f"auroc_{name}"
-        if all(math.isfinite(c.stat(col)[0]) for c in family.by_size.values()):
+        if family.usable(col):
             panels.append((col, f"OOD AUROC vs {name} (%, msp)", 100.0, True))
     if not panels:
         return []
-    members = {id(c) for c in family.by_size.values()}
-    others = [c for c in sec.configs if id(c) not in members]
-    sizes = sorted(family.by_size)
+    members = {id(c) for c in family.configs}
+    others = [c for c in sec.configs if id(c) not in members and family.covers(c)]
     fig, axes = _new_figure(len(panels), ncols=2)
     for ax, (col, lab, sc, hi) in zip(axes, panels):
-        ys = [family.by_size[m].stat(col) for m in sizes]
+        sizes = [m for m, _ in family.curve(col)]
+        ys = [family.point(col, m) for m in sizes]
         ax.errorbar(sizes, [y[0] * sc for y in ys],
                     yerr=[y[1] * sc if math.isfinite(y[1]) else 0.0 for y in ys],
                     color="black", marker="o", linewidth=1.5, capsize=2, zorder=2)
@@ -762,25 +744,26 @@ def _fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base
             if d is None:
                 continue
             v = c.stat(col)[0] * sc
-            marker = {"": c.marker, "<": "<", ">": ">"}[d.bound]
-            ax.plot([d.value], [v], marker=marker, color=c.color, markersize=8, linestyle="",
+            marker = {"": c.marker, "<": "<", ">": ">"}.get(d.bound, c.marker)
+            ax.plot([d.size], [v], marker=marker, color=c.color, markersize=8, linestyle="",
                     markeredgecolor="black", zorder=3)
             if d.bound:
-                ax.annotate(d.text(), (d.value, v), textcoords="offset points", xytext=(6, 4), fontsize=7)
+                ax.annotate(_dee_text(d), (d.size, v), textcoords="offset points", xytext=(6, 4), fontsize=7)
         ax.set_xlabel("ensemble size M (members)")
         ax.set_xticks(sizes)
         ax.set_ylabel(lab + (" ↑" if hi else " ↓"))
         ax.grid(True, alpha=0.25)
-    curve = Line2D([], [], color="black", marker="o", label=f"{family.method}: size curve")
+    curve = Line2D([], [], color="black", marker="o", label="size-reference runs: size curve")
     env_h = Line2D([], [], color="grey", linestyle=":", label="running best (DEE reads this)")
     _legend(fig, others, [curve, env_h])
     fig.suptitle(f"{sec.title}: deep-ensemble size curve; other configs at their DEE", fontsize=10)
     _save(fig, out_dir, f"{base}/size_curve")
     return [Figure(f"{base}/size_curve", "Deep-ensemble size curve",
-                   f"Metric against members M for the reference family ({family.reason}); mean ± std over "
-                   f"seeds. Every other config is drawn at its deep-ensemble-equivalent size (DEE) for that "
-                   f"metric: the M at which the (running-best) curve reaches its value, linear between sizes; "
-                   f"◀/▶ at the ends mean worse than the smallest / better than the largest ensemble.")]
+                   f"Metric against members M for the size curve ({family.reason}); mean ± std over "
+                   f"seeds. Every other config of the same training recipe is drawn at its deep-ensemble-"
+                   f"equivalent size (DEE, results.dee_size) for that metric: the M at which the (running-best) "
+                   f"curve reaches its value, linear between sizes; ◀/▶ at the ends mean worse than the "
+                   f"smallest / better than the largest ensemble.")]
 
 
 def _fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:
@@ -889,15 +872,15 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
         col, higher = dm
         cells, best = [], []
         vals = []
-        on_curve = {id(c): m for m, c in family.by_size.items()}
+        on_curve = {id(c): m for m, cs in family.by_size.items() for c in cs}
         for c in cf:
             if id(c) in on_curve:
                 cells.append(f"{on_curve[id(c)]:g} (curve)")
                 vals.append(math.nan)
                 continue
             d = _dee_for(family, c, col, higher)
-            cells.append(d.text() if d else "–")
-            vals.append(math.nan if d is None else d.value if not d.bound
+            cells.append(_dee_text(d) if d else "–")
+            vals.append(math.nan if d is None else d.size if not d.bound
                         else math.inf if d.bound == ">" else -math.inf)
         finite = [v for v in vals if not math.isnan(v)]
         top = max(finite) if len(finite) >= 2 else -math.inf
@@ -1190,12 +1173,14 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
         dm = _dee_metric(sec, family)
         if family is not None and dm is not None:
             sec_doc.p(f"DEE: deep-ensemble-equivalent size by {dm[0]} on the reference size curve "
-                      f"({family.reason}); '>M' / '<M' = better than the largest / worse than the smallest "
-                      f"ensemble on the curve.")
+                      f"({family.reason}), as results.dee computes it; '>M' / '<M' = better than the largest / "
+                      f"worse than the smallest ensemble on the curve; '–' = no DEE (another training recipe, "
+                      f"or the metric is missing).")
         else:
-            sec_doc.p("No deep-ensemble size curve (and no DEE column): it needs configs of one method at two "
-                      "or more member counts whose params and FLOPs are M × one member network (a 1-member "
-                      "config of the same network counts as M = 1).")
+            sec_doc.p("No deep-ensemble size curve (and no DEE column): it needs complete runs of the "
+                      "size-reference methods (records with method.size_reference: members are independent "
+                      "full copies of the backbone, single-model recipe) of one training recipe at M = 1 and "
+                      "at least one other M.")
         budget = _budget_lines(sec)
         if budget:
             sec_doc.h(3, "Which config at my budget")

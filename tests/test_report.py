@@ -1,4 +1,5 @@
-"""Reports: the Pareto front, DEE and reliability bins by hand; a report from a real run folder (every
+"""Reports: the Pareto front and reliability bins by hand; the DEE size curve from method.size_reference
+(DEE itself is results.dee_size, tested in test_dee.py); a report from a real run folder (every
 figure present, every HTML reference resolves); partial sweeps; devices never share a column; bad
 folders give one line and exit code 2."""
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 from benchmark import report
 from benchmark.cli import main
-from benchmark.report import DEE, deep_ensemble_equivalent, pareto_front
+from benchmark import results
+from benchmark.report import pareto_front
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,22 +70,10 @@ def test_pareto_front_is_exactly_the_non_dominated_set_on_random_points():
             assert [pts[i][0] for i in front] == sorted(pts[i][0] for i in front)
 
 
-def test_deep_ensemble_equivalent_interpolates_on_the_running_best():
-    curve = [(1, 0.30), (2, 0.25), (4, 0.20)]   # NLL, lower is better
-    assert deep_ensemble_equivalent(curve, 0.225, False).value == pytest.approx(3.0)
-    assert deep_ensemble_equivalent(curve, 0.25, False) == DEE(2.0)
-    assert deep_ensemble_equivalent(curve, 0.30, False) == DEE(1.0)
-    assert deep_ensemble_equivalent(curve, 0.35, False) == DEE(1.0, "<")
-    assert deep_ensemble_equivalent(curve, 0.15, False) == DEE(4.0, ">")
-    assert DEE(4.0, ">").text() == ">4" and DEE(2.5).text() == "2.5"
-    # a noisy curve (M = 2 worse than M = 1) is read through its running best 0.30, 0.30, 0.20
-    noisy = [(2, 0.32), (1, 0.30), (4, 0.20)]
-    assert deep_ensemble_equivalent(noisy, 0.25, False).value == pytest.approx(3.0)
-    # higher is better (accuracy)
-    acc = [(1, 0.90), (3, 0.94), (5, 0.95)]
-    assert deep_ensemble_equivalent(acc, 0.92, True).value == pytest.approx(2.0)
-    assert deep_ensemble_equivalent(acc, math.nan, True) is None
-    assert deep_ensemble_equivalent([], 0.9, True) is None
+def test_dee_text_and_guards():
+    # the rule itself (running best, interpolation, bounds) is results.dee_size: tests/test_dee.py
+    assert report._dee_text(results.DEE(4.0, ">")) == ">4" and report._dee_text(results.DEE(2.5)) == "2.5"
+    assert report._dee_text(results.DEE(1.0, "<")) == "<1" and report._dee_text(results.DEE(3.0)) == "3"
 
 
 def test_reliability_bins_reproduce_the_ece_metric():
@@ -110,12 +100,13 @@ DEV_A, DEV_B = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
 
 
 def make_record(run_id, method, options, seed, members, *, acc, nll, params, flops, latency, device,
-                train_s=10.0, status="complete"):
+                train_s=10.0, status="complete", size_reference=False, epochs=200):
     return {
         "schema_version": 1, "run_id": run_id, "status": status, "error": None,
-        "config": {"method": method, "backbone": "resnet18", "dataset": "cifar10", "epochs": 200, "seed": seed,
+        "config": {"method": method, "backbone": "resnet18", "dataset": "cifar10", "epochs": epochs, "seed": seed,
                    "batch_size": 128, "lr": 0.1, "val_fraction": 0.1, "options": options},
-        "method": {"name": method, "options": options, "combine": "probs", "num_members": members},
+        "method": {"name": method, "options": options, "combine": "probs", "num_members": members,
+                   "size_reference": size_reference},
         "metrics": {"acc": acc, "nll": nll, "nll_ts": nll * 0.9, "ece": 0.02, "brier": 0.1,
                     "ood": {"svhn": {"msp": {"auroc": 0.9, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95": 0.3}}}},
         "cost": {"params": params, "flops": flops, "latency_ms": latency, "latency_device": device,
@@ -131,36 +122,98 @@ def write_records(folder: Path, recs) -> Path:
     return folder
 
 
-def test_size_family_found_from_params_and_flops_alone():
+def test_size_family_comes_from_size_reference():
     p1, f1 = 11_000_000, 1.1e9
+    ref = dict(size_reference=True)
     recs = [
-        make_record("one", "alpha", {}, 0, 1, acc=0.90, nll=0.40, params=p1, flops=f1, latency=1, device=DEV_A),
-        make_record("x2", "beta", {"m": 2}, 0, 2, acc=0.92, nll=0.30, params=2 * p1, flops=2 * f1, latency=2, device=DEV_A),
-        make_record("x4", "beta", {"m": 4}, 0, 4, acc=0.94, nll=0.20, params=4 * p1, flops=4 * f1, latency=4, device=DEV_A),
-        # members share weights: params do not scale with M, so it is not a size family, it gets placed
+        make_record("one", "alpha", {}, 0, 1, acc=0.90, nll=0.40, params=p1, flops=f1, latency=1, device=DEV_A, **ref),
+        make_record("x2", "beta", {"m": 2}, 0, 2, acc=0.92, nll=0.30, params=2 * p1, flops=2 * f1, latency=2,
+                    device=DEV_A, **ref),
+        make_record("x4", "beta", {"m": 4}, 0, 4, acc=0.94, nll=0.20, params=4 * p1, flops=4 * f1, latency=4,
+                    device=DEV_A, **ref),
+        # not size-reference: members share weights, it gets placed on the curve
         make_record("g2", "gamma", {"m": 2}, 0, 2, acc=0.93, nll=0.25, params=p1, flops=2 * f1, latency=2, device=DEV_A),
         make_record("g4", "gamma", {"m": 4}, 0, 4, acc=0.95, nll=0.10, params=p1, flops=4 * f1, latency=3, device=DEV_A),
+        # params and FLOPs exactly M x one member, but not size-reference: never part of the curve
+        make_record("d2", "delta", {"m": 2}, 0, 2, acc=0.91, nll=0.35, params=2 * p1, flops=2 * f1, latency=2,
+                    device=DEV_A),
+        make_record("d3", "delta", {"m": 3}, 0, 3, acc=0.96, nll=0.05, params=3 * p1, flops=3 * f1, latency=3,
+                    device=DEV_A),
     ]
     (sec,) = report.group_sections(recs)
     fam = report.find_size_family(sec.configs)
-    assert fam is not None and fam.method == "beta"
+    assert fam is not None
     assert sorted(fam.by_size) == [1.0, 2.0, 4.0]
-    assert fam.by_size[1.0].method == "alpha"      # the same network alone is the M = 1 point
+    assert [c.method for c in fam.by_size[1.0]] == ["alpha"]       # the single network is the M = 1 point
+    assert {c.method for c in fam.configs} == {"alpha", "beta"}
+    assert "size-reference" in fam.reason and "M = 1, 2, 4" in fam.reason
     g2 = next(c for c in sec.configs if c.method == "gamma" and c.num_members == 2)
     g4 = next(c for c in sec.configs if c.method == "gamma" and c.num_members == 4)
     # NLL curve 0.40 / 0.30 / 0.20 at M = 1 / 2 / 4: 0.25 sits halfway between 2 and 4 -> 3.0 (nll_ts = 0.9 x)
-    assert report._dee_for(fam, g2, "nll_ts", False).value == pytest.approx(3.0)
-    assert report._dee_for(fam, g4, "nll_ts", False) == DEE(4.0, ">")
+    assert report._dee_for(fam, g2, "nll_ts", False).size == pytest.approx(3.0)
+    assert report._dee_for(fam, g4, "nll_ts", False) == results.DEE(4.0, ">")
     cols = {c.header: c for c in report.leaderboard_columns(sec, fam)}
     dee = cols["DEE (by nll_ts, members)"]
     by_label = dict(zip(cols["method"].cells, dee.cells))
     assert by_label["beta (m=4)"] == "4 (curve)" and by_label["alpha"] == "1 (curve)"
     assert by_label["gamma (m=2)"] == "3" and by_label["gamma (m=4)"] == ">4"
+    assert by_label["delta (m=2)"] == "1.5" and by_label["delta (m=3)"] == ">4"
     assert dict(zip(cols["method"].cells, dee.best)) == {"alpha": False, "beta (m=2)": False, "beta (m=4)": False,
-                                                          "gamma (m=2)": False, "gamma (m=4)": True}
+                                                          "gamma (m=2)": False, "gamma (m=4)": True,
+                                                          "delta (m=2)": False, "delta (m=3)": True}
+    # the DEE the report shows is results.dee of the records (one seed per config) and the leaderboard's
+    want = results.dee(recs, "nll_ts")
+    lb = results.leaderboard(recs)
+    for c in sec.configs:
+        (run_id,) = [r["run_id"] for r in c.rows]
+        d = report._dee_for(fam, c, "nll_ts", False)
+        assert d == want[run_id]
+        assert by_label[c.label].split(" ")[0] == report._dee_text(d)    # "2 (curve)" on the curve
+        row = lb[lb["run_ids"] == run_id].iloc[0]
+        assert (row["dee_nll_ts"], row["dee_nll_ts_bound"]) == (pytest.approx(d.size), d.bound)
+    # params exactly M x one member without size_reference: no family (and no DEE column)
+    (sec_d,) = report.group_sections(recs[:1] + recs[5:])
+    assert report.find_size_family(sec_d.configs) is None
+    assert not any(c.header.startswith("DEE") for c in report.leaderboard_columns(sec_d, None))
     # no family without two sizes
     (sec1,) = report.group_sections(recs[:1] + recs[3:])
     assert report.find_size_family(sec1.configs) is None
+    # no family without size 1
+    (sec2,) = report.group_sections(recs[1:])
+    assert report.find_size_family(sec2.configs) is None
+
+
+def test_size_family_prefers_the_recipe_with_most_sizes_and_never_crashes_on_odd_curves():
+    p1, f1 = 1_000, 1e6
+    kw = dict(params=p1, flops=f1, latency=1, device=DEV_A)
+    recs = [
+        make_record("s200", "alpha", {}, 0, 1, acc=0.90, nll=0.40, size_reference=True, **kw),
+        make_record("b200", "beta", {"m": 2}, 0, 2, acc=0.92, nll=0.30, size_reference=True, **kw),
+        make_record("s100", "alpha", {}, 0, 1, acc=0.80, nll=0.60, size_reference=True, epochs=100, **kw),
+        make_record("b100", "beta", {"m": 2}, 0, 2, acc=0.82, nll=0.50, size_reference=True, epochs=100, **kw),
+        make_record("c100", "beta", {"m": 4}, 0, 4, acc=0.84, nll=0.40, size_reference=True, epochs=100, **kw),
+        make_record("g200", "gamma", {}, 0, 2, acc=0.91, nll=0.35, **kw),
+        make_record("g100", "gamma", {}, 0, 2, acc=0.81, nll=0.55, epochs=100, **kw),
+    ]
+    (sec,) = report.group_sections(recs)
+    fam = report.find_size_family(sec.configs)
+    assert sorted(fam.by_size) == [1.0, 2.0, 4.0] and fam.recipe[0] == 100 and "epochs=100" in fam.reason
+    g = {c.fields["epochs"]: c for c in sec.configs if c.method == "gamma"}
+    assert report._dee_for(fam, g[100], "nll_ts", False).size == pytest.approx(1.5)
+    assert report._dee_for(fam, g[200], "nll_ts", False) is None     # another recipe: not read off this curve
+    cells = dict(zip(*(c.cells for c in report.leaderboard_columns(sec, fam) if c.header in ("method", "DEE (by nll_ts, members)"))))
+    assert list(cells.values()).count("–") == 3   # gamma and the size-reference configs of epochs 200
+    want = results.dee(recs, "nll_ts")
+    assert want["g100"] == report._dee_for(fam, g[100], "nll_ts", False)
+    # a missing value and an unusable curve give no DEE, never an exception
+    g[100].rows[0]["nll_ts"] = math.nan
+    assert report._dee_for(fam, g[100], "nll_ts", False) is None
+    for c in fam.by_size[1.0]:
+        for r in c.rows:
+            r["nll_ts"] = math.nan
+    assert not fam.usable("nll_ts") and report._dee_for(fam, g[200], "nll_ts", False) is None
+    assert report._dee_metric(sec, fam) == ("nll", False)
+    assert any(c.header == "DEE (by nll, members)" for c in report.leaderboard_columns(sec, fam))
 
 
 def _table(html_text: str, index: int = 0) -> tuple[list[str], list[list[str]], list[list[bool]]]:
@@ -205,10 +258,14 @@ def _table(html_text: str, index: int = 0) -> tuple[list[str], list[list[str]], 
 def test_mixed_devices_are_never_mixed_in_a_column(tmp_path, capsys):
     p1, f1 = 11_000_000, 1.1e9
     recs = [
-        make_record("a0", "alpha", {}, 0, 1, acc=0.90, nll=0.40, params=p1, flops=f1, latency=1.0, device=DEV_A, train_s=100),
-        make_record("a1", "alpha", {}, 1, 1, acc=0.92, nll=0.38, params=p1, flops=f1, latency=1.2, device=DEV_A, train_s=110),
-        make_record("a2", "alpha", {}, 2, 1, acc=0.91, nll=0.39, params=p1, flops=f1, latency=10.0, device=DEV_B, train_s=50),
-        make_record("b0", "beta", {"m": 4}, 0, 4, acc=0.95, nll=0.2, params=4 * p1, flops=4 * f1, latency=2.0, device=DEV_A, train_s=400),
+        make_record("a0", "alpha", {}, 0, 1, acc=0.90, nll=0.40, params=p1, flops=f1, latency=1.0, device=DEV_A, train_s=100,
+                    size_reference=True),
+        make_record("a1", "alpha", {}, 1, 1, acc=0.92, nll=0.38, params=p1, flops=f1, latency=1.2, device=DEV_A, train_s=110,
+                    size_reference=True),
+        make_record("a2", "alpha", {}, 2, 1, acc=0.91, nll=0.39, params=p1, flops=f1, latency=10.0, device=DEV_B, train_s=50,
+                    size_reference=True),
+        make_record("b0", "beta", {"m": 4}, 0, 4, acc=0.95, nll=0.2, params=4 * p1, flops=4 * f1, latency=2.0, device=DEV_A, train_s=400,
+                    size_reference=True),
     ]
     runs = write_records(tmp_path / "runs", recs)
     out = tmp_path / "rep"
@@ -310,8 +367,10 @@ def test_report_from_real_runs_has_every_figure_and_only_existing_references(rea
         assert r[head.index("M")] == str(rec["method"]["num_members"])
     assert "the last 10% of the training set is held out" in md and "temperature" in md
     assert "probs = the mean of the members' softmax probabilities" in md
-    # the size curve: deep_ensemble at M = 4, and the single network as its M = 1
-    assert "deep_ensemble configs with M = 1, 4" in md and "M = 1 is single" in md
+    # the size curve: the size-reference records, the single network at M = 1 and deep_ensemble at M = 4
+    assert all(r["method"]["size_reference"] for r in recs.values())
+    assert "size-reference methods" in md and "at M = 1, 4" in md and ": single, deep_ensemble" in md
+    assert "params or FLOPs" in md
     assert (out / "leaderboard.csv").is_file()
 
 
