@@ -17,9 +17,11 @@ Conventions (docs: shared/specs/metrics.md, section Cost):
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from functools import lru_cache
 from typing import Any, Callable, Iterator
@@ -279,20 +281,60 @@ def measure_latency(model: nn.Module, example_input: Tensor, device, runs: int =
             "latency_device": device_name(dev)}
 
 
-def _max_rss_mib() -> float | None:
+def _current_rss_mib() -> float | None:
+    """Resident set size of this process now (Linux /proc), None where unavailable."""
     try:
-        import resource
-    except ImportError:       # not on POSIX
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
         return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux
+
+
+class _RssPeak:
+    """Peak RSS growth over a block, sampled every ``interval`` s by a thread. (``ru_maxrss`` is a
+    process-lifetime high-water mark: after training it no longer moves, so its growth reads 0.)"""
+
+    def __init__(self, interval: float = 0.002, enabled: bool = True):
+        self.enabled = enabled
+        self.interval, self.peak, self.base = interval, None, None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.base = _current_rss_mib() if self.enabled else None
+        self.peak = self.base
+        if self.base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            v = _current_rss_mib()
+            if v is not None and v > self.peak:
+                self.peak = v
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.base is not None:
+            self._thread.join()
+            v = _current_rss_mib()
+            if v is not None and v > self.peak:
+                self.peak = v
+        return False
+
+    @property
+    def growth_mib(self) -> float | None:
+        return None if self.base is None else max(self.peak - self.base, 0.0)
 
 
 def measure_throughput(model: nn.Module, example_input_one: Tensor, device, batch_size: int = 256, runs: int = 10,
                        warmup: int = 2, *, bf16: bool = False, channels_last: bool = False) -> dict:
     """Images per second at ``batch_size`` (median over ``runs`` timed forwards) and the peak memory of
-    that batch. On CUDA a batch that runs out of memory is halved until it fits; the batch used is
-    recorded."""
+    that batch: on CUDA the allocator's peak; on CPU the peak growth of the process's resident memory
+    during the runs, sampled by a thread (memory the allocator already holds from earlier work is not
+    counted again, so this is a lower bound). On CUDA a batch that runs out of memory is halved until it
+    fits; the batch used is recorded."""
     if runs < 1 or batch_size < 1:
         raise ValueError("runs and batch_size must be >= 1")
     dev = torch.device(device)
@@ -306,12 +348,10 @@ def measure_throughput(model: nn.Module, example_input_one: Tensor, device, batc
                 torch.cuda.synchronize(dev)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
-                rss0 = None
-            else:
-                rss0 = _max_rss_mib()
             oom = False
             try:
-                times = _timed_runs(model, x, dev, runs, max(warmup, 0), bf16)
+                with _RssPeak(enabled=not cuda) as rss:   # CUDA: the allocator's own peak below
+                    times = _timed_runs(model, x, dev, runs, max(warmup, 0), bf16)
             except torch.OutOfMemoryError:
                 if not cuda or bs == 1:
                     raise
@@ -324,8 +364,7 @@ def measure_throughput(model: nn.Module, example_input_one: Tensor, device, batc
         if cuda:
             peak = torch.cuda.max_memory_allocated(dev) / 2**20
         else:
-            rss1 = _max_rss_mib()
-            peak = None if rss0 is None or rss1 is None else max(rss1 - rss0, 0.0)
+            peak = rss.growth_mib       # activations of the batch beyond the RSS before it
     sec = statistics.median(times) / 1e3
     return {"throughput": float(bs / sec) if sec > 0 else float("inf"), "throughput_batch": bs,
             "throughput_device": device_name(dev), "peak_mem_mb": None if peak is None else float(peak)}
