@@ -185,9 +185,12 @@ class Trainer:
         ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
         if ckpt is not None and ckpt.is_file():
             state = torch.load(ckpt, map_location=self.device, weights_only=False)
-            model.load_state_dict(state["model"])
+            # hook objects first, the weights last: a hook's load may touch the weights (sparsity masks
+            # re-applied), and the saved weights are the truth (a finished best_val stage saved the best
+            # epoch's weights beside the last epoch's masks)
             for obj, s in zip(stateful, state.get("stateful", [])):
                 obj.load_state_dict(s)
+            model.load_state_dict(state["model"])
             result = StageResult(**state["result"])
             if state["done"]:
                 self.log(f"[{stage}] already trained ({result.epochs} epochs): loaded from checkpoint")

@@ -219,3 +219,50 @@ def test_real_data_ensemble_beats_its_members(cifar10_small, method, epochs, gap
     n_updates = ctx.info["sparsity"]["updates"] if method == "edst_ensemble" else sum(
         m["updates"] for m in ctx.info["members"])
     assert n_updates > 0
+
+
+def test_dst_finished_member_resumes_to_its_best_epoch(digits, tmp_path, monkeypatch):
+    """A killed DST run reloads a finished member exactly: its best-validation weights, not those weights
+    under the masks of the member's last epoch (topology updates after the best epoch moved them)."""
+    import itertools
+
+    import benchmark.train as train_mod
+
+    def run(ckpt, kill=False):
+        calls = itertools.count()
+        # validation NLL that only grows: the best epoch of every member is its first, and the topology
+        # updates of the later epochs (every 5 steps) change the masks after it
+        monkeypatch.setattr(train_mod.Trainer, "val_nll", lambda self, m: float(next(calls)))
+        orig = train_mod.Trainer.fit
+
+        class Kill(Exception):
+            pass
+
+        def fit_then_kill(self, model, **kw):
+            def boom(m, epoch):
+                if kill and kw.get("stage") == "member1" and epoch == 1:
+                    raise Kill()
+            kw["on_epoch_end"] = boom
+            return orig(self, model, **kw)
+
+        monkeypatch.setattr(train_mod.Trainer, "fit", fit_then_kill)
+        try:
+            if kill:
+                with pytest.raises(Kill):
+                    fit_method("dst_ensemble", digits, epochs=3, lr=0.05, ckpt_dir=ckpt,
+                               options={"num_members": 2, "update_frequency": 5})
+                return None
+            return fit_method("dst_ensemble", digits, epochs=3, lr=0.05, ckpt_dir=ckpt,
+                              options={"num_members": 2, "update_frequency": 5})
+        finally:
+            monkeypatch.setattr(train_mod.Trainer, "fit", orig)
+
+    ref, ref_trainer, _ = run(tmp_path / "ref")
+    assert ref_trainer.stages["member0"].best_epoch == 1
+    run(tmp_path / "run", kill=True)
+    resumed, trainer, _ = run(tmp_path / "run")
+    assert trainer.stages["member0"].steps > 5 * 2          # updates fell after the best epoch
+    for k, v in ref.members[0].state_dict().items():
+        assert torch.equal(v, resumed.members[0].state_dict()[k]), k
+    live = torch.cat([(w != 0).flatten() for w in maskable_layers(resumed.members[0]).values()])
+    assert live.float().mean().item() == pytest.approx(0.2, abs=0.01)
