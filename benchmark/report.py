@@ -295,6 +295,8 @@ def _label_configs(sec: Section) -> None:
     settings that vary in the section; a colour per config and a marker per method."""
     varying_train = [k for k in ("epochs", "batch_size", "lr")
                      if len({_hashable(c.fields.get(k)) for c in sec.configs}) > 1]
+    recipe_text = dict(zip(map(id, sec.configs),
+                           results.recipe_differences([c.fields.get("recipe") for c in sec.configs])))
     by_method: dict[str, list[Config]] = {}
     for c in sec.configs:
         by_method.setdefault(c.method, []).append(c)
@@ -303,7 +305,8 @@ def _label_configs(sec: Section) -> None:
         vary = [k for k in keys if len({json.dumps(c.options.get(k), sort_keys=True) for c in cfgs}) > 1]
         for c in cfgs:
             extra = _options_text(c.options, vary)
-            tr = ", ".join(f"{k}={c.fields.get(k)}" for k in varying_train)
+            tr = ", ".join([f"{k}={c.fields.get(k)}" for k in varying_train]
+                           + ([recipe_text[id(c)]] if recipe_text[id(c)] else []))
             c.label = c.method + (f" ({', '.join(x for x in (extra, tr) if x)})" if extra or tr else "")
     seen: dict[str, int] = {}
     for c in sec.configs:
@@ -326,12 +329,12 @@ def _label_configs(sec: Section) -> None:
 # --------------------------------------------------------------------------------------------
 # the deep-ensemble reference family and DEE
 # --------------------------------------------------------------------------------------------
-_RECIPE_KEYS = ("epochs", "batch_size", "lr")   # with the section's (dataset, backbone): results.DEE_KEYS
+_RECIPE_KEYS = ("epochs", "batch_size", "lr", "recipe")   # with the section's (dataset, backbone): results.DEE_KEYS
 
 
 def _recipe(c: Config) -> tuple:
     """The training recipe of a config, compared as results._dee_key does (numbers, missing = None)."""
-    return tuple(_hashable(_nan(c.fields.get(k))) for k in _RECIPE_KEYS)
+    return tuple(_hashable(_nan(c.fields.get(k))) if k != "recipe" else str(c.fields.get(k)) for k in _RECIPE_KEYS)
 
 
 @dataclass
@@ -339,7 +342,7 @@ class SizeFamily:
     """The deep-ensemble size curve of a section: its size-reference configs of one training recipe."""
 
     by_size: dict          # M -> [Config, ...]: every size-reference config of the recipe with M members
-    recipe: tuple          # (epochs, batch_size, lr)
+    recipe: tuple          # (epochs, batch_size, lr, recipe)
     reason: str
 
     @property
@@ -398,7 +401,7 @@ def find_size_family(configs: Sequence[Config]) -> SizeFamily | None:
         cs.sort(key=lambda c: c.label)
     sizes = ", ".join(f"{m:g}" for m in sorted(by_size))
     labels = ", ".join(c.label for m in sorted(by_size) for c in by_size[m])
-    train = ", ".join(f"{k}={'?' if v is None else f'{v:g}'}" for k, v in zip(_RECIPE_KEYS, recipe))
+    train = ", ".join(f"{k}={'?' if v is None else f'{v:g}'}" for k, v in zip(_RECIPE_KEYS, recipe) if k != "recipe")
     reason = (f"the records of the size-reference methods at M = {sizes} ({train}): {labels}; "
               f"method.size_reference marks members that are independent full copies of the backbone trained "
               f"with the single-model recipe; seeds pooled at each size, nothing guessed from params or FLOPs")
@@ -857,6 +860,9 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     for k in ("epochs", "batch_size", "lr"):
         if len({_hashable(c.fields.get(k)) for c in cf}) > 1:
             cols.append(Column(k, [str(c.fields.get(k)) for c in cf], [False] * len(cf)))
+    recipe_text = results.recipe_differences([c.fields.get("recipe") for c in cf])
+    if any(recipe_text):
+        cols.append(Column("recipe", [t or "–" for t in recipe_text], [False] * len(cf), "left"))
     n_max = len(sec.seed_set)
     cols.append(Column("seeds", [str(len(c.rows)) + (f" of {n_max}" if len(c.seeds) < n_max else "") for c in cf],
                        [False] * len(cf), title="runs aggregated (of the section's seed set)"))

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -546,10 +546,29 @@ DEVICE_COLUMNS = ("latency_device", "throughput_device", "train_device")
 MSP_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 # rows of the leaderboard are one group of these keys; everything else numeric is mean/std over seeds
 GROUP_KEYS = (
-    "dataset", "backbone", "method", "config_key", "epochs", "batch_size", "lr",
+    "dataset", "backbone", "method", "config_key", "epochs", "batch_size", "lr", "recipe",
     "combine", "num_members", "size_reference", *DEVICE_COLUMNS,
 )
-_STR_KEYS = ("dataset", "backbone", "method", "config_key", "combine", *DEVICE_COLUMNS)
+_STR_KEYS = ("dataset", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
+# the rest of the shared training recipe (RunConfig fields that enter the run id): runs that differ in any
+# of them are different experiments, never seeds of one row; the leaderboard keeps them as the "recipe"
+# column (canonical JSON) and shows only the fields that differ between the rows of a table
+RECIPE_FIELDS = ("momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "milestones", "lr_decay",
+                 "val_fraction", "bf16", "channels_last")
+
+
+def recipe_differences(recipes: Sequence[Any]) -> list[str]:
+    """For recipe strings (the "recipe" column), the text of the fields that differ between them, one entry
+    each ("weight_decay=0.0001, schedule=multistep"); "" for all when they are the same."""
+    parsed = []
+    for r in recipes:
+        try:
+            d = json.loads(r) if isinstance(r, str) else {}
+        except json.JSONDecodeError:
+            d = {}
+        parsed.append(d if isinstance(d, dict) else {})
+    keys = [k for k in RECIPE_FIELDS if len({json.dumps(d.get(k), sort_keys=True) for d in parsed}) > 1]
+    return [", ".join(f"{k}={d.get(k)}" for k in keys) for d in parsed]
 _NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
 
 
@@ -589,6 +608,7 @@ def flatten_record(rec: dict) -> dict:
         "epochs": cfg.get("epochs"),
         "batch_size": cfg.get("batch_size"),
         "lr": cfg.get("lr"),
+        "recipe": _canonical({k: cfg[k] for k in RECIPE_FIELDS if k in cfg}),
         "seed": cfg.get("seed"),
         "run_id": rec.get("run_id"),
         "status": rec.get("status"),
@@ -725,7 +745,8 @@ def format_markdown(df) -> str:
     score), params (M), GFLOPs, latency ms, train s, as ``mean ± std`` (just the mean when there
     is one seed or no spread). The latency / training device is named in the column header when it
     is the same for every row of a table, otherwise in a devices column. Columns for epochs,
-    batch size, lr, members' combine rule appear only when they differ between rows of a table.
+    batch size, lr, the rest of the recipe and members' combine rule appear only when they differ between
+    rows of a table.
     """
     if df is None or len(df) == 0:
         return "_no results_\n"
@@ -737,12 +758,15 @@ def format_markdown(df) -> str:
         lat_hdr = "latency ms" + (f" ({lat_devs[0]})" if len(lat_devs) == 1 else "")
         train_hdr = "train s" + (f" ({train_devs[0]})" if len(train_devs) == 1 else "")
         varying = [k for k in ("epochs", "batch_size", "lr") if t[k].astype(str).nunique() > 1]
+        recipe_text = recipe_differences(list(t["recipe"]))
         show_combine = any(c not in ("probs", "") for c in t["combine"])
         out_rows = []
-        for _, r in t.iterrows():
+        for i, (_, r) in enumerate(t.iterrows()):
             row: dict[str, str] = {"method": r["method"], "options": _options_text(r["config_key"])}
             for k in varying:
                 row[k] = str(r[k])
+            if any(recipe_text):
+                row["recipe"] = recipe_text[i] or "-"
             if show_combine:
                 row["combine"] = r["combine"] or "probs"
             row["n"] = str(r["n_seeds"])
@@ -786,7 +810,7 @@ def format_markdown(df) -> str:
 # DEE of a result (Yun et al. 2023, after Kim et al.'s "deep ensemble equivalent"): the size of a deep
 # ensemble that reaches the same metric, read off a DE curve measured on the same harness.
 #
-# The DE curve of a recipe (same dataset, backbone, epochs, batch size and lr: DEE_KEYS) is made of the
+# The DE curve of a recipe (same dataset, backbone, epochs, batch size, lr and the rest of the recipe: DEE_KEYS) is made of the
 # complete records of the size-reference methods (record method.size_reference, set from the method's
 # class: deep ensembles of any size, and the single model as size 1), the metric averaged over seeds at each size. A curve needs size 1 and at
 # least one other size. Rule: with g = the metric oriented so that larger is better (-nll, acc), the
@@ -798,7 +822,7 @@ def format_markdown(df) -> str:
 
 from typing import NamedTuple  # noqa: E402
 
-DEE_KEYS = ("dataset", "backbone", "epochs", "batch_size", "lr")
+DEE_KEYS = ("dataset", "backbone", "epochs", "batch_size", "lr", "recipe")
 DEE_LEADERBOARD_METRICS = ("nll_ts", "acc")
 
 

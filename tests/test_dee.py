@@ -91,3 +91,30 @@ def test_leaderboard_adds_dee_columns_when_a_de_curve_exists():
     other = R.leaderboard(de_records() + [rec("x", "bridge", members=2, nll_ts=0.2, backbone="resnet56")])
     x = other[other["method"] == "bridge"].iloc[0]
     assert math.isnan(x["dee_nll_ts"]) and x["dee_nll_ts_bound"] == ""
+
+
+def _with(record, **cfg):
+    record["config"].update(cfg)
+    return record
+
+
+def test_leaderboard_and_dee_keep_training_recipes_apart():
+    """Runs that differ only in a recipe field (here weight decay) are two rows, never two seeds of one,
+    and a result is read off the DE curve of its own recipe only."""
+    recs = [_with(r, weight_decay=5e-4) for r in de_records()] + [
+        _with(rec("bridge-a", "bridge", members=2, nll_ts=0.27), weight_decay=5e-4),
+        _with(rec("bridge-wd", "bridge", members=2, nll_ts=0.27, seed=1), weight_decay=1e-4),
+        _with(rec("single-wd", "single", nll_ts=0.5, seed=2), weight_decay=1e-4),
+    ]
+    got = R.dee(recs)
+    assert got["bridge-a"].size == pytest.approx(1.5)
+    assert "bridge-wd" not in got and "single-wd" not in got      # its recipe has no DE curve
+    df = R.leaderboard(recs)
+    bridges = df[df["method"] == "bridge"]
+    assert len(bridges) == 2 and list(bridges["n_seeds"]) == [1, 1]
+    singles = df[df["method"] == "single"]
+    assert sorted(singles["n_seeds"]) == [1, 2]
+    md = R.format_markdown(df)
+    assert "weight_decay=0.0001" in md and "weight_decay=0.0005" in md
+    assert R.recipe_differences(['{"a":1,"momentum":0.9}', '{"momentum":0.9}']) == ["", ""]   # unknown keys
+    assert R.recipe_differences(['{"momentum":0.9}', '{"momentum":0.0}']) == ["momentum=0.9", "momentum=0.0"]
