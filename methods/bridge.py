@@ -9,7 +9,10 @@ fraction of a forward pass.
 Stages, each one Trainer stage (checkpointed; a killed run skips the finished ones):
   member<j>  the modes theta_0..theta_k: the single-model recipe of the run (E = ``epochs``), member seeds
              of the suite, so theta_0 is exactly the ``single`` model and theta_0..theta_k the
-             ``deep_ensemble`` members of the same seed.
+             ``deep_ensemble`` members of the same seed. The paper keeps each mode's best-validation
+             epoch; the suite's default (``base_select="last"``) keeps the last epoch, like its single
+             model and deep ensembles, so that "single + bridge" differs from "single" only by the
+             bridge; ``base_select="best_val"`` reproduces the paper (the validation split, never test).
   curve<j>   the control point theta_c of the curve between the pair's two modes (fresh random init;
              one l ~ U(0, 1) per minibatch; cross-entropy; the run's recipe) for
              round(curve_epochs_frac * E) epochs. ``curve="line"``: the straight segment, nothing trained.
@@ -292,6 +295,7 @@ class Bridge(Method):
         bridge_weight_decay: float = 1e-5
         bridge_warmup_frac: float = 0.025   # warm-up epochs / bridge epochs (5 of 200)
         mixup_alpha: float = 0.4         # 0: no mixup
+        base_select: str = "last"        # modes: "last" epoch (= the suite's single model) or "best_val"
 
         def __post_init__(self):
             if self.type not in (1, 2):
@@ -311,6 +315,8 @@ class Bridge(Method):
                 raise ValueError(f"bridge_warmup_frac must be in [0, 1); got {self.bridge_warmup_frac}")
             if self.mixup_alpha < 0:
                 raise ValueError(f"mixup_alpha must be >= 0; got {self.mixup_alpha}")
+            if self.base_select not in ("last", "best_val"):
+                raise ValueError(f"base_select must be 'last' or 'best_val'; got {self.base_select!r}")
 
     keep_curves = False   # tests: keep the trained curves and teachers on the instance (CPU)
 
@@ -382,7 +388,7 @@ class Bridge(Method):
         # stage 1: the modes (the single-model recipe, the suite's member seeds and stage names)
         modes: list[StagedNet] = list(model.bases) + [self._mode(ctx, j) for j in range(self.num_bases, self.num_modes)]
         for j, net in enumerate(modes):
-            tr.fit(net, stage=f"member{j}", seed=("member", ctx.seed, j), epochs=ep["base"])
+            tr.fit(net, stage=f"member{j}", seed=("member", ctx.seed, j), epochs=ep["base"], select=o.base_select)
         for net in modes:
             tr.prepare(net).eval()
 

@@ -281,6 +281,25 @@ def test_stages_resume_and_theta0_is_the_single_model(digits, tmp_path):
         assert torch.equal(again.eval()(x), first)
 
 
+def test_base_select_best_val_keeps_each_modes_best_epoch(digits, monkeypatch):
+    """base_select="best_val" (the paper's protocol): every mode is its best-validation epoch; the default
+    keeps the last epoch (theta_0 = the single model, checked above)."""
+    import itertools
+
+    calls = itertools.count()
+    # a validation NLL that only grows: the best epoch of every mode is its first
+    monkeypatch.setattr(Trainer, "val_nll", lambda self, m: float(next(calls)))
+    model, _, tr, _ = _fit("bridge", digits, options={"base_select": "best_val", "curve": "line"}, epochs=2,
+                           lr=0.05)
+    assert tr.stages["member0"].best_epoch == 1 and tr.stages["member1"].best_epoch == 1
+    assert tr.stages["bridge1"].best_epoch is not None                  # the bridge keeps its own val KL
+    single, _, _ = fit_method("single", digits, epochs=2, lr=0.05)      # the last epoch of the same seed
+    w = "stem.0.weight"
+    assert not torch.equal(single.members[0].state_dict()[w], model.bases[0].state_dict()[w])
+    with pytest.raises(UsageError, match="base_select"):
+        build_options(methods.get("bridge").Config, {"base_select": "best"}, "bridge")
+
+
 def test_type2_and_line_curve_train(digits):
     model, _, tr, ctx = _fit("bridge", digits, options={"type": 2, "slim": True}, epochs=2, lr=0.05)
     assert model.num_members == 3 and [b.sources for b in model.bridges] == [(0, 1)]
