@@ -31,8 +31,10 @@ against the paper's appendix. Both fractions are options; the record keeps the e
 Types (``type``; ``num_bridges`` = k):
   1  theta_0 plus k other modes theta_1..theta_k, curves (theta_0, theta_j), bridge j reads theta_0's
      features and predicts the midpoint of curve j. Members: theta_0 + k bridges ("single + bridge k").
-  2  K = k + 1 base models, curves and bridges on the consecutive pairs (0, 1), (1, 2), ...; bridge j reads
-     the features of both ends concatenated on channels. Members: the K base models + k bridges.
+  2  "DE K + bridges": one bridge per pair of base models, K the fewest base models whose pairs give k
+     bridges (k = 1: K = 2; k = 3: K = 3, every pair), pairs in the order (0, 1), (0, 2), (1, 2), (0, 3), ...;
+     bridge j reads the features of both ends concatenated on channels. Members: the K base models + k
+     bridges.
 
 Architecture of a bridge (any ``StagedNet``): a fresh copy of the blocks after ``feature_block`` (the
 number of blocks the base model's trunk runs: the feature map after the stem and that many blocks),
@@ -323,7 +325,10 @@ class Bridge(Method):
     # ------------------------------------------------------------------------------- structure
     @property
     def num_modes(self) -> int:
-        return self.options.num_bridges + 1
+        k = self.options.num_bridges
+        if self.options.type == 1:
+            return k + 1
+        return next(n for n in range(2, k + 3) if n * (n - 1) // 2 >= k)   # fewest bases with k pairs
 
     @property
     def num_bases(self) -> int:
@@ -334,7 +339,8 @@ class Bridge(Method):
         k = self.options.num_bridges
         if self.options.type == 1:
             return [(0, j) for j in range(1, k + 1)]
-        return [(j - 1, j) for j in range(1, k + 1)]
+        every = [(a, b) for b in range(1, self.num_modes) for a in range(b)]   # (0,1), (0,2), (1,2), (0,3), ...
+        return every[:k]
 
     def _mode(self, ctx: FitContext, j: int) -> StagedNet:
         net = ctx.make_backbone(seed=member_seed(ctx, j))

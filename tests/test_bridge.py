@@ -178,7 +178,7 @@ def test_cost_command_measures_bridge_without_training(capsys):
 
 def test_prediction_runs_each_trunk_once_however_many_bridges():
     x = torch.randn(4, 3, 32, 32)
-    for opts, n_bases, n_bridges in (({"num_bridges": 3}, 1, 3), ({"type": 2, "num_bridges": 3}, 4, 3)):
+    for opts, n_bases, n_bridges in (({"num_bridges": 3}, 1, 3), ({"type": 2, "num_bridges": 3}, 3, 3)):
         model = build_for_cost("bridge", "cnn_small", 10, 3, 32, opts, CPU)
         assert len(model.bases) == n_bases and len(model.bridges) == n_bridges
         calls: dict[str, int] = {}
@@ -209,7 +209,7 @@ def test_prediction_runs_each_trunk_once_however_many_bridges():
                 h = torch.cat([model.bases[s].forward_until(x, f) for s in br.sources], dim=1)
                 torch.testing.assert_close(out[n_bases + j], br(h))
             assert [br.sources for br in model.bridges] == \
-                ([(0,)] * 3 if n_bases == 1 else [(0, 1), (1, 2), (2, 3)])
+                ([(0,)] * 3 if n_bases == 1 else [(0, 1), (0, 2), (1, 2)])   # type 2: every pair of DE-3
 
 
 @pytest.mark.parametrize("backbone, default_block", [("cnn_small", 2), ("resnet20", 8), ("resnet18", 7),
