@@ -271,7 +271,9 @@ def _check_resumed(out: Path, run, epochs: int, case: str) -> dict:
     err = (out / ".submitit" / jid / f"{jid}_0_log.err").read_text(errors="replace")
     log = job_log(out, jid)
     assert f"this job is {case}" in log, log[-4000:]
-    assert "Requeued job" in log, log[-4000:]
+    # submitit logs "Requeued job" once `scontrol requeue` returns; on a loaded machine Slurm can stop the job
+    # (and the scontrol inside it) before it returns, so the requeue is proven by the next attempt instead
+    assert "Requeued job" in log or re.search(r"attempt [2-9]\d* \(requeued", log), log[-4000:]
     requeues = err.count("interrupted; requeue ")
     points = _resume_points(err, epochs)
     assert requeues >= 1 and points and points[0][1] >= 1, (requeues, points, err[-4000:])
