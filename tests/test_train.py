@@ -113,3 +113,50 @@ def test_training_cost_is_recorded(digits):
     assert s["train_flops"] is not None and s["train_flops"] > 0
     st = trainer.stages["member0"]
     assert math.isclose(s["train_flops"], 3 * st.flops_per_sample * st.samples_seen)
+
+
+def test_killed_run_resumes_to_the_same_record(tmp_path, monkeypatch):
+    """runner.execute killed mid-way (an interrupt in epoch 3 of 4: the record says "running", the
+    checkpoint holds epoch 2) and started again gives the record of an uninterrupted run: same run id,
+    same metrics and predictions, the same epochs run; the checkpoints are gone afterwards."""
+    import json
+
+    import benchmark.train as train_mod
+    from benchmark import results
+    from benchmark.config import make_run_config
+    from benchmark.runner import execute
+
+    def cfg(out):
+        return make_run_config({"method": "deep_ensemble", "backbone": "cnn_small", "dataset": "digits",
+                                "epochs": 4, "seed": 3, "lr": 0.05, "out": str(out), "device": "cpu",
+                                "progress": False, "latency_runs": 2, "options": {"num_members": 2}})
+
+    ref = execute(cfg(tmp_path / "ref"), log=lambda s: None)
+    orig = train_mod.Trainer.fit
+
+    def fit_then_interrupt(self, model, **kw):
+        def boom(m, epoch):
+            if kw.get("stage") == "member1" and epoch == 3:
+                raise KeyboardInterrupt
+        kw["on_epoch_end"] = boom
+        return orig(self, model, **kw)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", fit_then_interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg(out), log=lambda s: None)
+    monkeypatch.setattr(train_mod.Trainer, "fit", orig)
+    assert results.record_status(out, ref["run_id"]) == "running"
+    assert (out / ".ckpt" / ref["run_id"] / "member1.pt").is_file()
+    lines: list[str] = []
+    rec = execute(cfg(out), log=lines.append)
+    assert any("[member0] already trained" in ln for ln in lines)
+    assert any("[member1] resuming after epoch 2/4" in ln for ln in lines)
+    assert rec["run_id"] == ref["run_id"] and rec["status"] == "complete"
+    assert json.dumps(rec["metrics"], sort_keys=True) == json.dumps(ref["metrics"], sort_keys=True)
+    assert rec["training"]["epochs_run"] == ref["training"]["epochs_run"] == {"member0": 4, "member1": 4}
+    assert rec["training"]["samples_seen"] == ref["training"]["samples_seen"]
+    a = results.load_predictions(tmp_path / "ref", ref["run_id"])
+    b = results.load_predictions(out, rec["run_id"])
+    assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("logits", "labels"))
+    assert not (out / ".ckpt" / ref["run_id"]).exists()
