@@ -312,11 +312,16 @@ def test_type2_and_line_curve_train(digits):
 
 
 @pytest.mark.slow
-def test_real_data_bridge_approximates_the_midpoint_and_helps_the_base(cifar10_small):
+@pytest.mark.parametrize("backbone, epochs, kl_ratio, nll_gap", [("cnn_small", 10, 0.6, 0.01),
+                                                                 ("resnet20", 6, 0.8, 0.005)])
+def test_real_data_bridge_approximates_the_midpoint_and_helps_the_base(cifar10_small, backbone, epochs, kl_ratio,
+                                                                        nll_gap):
     """CIFAR-10 (the real images, area-downsampled to 16x16 and cut to 1,000 training images so that
     two modes, a curve and a bridge train on one CPU core in well under a minute; no augmentation).
     The curve gets twice the modes' epochs: from a random control point it needs more steps than the
-    modes to make a midpoint as good as the ends, which the paper's 200-epoch recipe gives anyway."""
+    modes to make a midpoint as good as the ends, which the paper's 200-epoch recipe gives anyway.
+    ResNet-20 (the paper's family; its bridge is the last block, fed by block 8 of 9): measured on this
+    project's CPU with torch 2.14, KL ratio 0.57, NLL gain 0.018 raw and 0.017 temperature-scaled."""
     from benchmark.data import Augment, DataBundle, Split
     from benchmark.metrics import fit_temperature, nll
 
@@ -326,8 +331,8 @@ def test_real_data_bridge_approximates_the_midpoint_and_helps_the_base(cifar10_s
     small = subsample(cifar10_small, 1000, 1000, 300)
     bundle = DataBundle(small.name, 10, down(small.train), down(small.val), down(small.test), {}, small.mean,
                         small.std, Augment(crop_pad=0, flip=False), small.source + ", 16x16")
-    model, meth, tr, ctx = _fit("bridge", bundle, epochs=10, batch_size=32, lr=0.05, keep_curves=True,
-                                options={"curve_epochs_frac": 2, "bridge_epochs_frac": 2})
+    model, meth, tr, ctx = _fit("bridge", bundle, backbone=backbone, epochs=epochs, batch_size=32, lr=0.05,
+                                keep_curves=True, options={"curve_epochs_frac": 2, "bridge_epochs_frac": 2})
     z = tr.predict(model, bundle.test.x)                     # [2, N, C]: base theta_0, bridge
     y = bundle.test.y
     mid = tr.predict(meth.teachers[0], bundle.test.x)[0].log_softmax(-1)
@@ -335,8 +340,8 @@ def test_real_data_bridge_approximates_the_midpoint_and_helps_the_base(cifar10_s
     nll_base, nll_ens = nll(z[:1], y), nll(z, y)
     print(f"KL(mid||bridge) {kl_bridge:.4f}  KL(mid||base) {kl_base:.4f}  NLL base {nll_base:.4f}  "
           f"base+bridge {nll_ens:.4f}  curve val NLL {ctx.info['curves'][0]['val_nll']}")
-    assert kl_bridge < 0.6 * kl_base
-    assert nll_ens < nll_base - 0.01
+    assert kl_bridge < kl_ratio * kl_base
+    assert nll_ens < nll_base - nll_gap
     zv, yv = tr.predict(model, bundle.val.x), bundle.val.y   # also after temperature scaling (the paper's NLL)
     t_base, t_ens = fit_temperature(zv[:1], yv), fit_temperature(zv, yv)
     assert nll(z / t_ens, y) < nll(z[:1] / t_base, y)
