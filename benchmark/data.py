@@ -29,6 +29,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 OOD_SETS = {"digits": ("photos",), "cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10"),
             "svhn": ("cifar10", "cifar100")}
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+IMAGE_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn": (3, 32)}   # (channels, size)
 NPZ_FILES = {"cifar10_train": "cifar10_train.npz", "cifar10_test": "cifar10_test.npz",
              "svhn": "svhn.npz", "cifar100_test": "cifar100_test.npz"}
 

@@ -58,6 +58,28 @@ def check_model(model: Any, method: str) -> EnsembleModel:
     return model
 
 
+def check_buildable(method: Any, cfg: RunConfig) -> None:
+    """Build the method's architecture on the meta device (no memory, no compute, no data) so that a
+    method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
+    record or folder exists (and a sweep refuses it before submitting). Any other failure here is left
+    for the real build inside ``fit`` to report."""
+    from benchmark.data import IMAGE_SHAPES, NUM_CLASSES
+
+    channels, size = IMAGE_SHAPES[cfg.dataset]
+    ctx = FitContext(config=cfg, num_classes=NUM_CLASSES[cfg.dataset], in_channels=channels, image_size=size,
+                     device=torch.device("meta"))
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            method.build(ctx)
+    except UsageError:
+        raise
+    except Exception:
+        pass
+    finally:
+        torch.set_rng_state(rng)
+
+
 def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False) -> dict:
     """Run one configuration and return its complete record (an existing complete record is returned
     as is unless ``force``)."""
@@ -75,6 +97,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
         return results.read_record(out / f"{run_id}.json")
     method = make_method(cfg)            # bad options fail here, before anything is written
     device = resolve_device(cfg.device)
+    check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     record: dict[str, Any] = {
         "schema_version": results.SCHEMA_VERSION, "run_id": run_id, "status": "running",

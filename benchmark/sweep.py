@@ -215,8 +215,11 @@ def _product(table: dict[str, list]) -> Iterator[dict[str, Any]]:
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
     """Every run of the sweep, in grid order, each validated by :func:`make_run_config` (names of methods,
-    backbones, datasets and options; values). Runs that resolve to the same run id appear once. ``out``
+    backbones, datasets and options; values) and by the method's build (a method / backbone combination
+    the method refuses fails the whole sweep before anything is submitted). Runs that resolve to the same run id appear once. ``out``
     and ``data_dir`` are made absolute (relative to the current directory), which leaves run ids alone."""
+    from benchmark.runner import check_buildable, make_method
+
     runs: list[RunConfig] = []
     seen: set[str] = set()
     fixed = dict(spec.run)
@@ -229,6 +232,7 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
             values = {**fixed, **point, "options": opts}
             try:
                 cfg = make_run_config(values)
+                check_buildable(make_method(cfg), cfg)
             except UsageError as e:
                 shown = ", ".join(f"{k}={v}" for k, v in {**point, **opts}.items())
                 raise UsageError(f"{spec.path}: run ({shown}): {e}") from None

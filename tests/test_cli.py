@@ -68,6 +68,12 @@ def test_run_writes_a_complete_record_and_leaderboard(tmp_path, capsys):
     (["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "zero"], "invalid int value"),
     (["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "cifar10", "--data-dir", "MISSING"], "not found"),
     (["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "cifar10", "--data-dir", "CORRUPT"], "cannot read data file"),
+    # a method that cannot take the backbone is refused before a record or the out folder exists
+    (["run", "--method", "packed", "--backbone", "timm:resnet18", "--dataset", "digits"], "packed needs a suite backbone"),
+    (["run", "--method", "bridge", "--backbone", "timm:resnet18", "--dataset", "digits"], "bridge needs a suite backbone"),
+    (["run", "--method", "nfe", "--backbone", "timm:resnet18", "--dataset", "digits"], "nfe needs a suite backbone"),
+    (["run", "--method", "deep_ensemble", "--backbone", "timm:resnet18", "--dataset", "digits", "--set", "batched=true"],
+     "batched=true needs a suite backbone"),
     (["cost", "--method", "single", "--backbone", "cnn_small", "--num-classes", "1"], "--num-classes must be >= 2"),
     (["score", "MISSING.npz"], ""),
     (["leaderboard", "MISSING"], ""),

@@ -247,6 +247,9 @@ GOOD_RUN = '[run]\nbackbone = "cnn_small"\ndataset = "digits"\n'
     ('[grid]\nmethod = ["single"]\nlr = ["fast"]\n' + GOOD_RUN, "bad value for lr"),
     ('[grid]\nmethod = ["single"]\n' + GOOD_RUN.replace("cnn_small", "cnn_huge"), "cnn_huge"),
     ('[grid\nmethod = ["single"]\n', "cannot parse"),
+    # a method that refuses the backbone: the whole sweep, before anything is submitted
+    ('[grid]\nmethod = ["single", "packed"]\n' + GOOD_RUN.replace("cnn_small", "timm:resnet18"),
+     "run (method=packed): packed needs a suite backbone"),
 ])
 def test_bad_specs_are_one_line_usage_errors(tmp_path, capsys, text, message):
     path = write(tmp_path, text)
