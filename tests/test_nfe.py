@@ -177,6 +177,31 @@ def test_pruned_weights_stay_zero_after_training(digits):
     assert model.live_conv_weights() == ctx.info["live_conv_weights"] == round(0.5 * ctx.info["conv_weights_single"])
 
 
+def test_training_follows_the_released_schedule(digits):
+    """lr constant for the first half, linear to 0.01x between 50% and 90%, then 0.01x; nesterov."""
+    from benchmark.train import lr_factor
+
+    captured = {}
+    orig = torch.optim.SGD.__init__
+
+    def spy(self, params, **kw):
+        captured.update(kw)
+        orig(self, params, **kw)
+
+    torch.optim.SGD.__init__ = spy
+    try:
+        _, trainer, ctx = fit_method("nfe", digits, epochs=10, lr=0.05)
+    finally:
+        torch.optim.SGD.__init__ = orig
+    assert captured["nesterov"] is True and ctx.info["schedule"] == "linear"
+    st = trainer.stages["nfe"]
+    steps = st.steps // st.epochs
+    lrs = [h["lr"] for h in st.history]                 # the lr of each epoch's last step
+    want = [0.05 * lr_factor("linear", e + (steps - 1) / steps, 10) for e in range(10)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert lrs[0] == lrs[3] == 0.05 and lrs[-1] == pytest.approx(0.05 * 0.01)
+
+
 def test_gradient_mask_keeps_momentum_from_resurrecting_weights(digits):
     """With only the gradient mask (no re-masking of weights), nesterov SGD with momentum and weight
     decay leaves pruned weights at zero; without it the gradients make them non-zero at once."""
