@@ -2,6 +2,7 @@
 helper that fits one method through the real harness."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -96,3 +97,34 @@ def ensemble_vs_members(model, trainer, split=None):
     members = sum(nll(logits[m:m + 1], y) for m in range(logits.shape[0])) / logits.shape[0]
     acc = (logits.softmax(-1).mean(0).argmax(-1) == y).float().mean().item()
     return ens, members, acc
+
+
+class Killed(Exception):
+    """What ``kill_at`` raises: a stand-in for a process killed mid-run."""
+
+
+@contextlib.contextmanager
+def kill_at(stage: str, epoch: int, exc: type[BaseException] = Killed):
+    """While open, ``Trainer.fit`` of stage ``stage`` raises ``exc`` at the end of epoch ``epoch``: after the
+    stage's own ``on_epoch_end`` hook, before that epoch's checkpoint, so a run killed there resumes after
+    epoch ``epoch - 1``."""
+    import benchmark.train as train_mod
+
+    orig = train_mod.Trainer.fit
+
+    def fit(self, model, **kw):
+        inner = kw.get("on_epoch_end")
+
+        def hook(m, e):
+            if inner is not None:
+                inner(m, e)
+            if kw.get("stage") == stage and e == epoch:
+                raise exc()
+        kw["on_epoch_end"] = hook
+        return orig(self, model, **kw)
+
+    train_mod.Trainer.fit = fit
+    try:
+        yield
+    finally:
+        train_mod.Trainer.fit = orig

@@ -9,7 +9,7 @@ import methods
 from benchmark.api import StackedEnsemble
 from benchmark.cost import count_flops, count_params
 from benchmark.sparse import DynamicSparsity, erk_densities, maskable_layers
-from conftest import ensemble_vs_members, fit_method
+from conftest import Killed, ensemble_vs_members, fit_method, kill_at
 from methods.freetickets import edst_stage_epochs, window_lr
 
 
@@ -156,32 +156,9 @@ def test_edst_one_run_gives_distinct_best_val_members(digits):
 
 
 def test_edst_killed_in_a_window_resumes_to_the_same_members(digits, tmp_path):
-    import benchmark.train as train_mod
-
     ref, _, _ = fit_method("edst_ensemble", digits, epochs=5, lr=0.05, options=EDST_DIGITS, ckpt_dir=tmp_path / "ref")
-
-    class Kill(Exception):
-        pass
-
-    orig = train_mod.Trainer.fit
-
-    def fit_then_kill(self, model, **kw):
-        inner = kw.get("on_epoch_end")
-
-        def hook(m, epoch):
-            if inner is not None:
-                inner(m, epoch)
-            if kw.get("stage") == "window1" and epoch == 2:
-                raise Kill()
-        kw["on_epoch_end"] = hook
-        return orig(self, model, **kw)
-
-    train_mod.Trainer.fit = fit_then_kill
-    try:
-        with pytest.raises(Kill):
-            fit_method("edst_ensemble", digits, epochs=5, lr=0.05, options=EDST_DIGITS, ckpt_dir=tmp_path / "run")
-    finally:
-        train_mod.Trainer.fit = orig
+    with kill_at("window1", 2), pytest.raises(Killed):
+        fit_method("edst_ensemble", digits, epochs=5, lr=0.05, options=EDST_DIGITS, ckpt_dir=tmp_path / "run")
     resumed, trainer, ctx = fit_method("edst_ensemble", digits, epochs=5, lr=0.05, options=EDST_DIGITS,
                                        ckpt_dir=tmp_path / "run")
     assert trainer.stages["window1"].resumed_from_epoch == 1
@@ -228,38 +205,18 @@ def test_dst_finished_member_resumes_to_its_best_epoch(digits, tmp_path, monkeyp
 
     import benchmark.train as train_mod
 
-    def run(ckpt, kill=False):
+    def run(ckpt):
         calls = itertools.count()
         # validation NLL that only grows: the best epoch of every member is its first, and the topology
         # updates of the later epochs (every 5 steps) change the masks after it
         monkeypatch.setattr(train_mod.Trainer, "val_nll", lambda self, m: float(next(calls)))
-        orig = train_mod.Trainer.fit
-
-        class Kill(Exception):
-            pass
-
-        def fit_then_kill(self, model, **kw):
-            def boom(m, epoch):
-                if kill and kw.get("stage") == "member1" and epoch == 1:
-                    raise Kill()
-            kw["on_epoch_end"] = boom
-            return orig(self, model, **kw)
-
-        monkeypatch.setattr(train_mod.Trainer, "fit", fit_then_kill)
-        try:
-            if kill:
-                with pytest.raises(Kill):
-                    fit_method("dst_ensemble", digits, epochs=3, lr=0.05, ckpt_dir=ckpt,
-                               options={"num_members": 2, "update_frequency": 5})
-                return None
-            return fit_method("dst_ensemble", digits, epochs=3, lr=0.05, ckpt_dir=ckpt,
-                              options={"num_members": 2, "update_frequency": 5})
-        finally:
-            monkeypatch.setattr(train_mod.Trainer, "fit", orig)
+        return fit_method("dst_ensemble", digits, epochs=3, lr=0.05, ckpt_dir=ckpt,
+                          options={"num_members": 2, "update_frequency": 5})
 
     ref, ref_trainer, _ = run(tmp_path / "ref")
     assert ref_trainer.stages["member0"].best_epoch == 1
-    run(tmp_path / "run", kill=True)
+    with kill_at("member1", 1), pytest.raises(Killed):
+        run(tmp_path / "run")
     resumed, trainer, _ = run(tmp_path / "run")
     assert trainer.stages["member0"].steps > 5 * 2          # updates fell after the best epoch
     for k, v in ref.members[0].state_dict().items():

@@ -5,7 +5,7 @@ import torch
 
 from benchmark.errors import TrainingDiverged
 from benchmark.train import lr_factor
-from conftest import fit_method
+from conftest import Killed, fit_method, kill_at
 
 
 def test_cosine_with_warmup():
@@ -42,27 +42,8 @@ def _state(model):
 def test_resume_mid_stage_gives_identical_weights(digits, tmp_path):
     """A stage killed after epoch 2 of 4 and resumed ends with exactly the weights of an uninterrupted run."""
     ref, _, _ = fit_method("single", digits, epochs=4, ckpt_dir=tmp_path / "ref")
-
-    class Kill(Exception):
-        pass
-
-    import benchmark.train as train_mod
-
-    orig = train_mod.Trainer.fit
-
-    def fit_then_kill(self, model, **kw):
-        def boom(m, epoch):
-            if epoch == 2:
-                raise Kill()
-        kw["on_epoch_end"] = boom
-        return orig(self, model, **kw)
-
-    train_mod.Trainer.fit = fit_then_kill
-    try:
-        with pytest.raises(Kill):
-            fit_method("single", digits, epochs=4, ckpt_dir=tmp_path / "run")
-    finally:
-        train_mod.Trainer.fit = orig
+    with kill_at("member0", 2), pytest.raises(Killed):
+        fit_method("single", digits, epochs=4, ckpt_dir=tmp_path / "run")
     # epoch 2 raised inside on_epoch_end, before its checkpoint: the checkpoint holds epoch 1
     state = torch.load(tmp_path / "run" / "member0.pt", weights_only=False)
     assert len(state["result"]["history"]) == 1 and not state["done"]
@@ -115,13 +96,12 @@ def test_training_cost_is_recorded(digits):
     assert math.isclose(s["train_flops"], 3 * st.flops_per_sample * st.samples_seen)
 
 
-def test_killed_run_resumes_to_the_same_record(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_record(tmp_path):
     """runner.execute killed mid-way (an interrupt in epoch 3 of 4: the record says "running", the
     checkpoint holds epoch 2) and started again gives the record of an uninterrupted run: same run id,
     same metrics and predictions, the same epochs run; the checkpoints are gone afterwards."""
     import json
 
-    import benchmark.train as train_mod
     from benchmark import results
     from benchmark.config import make_run_config
     from benchmark.runner import execute
@@ -132,20 +112,9 @@ def test_killed_run_resumes_to_the_same_record(tmp_path, monkeypatch):
                                 "progress": False, "latency_runs": 2, "options": {"num_members": 2}})
 
     ref = execute(cfg(tmp_path / "ref"), log=lambda s: None)
-    orig = train_mod.Trainer.fit
-
-    def fit_then_interrupt(self, model, **kw):
-        def boom(m, epoch):
-            if kw.get("stage") == "member1" and epoch == 3:
-                raise KeyboardInterrupt
-        kw["on_epoch_end"] = boom
-        return orig(self, model, **kw)
-
-    monkeypatch.setattr(train_mod.Trainer, "fit", fit_then_interrupt)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with kill_at("member1", 3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
         execute(cfg(out), log=lambda s: None)
-    monkeypatch.setattr(train_mod.Trainer, "fit", orig)
     assert results.record_status(out, ref["run_id"]) == "running"
     assert (out / ".ckpt" / ref["run_id"] / "member1.pt").is_file()
     lines: list[str] = []
