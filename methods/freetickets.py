@@ -44,15 +44,34 @@ LATENCY_NOTE = ("masked weights run on dense kernels: latency and throughput are
                 "params_nonzero and FLOPs count only live weights")
 
 
-def _check_common(cfg) -> None:
-    if cfg.num_members < 1:
-        raise ValueError(f"num_members must be >= 1; got {cfg.num_members}")
-    if not 0.0 < cfg.density <= 1.0:
-        raise ValueError(f"density must be in (0, 1]; got {cfg.density}")
-    if not 0.0 < cfg.death_rate < 1.0:
-        raise ValueError(f"death_rate must be in (0, 1); got {cfg.death_rate}")
-    if cfg.update_frequency < 1:
-        raise ValueError(f"update_frequency must be >= 1 iterations; got {cfg.update_frequency}")
+@dataclass
+class SparseEnsembleConfig:
+    """The options DST and EDST ensembles share (the paper's defaults)."""
+
+    num_members: int = 3
+    density: float = 0.2
+    death_rate: float = 0.5
+    update_frequency: int = 1000
+
+    def __post_init__(self):
+        if self.num_members < 1:
+            raise ValueError(f"num_members must be >= 1; got {self.num_members}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1]; got {self.density}")
+        if not 0.0 < self.death_rate < 1.0:
+            raise ValueError(f"death_rate must be in (0, 1); got {self.death_rate}")
+        if self.update_frequency < 1:
+            raise ValueError(f"update_frequency must be >= 1 iterations; got {self.update_frequency}")
+
+
+class SparseEnsemble(Method):
+    """Deployed architecture of both: M sparse networks of density D, one ERK mask each (for EDST they
+    come from one run)."""
+
+    quickstart_options: ClassVar[dict] = {"num_members": 3, "update_frequency": 20}
+
+    def build(self, ctx: FitContext) -> EnsembleModel:
+        return StackedEnsemble([sparse_net(ctx, self.options, k)[0] for k in range(self.options.num_members)])
 
 
 def mask_seed(ctx: FitContext, k: int) -> int:
@@ -95,22 +114,12 @@ def _common_info(options, sparsity: DynamicSparsity) -> dict[str, Any]:
 
 
 @register("dst_ensemble")
-class DSTEnsemble(Method):
+class DSTEnsemble(SparseEnsemble):
     summary = "M independent dynamic sparse trainings (ERK masks, magnitude drop / gradient growth)"
-    quickstart_options: ClassVar[dict] = {"num_members": 3, "update_frequency": 20}
 
     @dataclass
-    class Config:
-        num_members: int = 3
-        density: float = 0.2
-        death_rate: float = 0.5
-        update_frequency: int = 1000
-
-        def __post_init__(self):
-            _check_common(self)
-
-    def build(self, ctx: FitContext) -> EnsembleModel:
-        return StackedEnsemble([sparse_net(ctx, self.options, k)[0] for k in range(self.options.num_members)])
+    class Config(SparseEnsembleConfig):
+        pass
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         members, extra, summaries = [], 0.0, []
@@ -169,26 +178,17 @@ def window_lr(base_lr: float, window_epochs: int):
 
 
 @register("edst_ensemble")
-class EDSTEnsemble(Method):
+class EDSTEnsemble(SparseEnsemble):
     summary = "one dynamic sparse run: exploration, then M refinement windows separated by global jumps"
-    quickstart_options: ClassVar[dict] = {"num_members": 3, "update_frequency": 20}
 
     @dataclass
-    class Config:
-        num_members: int = 3
-        density: float = 0.2
-        death_rate: float = 0.5
-        update_frequency: int = 1000
+    class Config(SparseEnsembleConfig):
         jump: float = 0.8      # q: fraction of every layer's live weights replaced at each window start
 
         def __post_init__(self):
-            _check_common(self)
+            super().__post_init__()
             if not 0.0 < self.jump <= 1.0:
                 raise ValueError(f"jump must be in (0, 1]; got {self.jump}")
-
-    def build(self, ctx: FitContext) -> EnsembleModel:
-        # deployed: M sparse networks of density D (one ERK mask each; in training they come from one run)
-        return StackedEnsemble([sparse_net(ctx, self.options, k)[0] for k in range(self.options.num_members)])
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         opts = self.options
