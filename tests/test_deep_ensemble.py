@@ -83,3 +83,34 @@ def test_real_data_ensemble_beats_its_members(cifar10_small):
     ens, mean_member, acc = ensemble_vs_members(model, trainer)
     assert ens < mean_member - 0.02
     assert acc > 0.25                         # chance is 0.1 (0.344 with torch 2.14 on CPU)
+
+
+def test_members_have_own_data_order_in_both_paths(digits, monkeypatch):
+    """Member k sees its own shuffle (and augmentation), and the same one whether the members train
+    one after the other or batched: the first minibatch's labels per member, recorded in both paths."""
+    from benchmark.train import Trainer
+
+    orig = Trainer.fit
+    first: dict[str, torch.Tensor] = {}
+
+    def spy(self, model, **kw):
+        inner = kw.get("batch_transform")
+
+        def record(x, y):
+            if inner is not None:
+                x, y = inner(x, y)
+            first.setdefault(kw["stage"], y.clone())
+            return x, y
+        kw["batch_transform"] = record
+        return orig(self, model, **kw)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 3})
+    separate = [first.pop(f"member{k}") for k in range(3)]
+    fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 3, "batched": True})
+    batched = first.pop("batched")                                   # [M, B] labels of the M slots
+    for k in range(3):
+        assert torch.equal(batched[k], separate[k]), k
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not torch.equal(separate[a], separate[b]), (a, b)

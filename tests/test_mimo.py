@@ -184,6 +184,15 @@ def test_fit_trains_on_slot_batches_with_the_method_weight_decay(digits, monkeyp
     assert model(x1).shape == (2, 1, 10)
 
 
+def test_lr_is_the_run_lr_for_the_unique_batch(digits):
+    """The lr goes with the unique batch (the spec: 0.1 for 128 unique examples), never x b or x M."""
+    _, trainer, _ = fit_method("mimo", digits, epochs=1, schedule="constant", lr=0.07,
+                               options={"num_estimators": 3, "batch_repeat": 4})
+    st = trainer.stages["mimo"]
+    assert [h["lr"] for h in st.history] == [0.07]
+    assert st.steps == -(-len(digits.train) // 128)                 # one step per unique batch of 128
+
+
 def test_cli_run_writes_a_complete_record_with_the_b_x_cost(tmp_path, capsys):
     from benchmark.cli import main
 

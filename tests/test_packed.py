@@ -48,6 +48,19 @@ def test_pe_111_is_the_plain_backbone():
     assert p0 / 1e6 == pytest.approx(11.17, rel=5e-3) and m0 / 1e9 == pytest.approx(0.555, rel=5e-3)
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet20", "cnn_small"])
+def test_pe_111_computes_the_plain_backbone(backbone):
+    """Not only the counts: PE-(1,1,1) with the plain network's weights gives the plain network's logits."""
+    plain = build_backbone(backbone, 10, 3).eval()
+    packed = pe(backbone, 1, 1, 1).eval()
+    ps, qs = plain.state_dict(), packed.state_dict()
+    assert [v.numel() for v in ps.values()] == [v.numel() for v in qs.values()]   # the head: a 1x1 grouped conv
+    packed.load_state_dict({k: v.reshape(q.shape) for (k, q), v in zip(qs.items(), ps.values())})
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x)[0], plain(x))
+
+
 def test_64_channel_rule_is_applied_and_recorded():
     """PE-(2,4,2) ResNet-18: each of 4*2 = 8 groups needs >= 64 input channels, so gamma drops to 1 for the
     convs reading the first two stages' 128 / 256 widened channels and stays 2 where they read 512 or 1024;
