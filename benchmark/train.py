@@ -6,6 +6,8 @@
   after_step(model, step)                e.g. re-apply sparsity masks, topology updates
   lr_fn(epoch_float) -> lr               a stage-specific learning-rate curve (overrides the schedule)
   stateful=[obj, ...]                    objects with state_dict()/load_state_dict() saved in checkpoints
+  optimizer_from="stage"                 start from the optimiser state (momentum) that an earlier stage of
+                                         this trainer ended with: one run that goes on across stages
 Every epoch ends with an atomic checkpoint (model, optimiser, RNG and data-order state, history). A
 stage that finds its checkpoint resumes from it; a finished stage is not trained again, so a killed
 multi-stage run loses at most the epoch in progress. A NaN/inf loss stops the run with a clear error.
@@ -101,6 +103,7 @@ class Trainer:
         self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
         self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
         self.stages: dict[str, StageResult] = {}
+        self._final_opt: dict[str, dict] = {}   # stage -> its optimiser state at the end (optimizer_from)
 
     # ------------------------------------------------------------------------------ helpers
     def autocast(self):
@@ -151,7 +154,8 @@ class Trainer:
             schedule: str | None = None, warmup_epochs: float | None = None, lr_fn: Callable[[float], float] | None = None,
             select: str = "last", val_fn: Callable[[nn.Module], float] | None = None, seed: Any = None,
             split: Split | None = None, batch_size: int | None = None, stateful: list | None = None,
-            on_epoch_end: Callable[[nn.Module, int], None] | None = None) -> StageResult:
+            on_epoch_end: Callable[[nn.Module, int], None] | None = None,
+            optimizer_from: str | None = None) -> StageResult:
         cfg = self.config
         epochs = int(epochs if epochs is not None else cfg.epochs)
         if epochs < 1:
@@ -193,6 +197,7 @@ class Trainer:
             model.load_state_dict(state["model"])
             result = StageResult(**state["result"])
             if state["done"]:
+                self._final_opt[stage] = state["opt"]
                 self.log(f"[{stage}] already trained ({result.epochs} epochs): loaded from checkpoint")
                 self.stages[stage] = result
                 return result
@@ -204,6 +209,14 @@ class Trainer:
             best_state = state.get("best_state")
             start_epoch = result.resumed_from_epoch = len(result.history)
             self.log(f"[{stage}] resuming after epoch {start_epoch}/{epochs}")
+        elif optimizer_from is not None:
+            if optimizer_from not in self._final_opt:
+                raise ValueError(f"stage {stage!r}: optimizer_from={optimizer_from!r} is not a finished stage of "
+                                 f"this trainer")
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(copy.deepcopy(self._final_opt[optimizer_from]))
+            for g, h in zip(opt.param_groups, hyper):   # this stage's own lr / momentum / weight decay
+                g.update(h)
 
         train_model = torch.compile(model) if getattr(cfg, "compile", False) and self.cuda else model
         loader = self.loader(split or self.data.train, batch_size=batch_size, generator=gen)
@@ -258,6 +271,7 @@ class Trainer:
             result.history.append(entry)
             done = epoch == epochs - 1
             if done:
+                self._final_opt[stage] = copy.deepcopy(opt.state_dict())
                 if select == "best_val" and best_state is not None:
                     model.load_state_dict(best_state)
                 result.flops_per_sample = self._flops_per_sample(model, sample_x)

@@ -7,7 +7,8 @@ edst_ensemble  one sparse run yields all M members: exploration for 0.6 x E epoc
                the window); every window after the first starts with a global exploration jump (a
                fraction q of every layer's live weights dropped and regrown by gradient). Regular topology
                updates continue everywhere. Member k is the best-validation epoch of window k; the run goes
-               on from the last epoch of the window.
+               on from the last epoch of the window, with the optimiser's momentum (one continuous run,
+               as in the paper: each stage starts from the previous stage's final optimiser state).
 
 The sparse machinery (ERK masks, drop/grow, masks after every step) is benchmark/sparse.py.
 
@@ -208,10 +209,12 @@ class EDSTEnsemble(SparseEnsemble):
                     # a resumed window gets the pending flag back from its checkpoint (already consumed)
                     sparsity.schedule_jump(opts.jump)
                 last = LastEpochState(epochs[stage])
+                # one run: each window goes on with the momentum the previous stage ended with
                 trainer.fit(net, stage=stage, epochs=epochs[stage], lr_fn=window_lr(base_lr, epochs[stage]),
                             seed=("edst", ctx.seed, stage), select="best_val",
                             after_step=sparsity.after_step, stateful=[sparsity, last],
-                            on_epoch_end=last.on_epoch_end)
+                            on_epoch_end=last.on_epoch_end,
+                            optimizer_from="explore" if k == 0 else f"window{k - 1}")
                 members.append(copy.deepcopy(net))        # best-validation epoch of window k
                 if last.state is not None:
                     net.load_state_dict(last.state)       # the run goes on from the window's last epoch

@@ -223,3 +223,18 @@ def test_dst_finished_member_resumes_to_its_best_epoch(digits, tmp_path, monkeyp
         assert torch.equal(v, resumed.members[0].state_dict()[k]), k
     live = torch.cat([(w != 0).flatten() for w in maskable_layers(resumed.members[0]).values()])
     assert live.float().mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+def test_edst_windows_go_on_with_the_previous_stage_momentum(digits, monkeypatch):
+    import benchmark.train as train_mod
+
+    calls = {}
+    orig = train_mod.Trainer.fit
+
+    def spy(self, model, **kw):
+        calls[kw["stage"]] = kw.get("optimizer_from")
+        return orig(self, model, **kw)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", spy)
+    fit_method("edst_ensemble", digits, epochs=5, lr=0.05, options=EDST_DIGITS)
+    assert calls == {"explore": None, "window0": "explore", "window1": "window0", "window2": "window1"}

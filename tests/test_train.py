@@ -129,3 +129,38 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     b = results.load_predictions(out, rec["run_id"])
     assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("logits", "labels"))
     assert not (out / ".ckpt" / ref["run_id"]).exists()
+
+
+def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
+    """A stage started with optimizer_from= takes the momentum buffers the named stage ended with (and its
+    own lr / weight decay); without it a stage starts from zero momentum."""
+    import copy
+
+    from benchmark.backbones import build_backbone
+    from benchmark.config import make_run_config
+    from benchmark.train import Trainer
+
+    cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 1,
+                           "progress": False})
+    trainer = Trainer(digits, cfg, "cpu", log=lambda s: None)
+    net = build_backbone("cnn_small", 10, 1)
+    seen = []      # momentum buffers just before each optimiser step
+    orig = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.append(([None if "momentum_buffer" not in self.state[p] else self.state[p]["momentum_buffer"].clone()
+                      for p in self.param_groups[0]["params"]], self.param_groups[0]["weight_decay"]))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    trainer.fit(net, stage="a")
+    end_a = copy.deepcopy(trainer._final_opt["a"]["state"])
+    n_a = trainer.stages["a"].steps
+    trainer.fit(net, stage="b", optimizer_from="a", weight_decay=1e-3)
+    trainer.fit(net, stage="c")
+    bufs, wd = seen[n_a]
+    assert wd == 1e-3
+    assert len(end_a) == len(bufs) and all(torch.equal(end_a[i]["momentum_buffer"], b) for i, b in enumerate(bufs))
+    assert all(b is None for b in seen[n_a + trainer.stages["b"].steps][0])          # c: fresh optimiser
+    with pytest.raises(ValueError, match="not a finished stage"):
+        trainer.fit(net, stage="d", optimizer_from="nope")
