@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from benchmark.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, load_toml, make_run_config
+from benchmark.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml, make_run_config
 from benchmark.errors import UsageError
 
 SPEC_KEYS = ("name", "grid", "options", "run", "slurm")
@@ -222,6 +222,7 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
 
     runs: list[RunConfig] = []
     seen: set[str] = set()
+    buildable: set[str] = set()   # (method, backbone, dataset, options) already built: seeds etc. share it
     fixed = dict(spec.run)
     fixed["out"] = str(spec.out)
     if fixed.get("data_dir"):
@@ -232,7 +233,10 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
             values = {**fixed, **point, "options": opts}
             try:
                 cfg = make_run_config(values)
-                check_buildable(make_method(cfg), cfg)
+                arch = canonical_json([cfg.method, cfg.backbone, cfg.dataset, cfg.options])
+                if arch not in buildable:
+                    check_buildable(make_method(cfg), cfg)
+                    buildable.add(arch)
             except UsageError as e:
                 shown = ", ".join(f"{k}={v}" for k, v in {**point, **opts}.items())
                 raise UsageError(f"{spec.path}: run ({shown}): {e}") from None
