@@ -550,6 +550,7 @@ GROUP_KEYS = (
     "combine", "num_members", "size_reference", *DEVICE_COLUMNS,
 )
 _STR_KEYS = ("dataset", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
+_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
 # the rest of the shared training recipe (RunConfig fields that enter the run id): runs that differ in any
 # of them are different experiments, never seeds of one row; the leaderboard keeps them as the "recipe"
 # column (canonical JSON) and shows only the fields that differ between the rows of a table
@@ -569,7 +570,6 @@ def recipe_differences(recipes: Sequence[Any]) -> list[str]:
         parsed.append(d if isinstance(d, dict) else {})
     keys = [k for k in RECIPE_FIELDS if len({json.dumps(d.get(k), sort_keys=True) for d in parsed}) > 1]
     return [", ".join(f"{k}={d.get(k)}" for k in keys) for d in parsed]
-_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
 
 
 def _num(x: Any) -> float:
@@ -810,8 +810,8 @@ def format_markdown(df) -> str:
 # DEE of a result (Yun et al. 2023, after Kim et al.'s "deep ensemble equivalent"): the size of a deep
 # ensemble that reaches the same metric, read off a DE curve measured on the same harness.
 #
-# The DE curve of a recipe (same dataset, backbone, epochs, batch size, lr and the rest of the recipe: DEE_KEYS) is made of the
-# complete records of the size-reference methods (record method.size_reference, set from the method's
+# The DE curve of a recipe (same dataset, backbone, epochs, batch size, lr and the rest of the recipe:
+# DEE_KEYS) is made of the complete records of the size-reference methods (record method.size_reference, set from the method's
 # class: deep ensembles of any size, and the single model as size 1), the metric averaged over seeds at each size. A curve needs size 1 and at
 # least one other size. Rule: with g = the metric oriented so that larger is better (-nll, acc), the
 # curve is taken as its running best over sizes (a larger DE is credited with the best value any smaller

@@ -6,8 +6,8 @@
   after_step(model, step)                e.g. re-apply sparsity masks, topology updates
   lr_fn(epoch_float) -> lr               a stage-specific learning-rate curve (overrides the schedule)
   stateful=[obj, ...]                    objects with state_dict()/load_state_dict() saved in checkpoints
-  optimizer_from="stage"                 start from the optimiser state (momentum) that an earlier stage of
-                                         this trainer ended with: one run that goes on across stages
+  optimizer_from="stage"                 start from the optimiser state (momentum) that the stage this
+                                         trainer finished last ended with: one run that goes on across stages
 Every epoch ends with an atomic checkpoint (model, optimiser, RNG and data-order state, history). A
 stage that finds its checkpoint resumes from it; a finished stage is not trained again, so a killed
 multi-stage run loses at most the epoch in progress. A NaN/inf loss stops the run with a clear error.
@@ -84,6 +84,17 @@ class StageResult:
         return 3.0 * self.flops_per_sample * self.samples_seen
 
 
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
@@ -103,7 +114,8 @@ class Trainer:
         self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
         self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
         self.stages: dict[str, StageResult] = {}
-        self._final_opt: dict[str, dict] = {}   # stage -> its optimiser state at the end (optimizer_from)
+        # (stage, its final optimiser state on the CPU) of the stage finished last, for optimizer_from
+        self._last_opt: tuple[str, dict] | None = None
 
     # ------------------------------------------------------------------------------ helpers
     def autocast(self):
@@ -197,7 +209,7 @@ class Trainer:
             model.load_state_dict(state["model"])
             result = StageResult(**state["result"])
             if state["done"]:
-                self._final_opt[stage] = state["opt"]
+                self._last_opt = (stage, _to_cpu(state["opt"]))
                 self.log(f"[{stage}] already trained ({result.epochs} epochs): loaded from checkpoint")
                 self.stages[stage] = result
                 return result
@@ -210,11 +222,11 @@ class Trainer:
             start_epoch = result.resumed_from_epoch = len(result.history)
             self.log(f"[{stage}] resuming after epoch {start_epoch}/{epochs}")
         elif optimizer_from is not None:
-            if optimizer_from not in self._final_opt:
-                raise ValueError(f"stage {stage!r}: optimizer_from={optimizer_from!r} is not a finished stage of "
-                                 f"this trainer")
+            if self._last_opt is None or self._last_opt[0] != optimizer_from:
+                raise ValueError(f"stage {stage!r}: optimizer_from={optimizer_from!r} is not the stage this trainer "
+                                 f"finished last")
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(copy.deepcopy(self._final_opt[optimizer_from]))
+            opt.load_state_dict(copy.deepcopy(self._last_opt[1]))
             for g, h in zip(opt.param_groups, hyper):   # this stage's own lr / momentum / weight decay
                 g.update(h)
 
@@ -271,7 +283,7 @@ class Trainer:
             result.history.append(entry)
             done = epoch == epochs - 1
             if done:
-                self._final_opt[stage] = copy.deepcopy(opt.state_dict())
+                self._last_opt = (stage, _to_cpu(opt.state_dict()))
                 if select == "best_val" and best_state is not None:
                     model.load_state_dict(best_state)
                 result.flops_per_sample = self._flops_per_sample(model, sample_x)

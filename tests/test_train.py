@@ -132,8 +132,8 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
 
 
 def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
-    """A stage started with optimizer_from= takes the momentum buffers the named stage ended with (and its
-    own lr / weight decay); without it a stage starts from zero momentum."""
+    """A stage started with optimizer_from= takes the momentum buffers the stage finished just before ended
+    with (and keeps its own lr / weight decay); without it a stage starts from zero momentum."""
     import copy
 
     from benchmark.backbones import build_backbone
@@ -154,7 +154,7 @@ def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
 
     monkeypatch.setattr(torch.optim.SGD, "step", spy)
     trainer.fit(net, stage="a")
-    end_a = copy.deepcopy(trainer._final_opt["a"]["state"])
+    end_a = copy.deepcopy(trainer._last_opt[1]["state"])
     n_a = trainer.stages["a"].steps
     trainer.fit(net, stage="b", optimizer_from="a", weight_decay=1e-3)
     trainer.fit(net, stage="c")
@@ -162,5 +162,5 @@ def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
     assert wd == 1e-3
     assert len(end_a) == len(bufs) and all(torch.equal(end_a[i]["momentum_buffer"], b) for i, b in enumerate(bufs))
     assert all(b is None for b in seen[n_a + trainer.stages["b"].steps][0])          # c: fresh optimiser
-    with pytest.raises(ValueError, match="not a finished stage"):
-        trainer.fit(net, stage="d", optimizer_from="nope")
+    with pytest.raises(ValueError, match="not the stage this trainer finished last"):
+        trainer.fit(net, stage="d", optimizer_from="a")            # "c" finished after it
