@@ -293,7 +293,7 @@ def group_sections(complete: list[dict]) -> list[Section]:
 def _label_configs(sec: Section) -> None:
     """Short unique labels: the method, the options that vary between its configs, and the training
     settings that vary in the section; a colour per config and a marker per method."""
-    varying_train = [k for k in ("epochs", "batch_size", "lr")
+    varying_train = [k for k in results.NUMERIC_RECIPE_KEYS
                      if len({_hashable(c.fields.get(k)) for c in sec.configs}) > 1]
     recipe_text = dict(zip(map(id, sec.configs),
                            results.recipe_differences([c.fields.get("recipe") for c in sec.configs])))
@@ -329,12 +329,13 @@ def _label_configs(sec: Section) -> None:
 # --------------------------------------------------------------------------------------------
 # the deep-ensemble reference family and DEE
 # --------------------------------------------------------------------------------------------
-_RECIPE_KEYS = ("epochs", "batch_size", "lr", "recipe")   # with the section's (dataset, backbone): results.DEE_KEYS
+_RECIPE_KEYS = tuple(k for k in results.DEE_KEYS if k not in ("dataset", "backbone"))   # a section has those two
 
 
 def _recipe(c: Config) -> tuple:
     """The training recipe of a config, compared as results._dee_key does (numbers, missing = None)."""
-    return tuple(_hashable(_nan(c.fields.get(k))) if k != "recipe" else str(c.fields.get(k)) for k in _RECIPE_KEYS)
+    return tuple(_hashable(_nan(c.fields.get(k))) if k in results.NUMERIC_RECIPE_KEYS else str(c.fields.get(k))
+                 for k in _RECIPE_KEYS)
 
 
 @dataclass
@@ -401,7 +402,8 @@ def find_size_family(configs: Sequence[Config]) -> SizeFamily | None:
         cs.sort(key=lambda c: c.label)
     sizes = ", ".join(f"{m:g}" for m in sorted(by_size))
     labels = ", ".join(c.label for m in sorted(by_size) for c in by_size[m])
-    train = ", ".join(f"{k}={'?' if v is None else f'{v:g}'}" for k, v in zip(_RECIPE_KEYS, recipe) if k != "recipe")
+    train = ", ".join(f"{k}={'?' if v is None else f'{v:g}'}" for k, v in zip(_RECIPE_KEYS, recipe)
+                      if k in results.NUMERIC_RECIPE_KEYS)
     reason = (f"the records of the size-reference methods at M = {sizes} ({train}): {labels}; "
               f"method.size_reference marks members that are independent full copies of the backbone trained "
               f"with the single-model recipe; seeds pooled at each size, nothing guessed from params or FLOPs")
@@ -857,7 +859,7 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
             Column("combine", [str(c.fields.get("combine") or "probs") for c in cf], [False] * len(cf), "left"),
             Column("M", [f"{c.num_members:g}" if math.isfinite(c.num_members) else "?" for c in cf],
                    [False] * len(cf))]
-    for k in ("epochs", "batch_size", "lr"):
+    for k in results.NUMERIC_RECIPE_KEYS:
         if len({_hashable(c.fields.get(k)) for c in cf}) > 1:
             cols.append(Column(k, [str(c.fields.get(k)) for c in cf], [False] * len(cf)))
     recipe_text = results.recipe_differences([c.fields.get("recipe") for c in cf])

@@ -556,6 +556,8 @@ _NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
 # column (canonical JSON) and shows only the fields that differ between the rows of a table
 RECIPE_FIELDS = ("momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "milestones", "lr_decay",
                  "val_fraction", "bf16", "channels_last")
+# the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
+NUMERIC_RECIPE_KEYS = ("epochs", "batch_size", "lr")
 
 
 def recipe_differences(recipes: Sequence[Any]) -> list[str]:
@@ -668,7 +670,7 @@ def leaderboard(records: list[dict]):
 
     for k in _STR_KEYS:  # groupby must not drop or split on missing strings
         flat[k] = flat[k].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
-    for k in ("epochs", "batch_size", "lr"):
+    for k in NUMERIC_RECIPE_KEYS:
         flat[k] = pd.to_numeric(flat[k], errors="coerce")
     value_cols = [c for c in flat.columns if _is_aggregated(c, flat[c])]
 
@@ -757,7 +759,7 @@ def format_markdown(df) -> str:
         train_devs = sorted({_device_name(d) for d in t["train_device"]})
         lat_hdr = "latency ms" + (f" ({lat_devs[0]})" if len(lat_devs) == 1 else "")
         train_hdr = "train s" + (f" ({train_devs[0]})" if len(train_devs) == 1 else "")
-        varying = [k for k in ("epochs", "batch_size", "lr") if t[k].astype(str).nunique() > 1]
+        varying = [k for k in NUMERIC_RECIPE_KEYS if t[k].astype(str).nunique() > 1]
         recipe_text = recipe_differences(list(t["recipe"]))
         show_combine = any(c not in ("probs", "") for c in t["combine"])
         out_rows = []
@@ -867,7 +869,7 @@ def dee_size(value: float, curve: list[tuple[float, float]], larger_better: bool
 
 
 def _dee_key(row: Mapping) -> tuple:
-    return tuple(_num(row.get(k)) if k in ("epochs", "batch_size", "lr") else str(row.get(k)) for k in DEE_KEYS)
+    return tuple(_num(row.get(k)) if k in NUMERIC_RECIPE_KEYS else str(row.get(k)) for k in DEE_KEYS)
 
 
 def _dee_curves(points: list[tuple[tuple, float, float, float]]) -> dict[tuple, list[tuple[float, float]]]:

@@ -128,3 +128,13 @@ def kill_at(stage: str, epoch: int, exc: type[BaseException] = Killed):
         yield
     finally:
         train_mod.Trainer.fit = orig
+
+
+def growing_val_nll(monkeypatch) -> None:
+    """Make every validation NLL larger than the one before, so each best_val stage keeps its first epoch."""
+    import itertools
+
+    from benchmark.train import Trainer
+
+    calls = itertools.count()
+    monkeypatch.setattr(Trainer, "val_nll", lambda self, m: float(next(calls)))

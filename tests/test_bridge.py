@@ -20,7 +20,7 @@ from benchmark.errors import UsageError
 from benchmark.runner import build_for_cost
 from benchmark.train import Trainer
 from methods.bridge import default_feature_block, kl_to_teacher
-from conftest import fit_method, subsample
+from conftest import fit_method, growing_val_nll, subsample
 
 CPU = torch.device("cpu")
 
@@ -284,11 +284,7 @@ def test_stages_resume_and_theta0_is_the_single_model(digits, tmp_path):
 def test_base_select_best_val_keeps_each_modes_best_epoch(digits, monkeypatch):
     """base_select="best_val" (the paper's protocol): every mode is its best-validation epoch; the default
     keeps the last epoch (theta_0 = the single model, checked above)."""
-    import itertools
-
-    calls = itertools.count()
-    # a validation NLL that only grows: the best epoch of every mode is its first
-    monkeypatch.setattr(Trainer, "val_nll", lambda self, m: float(next(calls)))
+    growing_val_nll(monkeypatch)          # the best epoch of every mode is its first
     model, _, tr, _ = _fit("bridge", digits, options={"base_select": "best_val", "curve": "line"}, epochs=2,
                            lr=0.05)
     assert tr.stages["member0"].best_epoch == 1 and tr.stages["member1"].best_epoch == 1

@@ -9,7 +9,7 @@ import methods
 from benchmark.api import StackedEnsemble
 from benchmark.cost import count_flops, count_params
 from benchmark.sparse import DynamicSparsity, erk_densities, maskable_layers
-from conftest import Killed, ensemble_vs_members, fit_method, kill_at
+from conftest import Killed, ensemble_vs_members, fit_method, growing_val_nll, kill_at
 from methods.freetickets import edst_stage_epochs, window_lr
 
 
@@ -201,15 +201,10 @@ def test_real_data_ensemble_beats_its_members(cifar10_small, method, epochs, gap
 def test_dst_finished_member_resumes_to_its_best_epoch(digits, tmp_path, monkeypatch):
     """A killed DST run reloads a finished member exactly: its best-validation weights, not those weights
     under the masks of the member's last epoch (topology updates after the best epoch moved them)."""
-    import itertools
-
-    import benchmark.train as train_mod
-
     def run(ckpt):
-        calls = itertools.count()
-        # validation NLL that only grows: the best epoch of every member is its first, and the topology
-        # updates of the later epochs (every 5 steps) change the masks after it
-        monkeypatch.setattr(train_mod.Trainer, "val_nll", lambda self, m: float(next(calls)))
+        # the best epoch of every member is its first; the topology updates of the later epochs (every
+        # 5 steps) change the masks after it
+        growing_val_nll(monkeypatch)
         return fit_method("dst_ensemble", digits, epochs=3, lr=0.05, ckpt_dir=ckpt,
                           options={"num_members": 2, "update_frequency": 5})
 
