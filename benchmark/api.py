@@ -115,6 +115,27 @@ class FitContext:
     def seed(self) -> int:
         return self.config.seed
 
+    @property
+    def recipe(self):
+        """The run's effective recipe (``benchmark.recipe.Recipe``): what every stage starts from."""
+        from benchmark.recipe import Recipe
+
+        if getattr(self.config, "effective_recipe", None):
+            return Recipe.from_dict(self.config.effective_recipe)
+        return self.config.run_recipe()
+
+    def member_seed(self, k: int) -> int:
+        """Initialisation seed of member k of this run's seed; member 0 is the ``single`` model of the same
+        seed, so every method that trains independent full members shares them (DE-2 inside DE-4, a
+        bridge's base models, DST members)."""
+        from benchmark.train import stable_seed
+
+        return stable_seed(self.seed, "member", k)
+
+    def member_stage_seed(self, k: int) -> tuple:
+        """Data-order seed of member k's training stage (the ``seed`` argument of ``Trainer.fit``)."""
+        return ("member", self.seed, k)
+
     def make_backbone(self, *, num_classes: int | None = None, in_channels: int | None = None,
                       layers: Any = None, seed: int | None = None) -> nn.Module:
         """A fresh backbone of the run. ``seed`` makes its initialisation reproducible."""
@@ -136,6 +157,9 @@ class Method:
     # recipe: records of such a method at sizes 1..M form the deep-ensemble size curve that the
     # deep-ensemble-equivalent size (DEE) of every other method is read from.
     size_reference: ClassVar[bool] = False
+    # options the quickstart (a few epochs on 8x8 digits) uses instead of the defaults, where the paper's
+    # value only makes sense at its own scale (e.g. FreeTickets' update frequency in steps)
+    quickstart_options: ClassVar[dict] = {}
 
     @dataclass
     class Config:
@@ -149,6 +173,20 @@ class Method:
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         raise NotImplementedError
+
+    @classmethod
+    def paper_recipe(cls, run, backbone: str):
+        """The recipe of the method's paper for ``backbone``, scaled to ``run.epochs`` (a
+        ``benchmark.recipe.Recipe``), or None when the paper used the backbone's standard single-model
+        recipe (then ``--recipe paper`` trains exactly as ``shared``). Override with the citation."""
+        return None
+
+    @classmethod
+    def effective_recipe(cls, run, mode: str, backbone: str):
+        """The recipe this method trains with under ``mode`` ("shared": the run's own)."""
+        if mode == "paper":
+            return cls.paper_recipe(run, backbone) or run
+        return run
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

@@ -17,13 +17,22 @@ else:  # pragma: no cover
 
 from benchmark.errors import UsageError
 
-SCHEDULES = ("cosine", "multistep", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**63 - 1
+MAX_EPOCHS = 100_000   # per stage; far beyond any published recipe (a typo guard, not a budget)
 
 # Fields that say where things live or how a run is executed, not what is computed: they do not enter
 # the run id, so the same experiment keeps its id whatever folder or machine it is written from.
 NON_IDENTITY_FIELDS = ("out", "data_dir", "download", "device", "progress", "save_predictions",
-                       "compile", "latency_runs")
+                       "keep_weights", "compile", "latency_runs")
+# The run's recipe settings and its mode enter the run id only through the effective recipe derived from
+# them (``effective_recipe``): two runs that train with the same recipe are the same experiment whatever
+# mode or spelling produced it.
+RUN_RECIPE_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+                     "warmup_epochs", "milestones", "lr_decay")
+# Derived by ``resolve`` (never typed by a user): the effective recipe as trained and the identity of the
+# data actually loaded. Both are in the run id and the record.
+DERIVED_FIELDS = ("effective_recipe", "data_id")
 
 
 @dataclass
@@ -33,8 +42,9 @@ class RunConfig:
     dataset: str = "digits"
     epochs: int = 10
     seed: int = 0
-    # the shared training recipe (every method gets the same one; a method may adjust what its paper
-    # prescribes through its own options, and the record shows the resolved values)
+    # the run's training recipe (benchmark/recipe.py): under recipe="shared" every method trains with it;
+    # under recipe="paper" each method with its published one (its method file declares it)
+    recipe: str = "shared"
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -55,28 +65,31 @@ class RunConfig:
     device: str = "auto"
     progress: bool = True
     save_predictions: bool = True
+    keep_weights: bool = True    # the final weights beside the record (<run_id>.weights.safetensors)
     compile: bool = False
     latency_runs: int = 50
+    # derived by resolve() (see DERIVED_FIELDS)
+    effective_recipe: dict[str, Any] | None = None
+    data_id: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)
         self.validate()
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"epochs must be >= 1; got {self.epochs}")
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1; got {self.batch_size}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be > 0; got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        from benchmark.recipe import RECIPE_MODES
+
+        if self.recipe not in RECIPE_MODES:
+            raise UsageError(f"unknown recipe mode {self.recipe!r}; choose from {', '.join(RECIPE_MODES)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed must be in [0, 2**63 - 1]; got {self.seed}")
+        if self.epochs > MAX_EPOCHS:
+            raise UsageError(f"epochs must be <= {MAX_EPOCHS:,}; got {self.epochs}")
+        self.run_recipe()   # every recipe value and combination (benchmark.recipe.Recipe.validate)
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
-        if any(not 0.0 < m < 1.0 for m in self.milestones):
-            raise UsageError(f"milestones are fractions of the epochs in (0, 1); got {list(self.milestones)}")
         if self.latency_runs < 1:
             raise UsageError(f"latency_runs must be >= 1; got {self.latency_runs}")
 
@@ -85,9 +98,19 @@ class RunConfig:
         d["milestones"] = list(self.milestones)
         return d
 
+    def run_recipe(self):
+        """The run's own recipe (before the mode): a ``benchmark.recipe.Recipe``."""
+        from benchmark.recipe import Recipe
+
+        return Recipe(**{k: getattr(self, k) for k in RUN_RECIPE_FIELDS})
+
     def identity(self) -> dict[str, Any]:
+        """What the run id is a hash of: the experiment (method, options, backbone, data as loaded, the
+        effective recipe, seed, ...), not where or how it is executed, nor how its recipe was spelled."""
+        if self.effective_recipe is None or self.data_id is None:
+            resolve(self)
         d = self.to_dict()
-        for k in NON_IDENTITY_FIELDS:
+        for k in (*NON_IDENTITY_FIELDS, *RUN_RECIPE_FIELDS, "recipe"):
             d.pop(k, None)
         return d
 
@@ -95,6 +118,9 @@ class RunConfig:
         return run_id_of(self.identity())
 
     def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes``; the derived fields are derived again when next needed."""
+        changes.setdefault("effective_recipe", None)
+        changes.setdefault("data_id", None)
         return dataclasses.replace(self, **changes)
 
 
@@ -197,7 +223,8 @@ def build_options(config_cls: type, values: dict[str, Any], method: str) -> Any:
     for k, v in values.items():
         if k not in valid:
             listed = ", ".join(valid) if valid else "(none)"
-            raise UsageError(f"unknown option {k!r} for method {method!r}; valid options: {listed}")
+            raise UsageError(f"unknown option {k!r} for method {method!r}{did_you_mean(k, valid)}; "
+                             f"valid options: {listed}")
         kwargs[k] = coerce(v, hints[k], f"{method}.{k}")
     try:
         return config_cls(**kwargs)
@@ -214,6 +241,15 @@ def options_dict(opts: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- run config
 RUN_FIELDS = {f.name: f for f in fields(RunConfig)}
+USER_FIELDS = [k for k in RUN_FIELDS if k not in DERIVED_FIELDS]
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def make_run_config(values: dict[str, Any]) -> RunConfig:
@@ -222,8 +258,11 @@ def make_run_config(values: dict[str, Any]) -> RunConfig:
     hints = typing.get_type_hints(RunConfig)
     kwargs: dict[str, Any] = {}
     for k, v in values.items():
-        if k not in RUN_FIELDS:
-            raise UsageError(f"unknown run setting {k!r}; valid settings: {', '.join(RUN_FIELDS)}")
+        if k not in RUN_FIELDS or k in DERIVED_FIELDS:
+            if k in DERIVED_FIELDS:   # a record's config read back: derived again from the settings
+                continue
+            raise UsageError(f"unknown run setting {k!r}{did_you_mean(k, USER_FIELDS)}; "
+                             f"valid settings: {', '.join(USER_FIELDS)}")
         if v is None:
             continue
         kwargs[k] = v if k == "options" else coerce(v, hints[k], k)
@@ -232,7 +271,9 @@ def make_run_config(values: dict[str, Any]) -> RunConfig:
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Check method/backbone/dataset names and fill the method's option defaults."""
+    """Check method/backbone/dataset names, fill the method's option defaults, derive the effective
+    recipe (the run's recipe under its mode) and identify the data (loading it: a missing or bad data
+    file is bad input here, before anything is written)."""
     import methods
     from benchmark import backbones, data
 
@@ -241,6 +282,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     data.check_name(cfg.dataset)
     opts = build_options(method_cls.Config, dict(cfg.options or {}), cfg.method)
     cfg.options = options_dict(opts)
+    cfg.effective_recipe = method_cls.effective_recipe(cfg.run_recipe(), cfg.recipe, cfg.backbone).to_dict()
+    cfg.data_id = data.identity(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     return cfg
 
 
@@ -257,6 +300,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def run_config_from_toml(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     doc = load_toml(path)
+    derived = [k for k in doc if k in DERIVED_FIELDS]
+    if derived:
+        raise UsageError(f"{path}: {', '.join(derived)} is derived by the suite, not a setting")
     values = {k: v for k, v in doc.items() if k != "options"}
     if "options" in doc and not isinstance(doc["options"], dict):
         raise UsageError(f"{path}: [options] must be a table")

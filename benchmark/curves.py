@@ -197,11 +197,16 @@ def curve_loss(sampler: UniformSampler):
 
 def train_curve(trainer: Any, curve: Curve, *, stage: str, epochs: int, seed: Any, **fit_kw: Any):
     """Train the control point with the shared Trainer (its recipe unless ``fit_kw`` overrides it).
-    Returns the StageResult, or None for a curve with nothing to train (the straight line)."""
+    Returns the StageResult, or None for a curve with nothing to train (the straight line).
+
+    The stage's learning curve has the training loss only: validating an interior point of the curve
+    needs its batch-norm statistics recomputed over the training split, a third of an epoch's cost, so
+    it is done once, for the midpoint, after the stage (the method records it)."""
     if not curve.control_parameters():
         return None
     from benchmark.train import stable_seed
 
     sampler = UniformSampler(stable_seed("curve-l", seed))
     return trainer.fit(curve, stage=stage, epochs=epochs, loss_fn=curve_loss(sampler),
-                       params=curve.control_parameters(), stateful=[sampler], seed=seed, **fit_kw)
+                       params=curve.control_parameters(), stateful=[sampler], seed=seed,
+                       val_fn=lambda _: {}, **fit_kw)

@@ -14,6 +14,7 @@ does not depend on the run seed); validation is the LAST ``val_fraction`` of the
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -84,6 +85,43 @@ class DataBundle:
                           self.val.to(device) if self.val is not None else None, self.test.to(device),
                           {k: v.to(device) for k, v in self.ood.items()}, self.mean, self.std, self.augment,
                           self.source)
+
+
+def fingerprint(bundle: DataBundle) -> dict:
+    """The identity of the data a run trains and is scored on: the dataset's name, its split sizes and
+    a sha256 of every array actually loaded (images and labels of train, val, test, and the OOD sets), so
+    a subset, another copy or another validation split is another experiment."""
+    h = hashlib.sha256()
+    parts = [("train", bundle.train), ("val", bundle.val), ("test", bundle.test)]
+    for name, split in parts:
+        h.update(name.encode())
+        if split is not None:
+            for t in (split.x, split.y):
+                h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+                h.update(t.contiguous().cpu().numpy().tobytes())
+    for name in sorted(bundle.ood):
+        t = bundle.ood[name]
+        h.update(name.encode() + str(tuple(t.shape)).encode())
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return {"name": bundle.name, "n_train": len(bundle.train), "n_val": len(bundle.val) if bundle.val is not None else 0,
+            "n_test": len(bundle.test), "ood": {k: int(v.shape[0]) for k, v in sorted(bundle.ood.items())},
+            "sha256": h.hexdigest()[:16]}
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(name: str, root: str | None, download: bool, val_fraction: float, stamp: tuple) -> dict:
+    return fingerprint(load(name, root, download, val_fraction))
+
+
+def identity(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+             val_fraction: float = 0.1) -> dict:
+    """``fingerprint`` of the dataset as ``load`` would give it (cached per process while the data
+    folder's files keep their sizes and modification times)."""
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.glob("*") if p.is_file())) \
+        if root.is_dir() else ()
+    return dict(_identity(name, str(data_dir) if data_dir is not None else None, bool(download),
+                          float(val_fraction), stamp))
 
 
 def check_name(name: str) -> None:

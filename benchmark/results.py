@@ -44,6 +44,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from benchmark import recipe as _recipe
+
 SCHEMA_VERSION = 1
 STATUSES = ("complete", "failed", "running")
 PREDS_SUFFIX = ".preds.npz"
@@ -546,18 +548,31 @@ DEVICE_COLUMNS = ("latency_device", "throughput_device", "train_device")
 MSP_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 # rows of the leaderboard are one group of these keys; everything else numeric is mean/std over seeds
 GROUP_KEYS = (
-    "dataset", "backbone", "method", "config_key", "epochs", "batch_size", "lr", "recipe",
+    "dataset", "data_id", "backbone", "method", "config_key", "epochs", "batch_size", "lr", "recipe",
     "combine", "num_members", "size_reference", *DEVICE_COLUMNS,
 )
-_STR_KEYS = ("dataset", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
-_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status"}
-# the rest of the shared training recipe (RunConfig fields that enter the run id): runs that differ in any
-# of them are different experiments, never seeds of one row; the leaderboard keeps them as the "recipe"
-# column (canonical JSON) and shows only the fields that differ between the rows of a table
-RECIPE_FIELDS = ("momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "milestones", "lr_decay",
-                 "val_fraction", "bf16", "channels_last")
+_STR_KEYS = ("dataset", "data_id", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
+# per-record columns that are not averaged over seeds (the row says how its seeds agree instead)
+_ROW_FLAGS = ("converged", "code_id", "stage_recipes", "latency_busy")
+_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status", *_ROW_FLAGS}
 # the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
 NUMERIC_RECIPE_KEYS = ("epochs", "batch_size", "lr")
+# the rest of the effective training recipe (benchmark.recipe.Recipe, as trained) and the run settings that
+# change numbers: runs that differ in any of them are different experiments, never seeds of one row; the
+# leaderboard keeps them as the "recipe" column (canonical JSON) and shows only the fields that differ
+RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIPE_KEYS) + (
+    "val_fraction", "bf16", "channels_last")
+
+# Convergence rule (one rule for every row; the numbers are printed under every table): a training stage
+# that is meant to converge has converged when its validation NLL (a stage without one: its own validation
+# metric, e.g. a bridge's KL) improved by less than CONVERGENCE_TOL, relative, over the last
+# CONVERGENCE_WINDOW of its epochs (at least one epoch): (v[E-k] - min(v[E-k+1..E])) / |v[E-k]| < tol with
+# k = max(1, ceil(window * E)). A run has converged when all its stages have; a row when all its seeds have.
+CONVERGENCE_WINDOW = 0.10
+CONVERGENCE_TOL = 0.01
+# A latency whose spread inside its own measurement, (p90 - p10) / median, exceeds this was measured on a
+# busy machine: the leaderboard marks it instead of presenting the median as a measurement.
+LATENCY_BUSY_SPREAD = 0.5
 
 
 def recipe_differences(recipes: Sequence[Any]) -> list[str]:
@@ -590,6 +605,84 @@ def _canonical(obj: Any) -> str:
     return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def stage_converged(stage: Mapping) -> bool | None:
+    """The convergence rule on one stage's learning curve (None: no validation curve to judge)."""
+    curve = [e for e in (stage.get("curve") or []) if isinstance(e, dict)]
+    key = "val_nll" if any("val_nll" in e for e in curve) else "val"
+    vals = [float(e[key]) for e in curve if isinstance(e.get(key), (int, float))]
+    if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
+        return None
+    k = min(max(1, math.ceil(CONVERGENCE_WINDOW * len(vals))), len(vals) - 1)
+    ref = vals[-1 - k]
+    if ref == 0:
+        return True
+    return (ref - min(vals[-k:])) / abs(ref) < CONVERGENCE_TOL
+
+
+def record_converged(rec: Mapping) -> bool | None:
+    """All stages of the run that are meant to converge have (None: the record has no curves)."""
+    stages = _dict(_dict(rec.get("training")).get("stages"))
+    verdicts = [stage_converged(s) for s in stages.values() if isinstance(s, dict) and s.get("converges", True)]
+    verdicts = [v for v in verdicts if v is not None]
+    return all(verdicts) if verdicts else None
+
+
+def _stage_recipes_text(training: Mapping) -> str:
+    """The stage recipes that differ from the run's effective recipe: "explore: schedule=constant; ..."."""
+    def show(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, list):
+            return "[" + ",".join(show(x) for x in v) + "]"
+        return str(v)
+
+    by_text: dict[str, list[str]] = {}
+    for name, st in _dict(training.get("stages")).items():
+        ch = _dict(_dict(st).get("recipe_changes"))
+        if ch:
+            by_text.setdefault(", ".join(f"{k}={show(v)}" for k, v in sorted(ch.items())), []).append(str(name))
+    return "; ".join(f"{'+'.join(names)}: {text}" for text, names in by_text.items())
+
+
+WEIGHTS_SUFFIX = ".weights.safetensors"
+
+
+def save_weights(out_dir: str | os.PathLike, run_id: str, model: Any) -> Path:
+    """The trained ensemble's state dict as ``<out>/<run_id>.weights.safetensors`` (atomic; tensors only,
+    so loading it can never run code). ``method.build`` rebuilds the architecture it loads into."""
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / f"{run_id}{WEIGHTS_SUFFIX}"
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    save_file(state, str(tmp), metadata={"run_id": run_id})
+    os.replace(tmp, path)
+    return path
+
+
+def write_curves(out_dir: str | os.PathLike, run_id: str, stages: Mapping) -> Path:
+    """The learning curves of a run as ``<out>/<run_id>.curves.csv``: one line per stage and epoch (lr,
+    train loss, validation metrics, epoch time); also to TensorBoard when it is installed."""
+    cols = ["stage", "epoch", "lr", "loss", "val_acc", "val_nll", "val", "epoch_s", "val_s"]
+    lines = [",".join(cols)]
+    for name, st in stages.items():
+        for e in _dict(st).get("curve") or []:
+            lines.append(",".join([str(name)] + ["" if e.get(c) is None else repr(e.get(c)) for c in cols[1:]]))
+    path = Path(out_dir) / f"{run_id}.curves.csv"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:     # tensorboard is an optional extra
+        return path
+    with SummaryWriter(str(Path(out_dir) / "tensorboard" / run_id)) as w:
+        for name, st in stages.items():
+            for e in _dict(st).get("curve") or []:
+                for c in cols[2:]:
+                    if isinstance(e.get(c), (int, float)):
+                        w.add_scalar(f"{name}/{c}", e[c], e["epoch"])
+    return path
+
+
 def flatten_record(rec: dict) -> dict:
     """One flat row of a record: identity columns, metrics, msp OOD metrics per set, cost, devices.
 
@@ -601,16 +694,28 @@ def flatten_record(rec: dict) -> dict:
     cost = _dict(rec.get("cost"))
     training = _dict(rec.get("training"))
     options = meth.get("options") if isinstance(meth.get("options"), dict) else _dict(cfg.get("options"))
+    # the effective recipe as trained (records before it existed: the run's settings)
+    eff = {**cfg, **_dict(cfg.get("effective_recipe"))}
+    code = _dict(rec.get("code"))
+    p10, p90, med = _num(cost.get("latency_ms_p10")), _num(cost.get("latency_ms_p90")), _num(cost.get("latency_ms"))
+    spread = (p90 - p10) / med if med > 0 else math.nan
+    conv = record_converged(rec)
 
     row: dict[str, Any] = {
         "dataset": cfg.get("dataset", rec.get("dataset")),
+        "data_id": _dict(cfg.get("data_id")).get("sha256"),
         "backbone": cfg.get("backbone", rec.get("backbone")),
         "method": meth.get("name") or cfg.get("method"),
         "config_key": _canonical(options),
-        "epochs": cfg.get("epochs"),
-        "batch_size": cfg.get("batch_size"),
-        "lr": cfg.get("lr"),
-        "recipe": _canonical({k: cfg[k] for k in RECIPE_FIELDS if k in cfg}),
+        "epochs": eff.get("epochs"),
+        "batch_size": eff.get("batch_size"),
+        "lr": eff.get("lr"),
+        "recipe": _canonical({k: eff[k] for k in RECIPE_FIELDS if k in eff}),
+        "stage_recipes": _stage_recipes_text(training),
+        "converged": None if conv is None else bool(conv),
+        "code_id": f"{code.get('harness_sha256')}/{code.get('method_sha256')}" if code else None,
+        "latency_spread": spread,
+        "latency_busy": bool(spread > LATENCY_BUSY_SPREAD) if spread == spread else None,
         "seed": cfg.get("seed"),
         "run_id": rec.get("run_id"),
         "status": rec.get("status"),
@@ -682,6 +787,11 @@ def leaderboard(records: list[dict]):
             warnings.warn(f"leaderboard: duplicate seeds {seeds} for {row['method']} {row['config_key']}", stacklevel=2)
         row["n_seeds"] = len(g)
         row["seeds"] = str(seeds)
+        verdicts = list(g["converged"])
+        row["converged"] = (None if any(v is None or v != v for v in verdicts) else bool(all(verdicts)))
+        row["code_versions"] = len({c for c in g["code_id"] if c is not None})
+        row["stage_recipes"] = next((s for s in g["stage_recipes"] if s), "")
+        row["latency_busy"] = any(bool(v) for v in g["latency_busy"] if v is not None and v == v)
         for c in value_cols:
             v = g[c].astype(float)
             row[f"{c}_mean"] = v.mean(skipna=False)
@@ -771,7 +881,9 @@ def format_markdown(df) -> str:
                 row["recipe"] = recipe_text[i] or "-"
             if show_combine:
                 row["combine"] = r["combine"] or "probs"
-            row["n"] = str(r["n_seeds"])
+            row["n"] = str(r["n_seeds"]) + (" ‡" if _num(r.get("code_versions")) > 1 else "")
+            conv = r.get("converged")
+            row["converged"] = "?" if conv is None or conv != conv else ("yes" if conv else "**no**")
 
             def g(col: str, scale: float = 1.0, digits: int = 2) -> str:
                 return _fmt(r.get(f"{col}_mean"), r.get(f"{col}_std"), scale, digits)
@@ -786,22 +898,31 @@ def format_markdown(df) -> str:
             row["non-zero params (M)"] = g("params_nonzero", 1e-6)   # sparse methods' live weights
             row["GFLOPs"] = g("flops", 1e-9, 3)                        # sparse-aware (per-layer density)
             row["train TFLOPs"] = g("train_flops", 1e-12, 2)
-            row[lat_hdr] = g("latency_ms", 1, 2)
+            row[lat_hdr] = g("latency_ms", 1, 2) + (" †" if bool(r.get("latency_busy")) else "")
             row[train_hdr] = g("train_s", 1, 0)
             if len(lat_devs) > 1 or len(train_devs) > 1:
                 row["devices"] = f"latency: {_device_name(r['latency_device'])}; train: {_device_name(r['train_device'])}"
+            if any(str(s or "") for s in t.get("stage_recipes", [])):
+                row["stage recipes"] = str(r.get("stage_recipes") or "") or "-"
             out_rows.append(row)
         header = list(out_rows[0])
         lines = [f"### {dataset or '?'} · {backbone or '?'}", ""]
         lines.append("| " + " | ".join(_cell(h) for h in header) + " |")
-        text_cols = {"method", "options", "combine", "devices"}
+        text_cols = {"method", "options", "combine", "devices", "converged", "stage recipes", "recipe"}
         lines.append("|" + "|".join("---" if h in text_cols else "---:" for h in header) + "|")
         for row in out_rows:
             lines.append("| " + " | ".join(_cell(row.get(h, "")) for h in header) + " |")
         parts.append("\n".join(lines))
     note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
             "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
-            "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen._")
+            "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen. "
+            f"converged: every training stage's validation NLL improved by less than {CONVERGENCE_TOL:.0%} "
+            f"(relative) over its last {CONVERGENCE_WINDOW:.0%} of epochs (at least one), in every seed; "
+            "**no** = still improving when it stopped, so the row is not a verdict on the method; "
+            f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
+            f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
+            "(harness or method file hash). stage recipes: stages that a method trains with its own "
+            "recipe (part of the method, recorded per stage)._")
     return "\n\n".join(parts) + "\n\n" + note + "\n"
 
 

@@ -7,13 +7,18 @@ the record is complete, so a killed run resumes where it stopped when started ag
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
+import inspect
+import os
+import socket
 import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -80,9 +85,85 @@ def check_buildable(method: Any, cfg: RunConfig) -> None:
         torch.set_rng_state(rng)
 
 
-def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False) -> dict:
+LOCK_DIR = ".submitit/locks"   # one lock file per run id, shared by plain runs and sweeps
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, run_id: str) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on one run (``<out>/.submitit/locks/<run_id>.lock``): yields
+    False when another process holds it, so two processes never train the same run at once. The holder
+    writes "pid host" into the file (``lock_holder``); the kernel drops the lock when the process ends,
+    however it ends."""
+    import fcntl
+
+    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            f.flush()
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def lock_holder(out: Path, run_id: str) -> str | None:
+    """"pid P on host H" of the process that holds (or last held) the run's lock, if it wrote one."""
+    try:
+        pid, host = (Path(out) / LOCK_DIR / f"{run_id}.lock").read_text().split()[:2]
+        return f"pid {pid} on {host}"
+    except (OSError, ValueError):
+        return None
+
+
+def lock_is_held(out: Path, run_id: str) -> bool:
+    """Whether a live process holds the run's lock now (a killed process's lock is released)."""
+    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
+    if not path.is_file():
+        return False
+    with run_lock(Path(out), run_id) as mine:
+        return not mine
+
+
+def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
+            locked: bool = False) -> dict:
     """Run one configuration and return its complete record (an existing complete record is returned
-    as is unless ``force``)."""
+    as is unless ``force``). The run's lock is taken here (``locked``: the caller holds it already);
+    another process running the same run id is one line, exit 2. A failure never overwrites a
+    complete record."""
+    out = Path(cfg.out)
+    run_id = cfg.run_id()
+    _check_out_dir(out)
+    method = make_method(cfg)      # bad options fail here, before anything is written
+    check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
+    if locked:
+        return _execute(cfg, log=log, force=force)
+    with run_lock(out, run_id) as mine:
+        if not mine:
+            raise UsageError(f"run {run_id} is being run by another process ({lock_holder(out, run_id) or 'unknown'}); "
+                             f"wait for it to finish (its record will be {out / (run_id + '.json')})")
+        return _execute(cfg, log=log, force=force)
+
+
+def _check_out_dir(out: Path) -> None:
+    """The output folder is a writable folder (or can be made one): bad input before any work."""
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--out {out}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UsageError(f"--out {out}: {p} is not writable")
+            return
+
+
+def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False) -> dict:
     from benchmark import cost as cost_mod
     from benchmark import data as data_mod
     from benchmark import metrics as metrics_mod
@@ -92,12 +173,18 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(cfg.out)
     run_id = cfg.run_id()
+    code = code_identity(methods.get(cfg.method))
     if not force and results.record_status(out, run_id) == "complete":
-        log(f"{run_id}: complete record exists, skipped")
-        return results.read_record(out / f"{run_id}.json")
-    method = make_method(cfg)            # bad options fail here, before anything is written
+        rec = results.read_record(out / f"{run_id}.json")
+        changed = [k for k, v in code.items() if k.endswith("sha256") and (rec.get("code") or {}).get(k) != v]
+        if changed:
+            log(f"{run_id}: a complete record exists, made by other code ({', '.join(changed)} differ): skipped; "
+                f"--force runs it again with this code")
+        else:
+            log(f"{run_id}: complete record exists, skipped")
+        return rec
+    method = make_method(cfg)
     device = resolve_device(cfg.device)
-    check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     record: dict[str, Any] = {
         "schema_version": results.SCHEMA_VERSION, "run_id": run_id, "status": "running",
@@ -105,6 +192,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
         "method": {"name": cfg.method, "options": dict(cfg.options),
                    "size_reference": bool(getattr(type(method), "size_reference", False))},
         "data": bundle.describe(),
+        "code": code,
         "env": results.environment_info(),
         "timings": {"started": _now()}, "error": None,
     }
@@ -142,6 +230,9 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
             training["train_s"] += float(extra_s)
             training["train_s_extra"] = float(extra_s)
         training["device"] = cost_mod.device_name(device)
+        results.write_curves(out, run_id, training["stages"])
+        if cfg.keep_weights:      # evaluate again later (new shift or OOD sets) without training again
+            record["weights"] = results.save_weights(out, run_id, model).name
         if cfg.save_predictions:
             results.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,
                                      val_labels=val_labels, ood=ood, combine=model.combine)
@@ -150,6 +241,8 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start, eval_s=eval_s)
         results.write_record(out, record)
         shutil.rmtree(out / ".ckpt" / run_id, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (out / ".ckpt").rmdir()          # only when no other run's checkpoints are left
         return record
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ in ("JobInterrupted",):
@@ -157,8 +250,28 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
         record.update(status="failed", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc(limit=20))
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start)
-        results.write_record(out, record)
+        if results.record_status(out, run_id) != "complete":   # never over a finished result
+            results.write_record(out, record)
         raise
+
+
+HARNESS_DIR = Path(__file__).resolve().parent
+
+
+def _sha256_files(paths: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def code_identity(method_cls: type) -> dict[str, Any]:
+    """Which code made a record: a hash of the harness (benchmark/*.py) and of the method's source file,
+    with the method's module and file, so a leaderboard row traces to the code that made it."""
+    src = Path(inspect.getsourcefile(method_cls) or "")
+    return {"harness_sha256": _sha256_files(list(HARNESS_DIR.glob("*.py")), HARNESS_DIR),
+            "method_module": method_cls.__module__, "method_file": src.name,
+            "method_sha256": _sha256_files([src], src.parent) if src.is_file() else None}
 
 
 def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channels: int, image_size: int,

@@ -10,13 +10,15 @@ density would exceed 1 is made dense and ``eps`` is solved again for the others.
 positions are drawn uniformly at random.
 
 ``DynamicSparsity`` keeps the masks of one network and changes its topology while it trains:
-  * masks are re-applied after every optimiser step (pruned weights stay exactly 0) and the momentum
-    buffers of pruned weights are zeroed, so a pruned weight never comes back with stale momentum;
+  * masks are re-applied after every optimiser step (pruned weights stay exactly 0). The released
+    FreeTickets code leaves the optimiser's momentum buffers alone (a pruned position keeps its momentum,
+    and a regrown one starts from it): that is the default. ``zero_momentum=True`` also zeroes the momentum
+    of pruned and regrown positions, so a weight never comes back with stale momentum;
   * every ``update_frequency`` iterations, in every layer: drop the ``ceil(p * n_active)`` live weights
     of smallest magnitude (p = death rate), then grow as many positions, among those inactive after the
     drop (the just-dropped ones included), with the largest magnitude of the dense gradient of the last
-    minibatch. Grown weights start at exactly 0 with zero momentum (a just-dropped position grown again
-    starts from 0 too, as in the released FreeTickets code). The number of live weights per layer is
+    minibatch. Grown weights start at exactly 0 (a just-dropped position grown again starts from 0 too, as
+    in the released FreeTickets code). The number of live weights per layer is
     constant; a dense layer (ERK density 1) has nothing to explore and is left alone;
   * ``schedule_jump(q)`` asks for a one-off global exploration jump (drop a fraction q of every layer's
     live weights, regrow as many by gradient) after the next optimiser step.
@@ -109,10 +111,13 @@ class DynamicSparsity:
     update_frequency  iterations between updates (counted over every ``after_step`` call, across stages);
                       0 switches the regular updates off (static sparse training)
     seed              seeds the random positions of the initial masks
+    zero_momentum     also zero the momentum buffers of pruned and regrown positions (the released code
+                      does not)
     """
 
     def __init__(self, model: nn.Module, density: float, *, death_rate: float = 0.5,
-                 update_frequency: int = 1000, seed: int = 0):
+                 update_frequency: int = 1000, seed: int = 0, zero_momentum: bool = False):
+        self.zero_momentum = bool(zero_momentum)
         if not 0.0 < death_rate <= 1.0:
             raise ValueError(f"death_rate must be in (0, 1]; got {death_rate}")
         if update_frequency < 0:
@@ -147,7 +152,7 @@ class DynamicSparsity:
         for name, w in self.layers.items():
             off = ~self._mask(name)
             w.masked_fill_(off, 0.0)
-            if optimizer is not None:
+            if optimizer is not None and self.zero_momentum:
                 buf = optimizer.state.get(w, {}).get("momentum_buffer")
                 if buf is not None:
                     buf.masked_fill_(off, 0.0)
@@ -236,8 +241,8 @@ class DynamicSparsity:
             grown[grow] = True
             grown = grown.view_as(mask)
             self.masks[name] = new.view_as(mask)
-            w.masked_fill_(grown, 0.0)          # grown connections start at exactly 0, momentum 0
-            if self._optimizer is not None:
+            w.masked_fill_(grown, 0.0)          # grown connections start at exactly 0
+            if self._optimizer is not None and self.zero_momentum:
                 buf = self._optimizer.state.get(w, {}).get("momentum_buffer")
                 if buf is not None:
                     buf.masked_fill_(grown, 0.0)

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
+from benchmark.runner import run_lock  # noqa: F401  (sweep.run_lock: the one lock per run id)
 from benchmark.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml, make_run_config
 from benchmark.errors import UsageError
 
@@ -252,27 +253,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def run_lock(out: Path, run_id: str) -> Iterator[bool]:
-    """An exclusive, non-blocking lock on one run (``<out>/.submitit/locks/<run_id>.lock``): yields
-    False when another process holds it, so two executors never train the same run at once. The
-    kernel drops it when the process ends, however it ends."""
-    import fcntl
-
-    path = out / SUBMITIT_DIR / "locks" / f"{run_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _limit_threads() -> None:
     """Inside a Slurm job, use the CPUs given to the task unless OMP_NUM_THREADS says otherwise."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -316,7 +296,7 @@ class RunJob(submitit.helpers.Checkpointable):
             if not mine:
                 log(f"{self.run_id}: another process is running it; left to that one")
                 return {"run_id": self.run_id, "status": "busy", "requeues": self.requeues}
-            rec = execute(cfg, log=log)
+            rec = execute(cfg, log=log, locked=True)
         return {"run_id": self.run_id, "status": rec["status"], "requeues": self.requeues,
                 "acc": rec.get("metrics", {}).get("acc")}
 

@@ -4,7 +4,7 @@
   loss_fn(model, x, y) -> loss           default: cross-entropy summed over members of model(x) [M, B, C]
   batch_transform(x, y) -> (x, y)        e.g. MIMO's slot batches, mixup
   after_step(model, step)                e.g. re-apply sparsity masks, topology updates
-  lr_fn(epoch_float) -> lr               a stage-specific learning-rate curve (overrides the schedule)
+  recipe=Recipe                          the stage's recipe (default: the run's effective recipe)
   stateful=[obj, ...]                    objects with state_dict()/load_state_dict() saved in checkpoints
   optimizer_from="stage"                 start from the optimiser state (momentum) that the stage this
                                          trainer finished last ended with: one run that goes on across stages
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 import sys
 import time
@@ -30,34 +29,7 @@ from torch import nn
 from benchmark.api import default_loss
 from benchmark.data import DataBundle, Normalizer, Split, TensorLoader
 from benchmark.errors import TrainingDiverged
-
-
-def lr_factor(schedule: str, t: float, epochs: float, warmup: float = 0.0,
-              milestones: tuple[float, ...] = (0.5, 0.75), decay: float = 0.1) -> float:
-    """Learning-rate multiplier at fractional epoch ``t`` of ``epochs``.
-
-    cosine     linear warm-up over ``warmup`` epochs, then cosine to 0
-    multistep  x ``decay`` at each milestone (fractions of the epochs)
-    linear     the NFE / FreeTickets-style curve: 1 until 50%, linear to 0.01 at 90%, then 0.01
-    constant   1
-    """
-    if warmup > 0 and t < warmup:
-        return (t + 1e-12) / warmup
-    if schedule == "cosine":
-        span = max(epochs - warmup, 1e-12)
-        return 0.5 * (1.0 + math.cos(math.pi * min(max(t - warmup, 0.0) / span, 1.0)))
-    if schedule == "multistep":
-        return decay ** sum(t >= m * epochs for m in milestones)
-    if schedule == "linear":
-        f = t / epochs
-        if f < 0.5:
-            return 1.0
-        if f < 0.9:
-            return 1.0 - 0.99 * (f - 0.5) / 0.4
-        return 0.01
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}")
+from benchmark.recipe import Recipe, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
 
 
 def stable_seed(*parts: Any) -> int:
@@ -76,6 +48,10 @@ class StageResult:
     best_val: float | None = None
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    recipe: dict = field(default_factory=dict)      # the stage's recipe as trained (benchmark.recipe)
+    select: str = "last"
+    select_metric: str | None = None
+    converges: bool = True     # meant to converge (an exploration phase is not): the convergence rule reads it
 
     @property
     def train_flops(self) -> float | None:
@@ -93,6 +69,19 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def load_checkpoint(path: Path, device: torch.device | str) -> dict:
+    """A checkpoint written by the trainer, loaded with ``weights_only=True``: tensors, numbers, strings
+    and containers only, so a file planted in a results folder cannot run code."""
+    from benchmark.errors import UsageError
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:   # an unpickling error names what the file tried to load
+        raise UsageError(f"refusing checkpoint {path}: not a plain-tensor checkpoint of this suite "
+                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); delete it to "
+                         f"train that stage again") from None
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -114,6 +103,9 @@ class Trainer:
         self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
         self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
         self.stages: dict[str, StageResult] = {}
+        # the run's effective recipe: every stage's default (benchmark.recipe)
+        self.recipe: Recipe = (Recipe.from_dict(config.effective_recipe) if getattr(config, "effective_recipe", None)
+                               else config.run_recipe())
         # (stage, its final optimiser state on the CPU) of the stage finished last, for optimizer_from
         self._last_opt: tuple[str, dict] | None = None
 
@@ -138,74 +130,88 @@ class Trainer:
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-        """Member logits [M, N, C] (float32, on CPU) of uint8 images ``x``, in eval mode."""
+        """Member logits [M, N, C] (float32, on CPU) of uint8 images ``x``, in eval mode. Evaluation runs
+        in float32 (never under the bf16 autocast that training may use), so metrics do not depend on it."""
         was_training = model.training
         model.eval()
         outs = []
         for i in range(0, x.shape[0], batch_size):
             xb = self.normalizer(x[i:i + batch_size].to(self.device))
-            with self.autocast():
-                out = model(xb)
+            out = model(xb)
             if out.dim() == 2:
                 out = out.unsqueeze(0)
             outs.append(out.float().cpu())
         model.train(was_training)
         return torch.cat(outs, dim=1)
 
-    def val_nll(self, model: nn.Module) -> float:
-        from benchmark.metrics import nll
+    def val_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Validation accuracy and NLL of ``model`` (its members combined by its own rule)."""
+        from benchmark.metrics import accuracy, ensemble_probs, nll
 
         logits = self.predict(model, self.data.val.x)
-        return float(nll(logits, self.data.val.y.cpu(), combine=getattr(model, "combine", "probs")))
+        y = self.data.val.y.cpu()
+        combine = getattr(model, "combine", "probs")
+        return {"val_acc": float(accuracy(ensemble_probs(logits, combine), y)),
+                "val_nll": float(nll(logits, y, combine=combine))}
+
+    def val_nll(self, model: nn.Module) -> float:
+        return self.val_metrics(model)["val_nll"]
 
     # ---------------------------------------------------------------------------------- fit
-    def fit(self, model: nn.Module, *, stage: str = "main", epochs: int | None = None,
-            loss_fn: Callable | None = None, batch_transform: Callable | None = None,
-            after_step: Callable | None = None, params: Any = None, lr: float | None = None,
-            weight_decay: float | None = None, momentum: float | None = None, nesterov: bool | None = None,
-            schedule: str | None = None, warmup_epochs: float | None = None, lr_fn: Callable[[float], float] | None = None,
-            select: str = "last", val_fn: Callable[[nn.Module], float] | None = None, seed: Any = None,
-            split: Split | None = None, batch_size: int | None = None, stateful: list | None = None,
-            on_epoch_end: Callable[[nn.Module, int], None] | None = None,
-            optimizer_from: str | None = None) -> StageResult:
-        cfg = self.config
-        epochs = int(epochs if epochs is not None else cfg.epochs)
-        if epochs < 1:
-            raise ValueError(f"stage {stage!r}: epochs must be >= 1; got {epochs}")
+    def fit(self, model: nn.Module, *, stage: str = "main", recipe: Recipe | None = None,
+            epochs: int | None = None, loss_fn: Callable | None = None, batch_transform: Callable | None = None,
+            after_step: Callable | None = None, params: Any = None,
+            select: str = "last", select_metric: str = "val_nll", val_fn: Callable[[nn.Module], Any] | None = None,
+            val_model: nn.Module | None = None, seed: Any = None, split: Split | None = None,
+            stateful: list | None = None, on_epoch_end: Callable[[nn.Module, int], None] | None = None,
+            optimizer_from: str | None = None, converges: bool = True) -> StageResult:
+        """Train one stage with ``recipe`` (default: the run's effective recipe; ``epochs`` replaces its
+        length) and return its StageResult, whose ``history`` is the stage's learning curve.
+
+        Every epoch ends with validation on the held-out split: ``val_fn(model)`` when given (a float,
+        recorded as ``val``, or a dict of named values), otherwise the accuracy and NLL of ``val_model``
+        (default: the trained module; a method that trains a wrapper, e.g. slot inputs, passes the model
+        that predicts from images). ``select="best_val"`` keeps the epoch with the best ``select_metric``
+        (``val_acc`` higher is better; any other lower). ``params`` may be parameter groups; a group's
+        ``lr_scale`` multiplies the scheduled lr and its ``name`` labels it in the recorded recipe.
+        ``converges=False`` marks a stage that is not meant to converge (an exploration phase that the
+        next stage continues): the leaderboard's convergence rule skips it."""
+        r = recipe if recipe is not None else self.recipe
+        if epochs is not None:
+            r = r.replace(epochs=int(epochs))
+        epochs = r.epochs
         if select not in ("last", "best_val"):
             raise ValueError(f"select must be 'last' or 'best_val'; got {select!r}")
-        if select == "best_val" and val_fn is None:
-            if self.data.val is None:
-                self.log(f"[{stage}] no validation split (val_fraction=0): keeping the last epoch")
-                select = "last"
-            else:
-                val_fn = self.val_nll
+        has_val = self.data.val is not None
+        if select == "best_val" and not has_val:
+            self.log(f"[{stage}] no validation split (val_fraction=0): keeping the last epoch")
+            select = "last"
+        if val_fn is not None and select_metric == "val_nll":
+            select_metric = "val"
+        higher_better = select_metric == "val_acc"
         loss_fn = loss_fn or default_loss
         stateful = stateful or []
         model = self.prepare(model)
-        base_lr = cfg.lr if lr is None else lr
-        opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=base_lr,
-                              momentum=cfg.momentum if momentum is None else momentum,
-                              nesterov=cfg.nesterov if nesterov is None else nesterov,
-                              weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
-        sched = schedule or cfg.schedule
-        warm = cfg.warmup_epochs if warmup_epochs is None else warmup_epochs
-        if lr_fn is None:
-            def lr_fn(t: float) -> float:
-                return base_lr * lr_factor(sched, t, epochs, warm, cfg.milestones, cfg.lr_decay)
+        opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=r.lr, momentum=r.momentum,
+                              nesterov=r.nesterov, weight_decay=r.weight_decay)
+        stage_recipe = r.to_dict()
+        groups = [{k: g[k] for k in ("name", "lr_scale", "weight_decay") if k in g} for g in opt.param_groups]
+        if any("lr_scale" in g or "name" in g for g in groups):
+            stage_recipe["param_groups"] = groups
 
-        gen = torch.Generator().manual_seed(stable_seed(cfg.seed, stage) if seed is None else stable_seed(seed))
-        result = StageResult(stage, epochs)
+        gen = torch.Generator().manual_seed(stable_seed(self.config.seed, stage) if seed is None else stable_seed(seed))
+        result = StageResult(stage, epochs, recipe=stage_recipe, select=select,
+                             select_metric=select_metric if select == "best_val" else None, converges=converges)
         best_state = None
         start_epoch = 0
         ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
         if ckpt is not None and ckpt.is_file():
-            state = torch.load(ckpt, map_location=self.device, weights_only=False)
+            state = load_checkpoint(ckpt, self.device)
             # hook objects first, the weights last: a hook's load may touch the weights (sparsity masks
             # re-applied), and the saved weights are the truth (a finished best_val stage saved the best
             # epoch's weights beside the last epoch's masks)
-            for obj, s in zip(stateful, state.get("stateful", [])):
-                obj.load_state_dict(s)
+            for obj, st in zip(stateful, state.get("stateful", [])):
+                obj.load_state_dict(st)
             model.load_state_dict(state["model"])
             result = StageResult(**state["result"])
             if state["done"]:
@@ -230,12 +236,15 @@ class Trainer:
             for g, h in zip(opt.param_groups, hyper):   # this stage's own lr / momentum / weight decay
                 g.update(h)
 
-        train_model = torch.compile(model) if getattr(cfg, "compile", False) and self.cuda else model
-        loader = self.loader(split or self.data.train, batch_size=batch_size, generator=gen)
+        train_model = torch.compile(model) if getattr(self.config, "compile", False) and self.cuda else model
+        loader = self.loader(split or self.data.train, batch_size=r.batch_size, generator=gen)
         steps_per_epoch = len(loader)
+        if steps_per_epoch < 1:
+            raise ValueError(f"stage {stage!r}: the training split is empty")
         sample_x = None
-        progress = bool(getattr(cfg, "progress", False)) and sys.stderr.isatty()
+        progress = bool(getattr(self.config, "progress", False)) and sys.stderr.isatty()
         check_every = 1 if not self.cuda else 25
+        cur_lr = r.lr_at(start_epoch)
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -246,9 +255,9 @@ class Trainer:
                 from tqdm import tqdm
                 batches = tqdm(loader, total=steps_per_epoch, desc=f"{stage} {epoch + 1}/{epochs}", leave=False)
             for i, (x, y) in enumerate(batches):
-                cur_lr = lr_fn(epoch + i / steps_per_epoch)
+                cur_lr = r.lr_at(epoch + i / steps_per_epoch)
                 for g in opt.param_groups:
-                    g["lr"] = cur_lr
+                    g["lr"] = cur_lr * g.get("lr_scale", 1.0)
                 if batch_transform is not None:
                     x, y = batch_transform(x, y)
                 if sample_x is None:
@@ -268,18 +277,27 @@ class Trainer:
                     if not torch.isfinite(loss_sum):
                         raise TrainingDiverged(
                             f"training diverged: loss is {loss.item()} in stage {stage!r}, epoch {epoch + 1}, "
-                            f"step {i + 1}; try a lower --lr (now {base_lr})")
-            entry = {"epoch": epoch + 1, "loss": float(loss_sum) / max(n_batches, 1), "lr": cur_lr,
-                     "epoch_s": time.perf_counter() - t0}
-            if val_fn is not None and (select == "best_val" or epoch == epochs - 1):
-                v = float(val_fn(model))
-                entry["val"] = v
-                if select == "best_val" and (result.best_val is None or v < result.best_val):
-                    result.best_val, result.best_epoch = v, epoch + 1
-                    best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+                            f"step {i + 1}; try a lower --lr (now {r.lr})")
+            train_s = time.perf_counter() - t0
+            entry: dict[str, Any] = {"epoch": epoch + 1, "lr": cur_lr, "loss": float(loss_sum) / max(n_batches, 1),
+                                     "epoch_s": train_s}
+            if has_val:
+                t_val = time.perf_counter()
+                if val_fn is not None:
+                    v = val_fn(model)
+                    entry.update(v if isinstance(v, dict) else {"val": float(v)})
+                else:
+                    entry.update(self.val_metrics(val_model if val_model is not None else model))
+                entry["val_s"] = time.perf_counter() - t_val
+                if select == "best_val":
+                    v = entry[select_metric]
+                    better = result.best_val is None or (v > result.best_val if higher_better else v < result.best_val)
+                    if better:
+                        result.best_val, result.best_epoch = v, epoch + 1
+                        best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
             if on_epoch_end is not None:
                 on_epoch_end(model, epoch + 1)
-            result.train_s += time.perf_counter() - t0
+            result.train_s += train_s
             result.history.append(entry)
             done = epoch == epochs - 1
             if done:
@@ -287,8 +305,9 @@ class Trainer:
                 if select == "best_val" and best_state is not None:
                     model.load_state_dict(best_state)
                 result.flops_per_sample = self._flops_per_sample(model, sample_x)
+            vals = " ".join(f"{k} {entry[k]:.4f}" for k in ("val_acc", "val_nll", "val") if k in entry)
             self.log(f"[{stage}] epoch {epoch + 1}/{epochs} loss {entry['loss']:.4f} lr {cur_lr:.4g}"
-                     + (f" val {entry['val']:.4f}" if "val" in entry else "") + f" {entry['epoch_s']:.1f}s")
+                     + (f" {vals}" if vals else "") + f" {entry['epoch_s']:.1f}s")
             if ckpt is not None:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 _atomic_torch_save({
@@ -312,8 +331,13 @@ class Trainer:
             return None
 
     def summary(self) -> dict[str, Any]:
-        """Training cost of every stage fitted by this trainer (for the run record)."""
+        """Training cost, recipe and learning curve of every stage fitted by this trainer (for the record).
+        A stage's ``recipe_changes`` lists the fields where it trained differently from the run's
+        effective recipe (besides its length)."""
+        from benchmark.recipe import differences
+
         flops = [s.train_flops for s in self.stages.values()]
+        run = self.recipe.to_dict()
         return {
             "train_s": sum(s.train_s for s in self.stages.values()),
             "epochs_run": {k: len(s.history) for k, s in self.stages.items()},
@@ -321,7 +345,11 @@ class Trainer:
             "train_flops": None if any(f is None for f in flops) or not flops else float(sum(flops)),
             "stages": {k: {"epochs": s.epochs, "steps": s.steps, "samples_seen": s.samples_seen,
                            "train_s": s.train_s, "best_epoch": s.best_epoch, "best_val": s.best_val,
+                           "select": s.select, "select_metric": s.select_metric, "converges": s.converges,
                            "flops_per_sample": s.flops_per_sample,
-                           "final_loss": s.history[-1]["loss"] if s.history else None}
+                           "final_loss": s.history[-1]["loss"] if s.history else None,
+                           "recipe": s.recipe,
+                           "recipe_changes": {f: v for f, v in differences(s.recipe, run).items() if f != "epochs"},
+                           "curve": s.history}
                        for k, s in self.stages.items()},
         }

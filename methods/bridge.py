@@ -65,7 +65,7 @@ import operator
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -282,7 +282,6 @@ def kl_to_teacher(teacher_logp: torch.Tensor, logits: torch.Tensor, reduction: s
 @register("bridge")
 class Bridge(Method):
     summary = "base model(s) + bridge nets predicting Bezier-curve midpoints from cached features"
-    quickstart_options: ClassVar[dict] = {}   # the paper's stage ratios fit the quickstart budget (~10 s)
 
     @dataclass
     class Config:
@@ -319,6 +318,13 @@ class Bridge(Method):
                 raise ValueError(f"mixup_alpha must be >= 0; got {self.mixup_alpha}")
             if self.base_select not in ("last", "best_val"):
                 raise ValueError(f"base_select must be 'last' or 'best_val'; got {self.base_select!r}")
+
+    @classmethod
+    def paper_recipe(cls, run, backbone):
+        """Yun et al. (ICML 2023), appendix: base models and curves with SGD lr 0.1, momentum 0.9, wd 5e-4,
+        batch 128, a 5-epoch warm-up (of 200: scaled, E/40) then cosine."""
+        return run.replace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine",
+                           warmup_epochs=run.epochs / 40)
 
     keep_curves = False   # tests: keep the trained curves and teachers on the instance (CPU)
 
@@ -394,7 +400,7 @@ class Bridge(Method):
         # stage 1: the modes (the single-model recipe, the suite's member seeds and stage names)
         modes: list[StagedNet] = list(model.bases) + [self._mode(ctx, j) for j in range(self.num_bases, self.num_modes)]
         for j, net in enumerate(modes):
-            tr.fit(net, stage=f"member{j}", seed=("member", ctx.seed, j), epochs=ep["base"], select=o.base_select)
+            tr.fit(net, stage=f"member{j}", seed=ctx.member_stage_seed(j), epochs=ep["base"], select=o.base_select)
         for net in modes:
             tr.prepare(net).eval()
 
@@ -484,10 +490,12 @@ class Bridge(Method):
                 return total / max(n, 1)
 
             val_fn, select = val_kl, "best_val"
-        return tr.fit(bridge, stage=stage, epochs=epochs, loss_fn=loss, batch_transform=transform,
-                      lr=o.bridge_lr, weight_decay=o.bridge_weight_decay, schedule="cosine",
-                      warmup_epochs=o.bridge_warmup_frac * epochs, select=select, val_fn=val_fn,
-                      stateful=[mix], seed=seed)
+        # the bridge network's own stage recipe (part of the method, the same in both recipe modes)
+        recipe = ctx.recipe.replace(epochs=epochs, lr=o.bridge_lr, weight_decay=o.bridge_weight_decay,
+                                    schedule="cosine", warmup_epochs=o.bridge_warmup_frac * epochs,
+                                    mixup_alpha=o.mixup_alpha)
+        return tr.fit(bridge, stage=stage, recipe=recipe, loss_fn=loss, batch_transform=transform,
+                      select=select, val_fn=val_fn, stateful=[mix], seed=seed)
 
 
 def _flops(module: nn.Module, x: torch.Tensor) -> float:

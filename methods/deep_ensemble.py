@@ -88,9 +88,9 @@ class DeepEnsemble(Method):
         m = self.options.num_members
         if not self.options.batched:
             for k, member in enumerate(model.members):
-                ctx.trainer.fit(member, stage=f"member{k}", seed=("member", ctx.seed, k))
+                ctx.trainer.fit(member, stage=f"member{k}", seed=ctx.member_stage_seed(k))
             return model
-        loaders = MemberLoaders(ctx.trainer, [("member", ctx.seed, k) for k in range(1, m)])
+        loaders = MemberLoaders(ctx.trainer, [ctx.member_stage_seed(k) for k in range(1, m)])
 
         def slots(x, y):
             others = loaders.next_batches()
@@ -98,7 +98,8 @@ class DeepEnsemble(Method):
             ys = torch.stack([y] + [o[1] for o in others], dim=0)
             return xs, ys
 
-        ctx.trainer.fit(SlotInputs(model), stage="batched", seed=("member", ctx.seed, 0), batch_transform=slots,
-                        loss_fn=default_loss, stateful=[loaders], on_epoch_end=loaders.reset)
+        # validation every epoch: the members trained jointly, as the ensemble they form
+        ctx.trainer.fit(SlotInputs(model), stage="batched", seed=ctx.member_stage_seed(0), batch_transform=slots,
+                        loss_fn=default_loss, stateful=[loaders], on_epoch_end=loaders.reset, val_model=model)
         ctx.info["batched"] = True
         return model

@@ -2,15 +2,24 @@
 
 dst_ensemble   M independent dynamic sparse trainings (own initialisation, own ERK mask, own data
                order), each with the run's recipe; member k is the best-validation epoch of training k.
-edst_ensemble  one sparse run yields all M members: exploration for 0.6 x E epochs at the run's lr, then
-               M refinement windows of 0.4 x E epochs each (lr 0.1 x then 0.01 x the run's lr, halves of
-               the window); every window after the first starts with a global exploration jump (a
+               ``--recipe paper``: the paper's single-model recipe, lr x0.1 at 50 % and 75 % (Liu et al.
+               2022, appendix: WRN-28-10, 250 epochs).
+edst_ensemble  one sparse run yields all M members: exploration for 0.6 x E epochs at the run's lr,
+               constant, then M refinement windows of 0.4 x E epochs each (lr 0.1 x then 0.01 x the run's
+               lr, halves of the window: stage recipes of the method itself, the same in both recipe
+               modes and recorded per stage); every window after the first starts with a global exploration jump (a
                fraction q of every layer's live weights dropped and regrown by gradient). Regular topology
                updates continue everywhere. Member k is the best-validation epoch of window k; the run goes
                on from the last epoch of the window, with the optimiser's momentum (one continuous run,
                as in the paper: each stage starts from the previous stage's final optimiser state).
 
 The sparse machinery (ERK masks, drop/grow, masks after every step) is benchmark/sparse.py.
+
+Released-code behaviour kept as the defaults (each an option):
+  * ``select_on="acc"``: a member is the epoch of best validation ACCURACY, as in the released code
+    (``"nll"`` selects on validation NLL);
+  * ``zero_momentum=False``: pruned and regrown weights keep their momentum buffers, as in the released
+    code (``True`` zeroes them).
 
 Cost, honestly:
   * params_nonzero / FLOPs come from the non-zero weights of each layer (benchmark.cost): per-layer
@@ -53,6 +62,8 @@ class SparseEnsembleConfig:
     density: float = 0.2
     death_rate: float = 0.5
     update_frequency: int = 1000
+    select_on: str = "acc"          # member = best validation "acc" (released code) or "nll" epoch
+    zero_momentum: bool = False     # zero the momentum of pruned / regrown weights (released code: no)
 
     def __post_init__(self):
         if self.num_members < 1:
@@ -63,6 +74,12 @@ class SparseEnsembleConfig:
             raise ValueError(f"death_rate must be in (0, 1); got {self.death_rate}")
         if self.update_frequency < 1:
             raise ValueError(f"update_frequency must be >= 1 iterations; got {self.update_frequency}")
+        if self.select_on not in ("acc", "nll"):
+            raise ValueError(f"select_on must be 'acc' or 'nll'; got {self.select_on!r}")
+
+    @property
+    def select_metric(self) -> str:
+        return f"val_{self.select_on}"
 
 
 class SparseEnsemble(Method):
@@ -83,7 +100,8 @@ def sparse_net(ctx: FitContext, options, k: int) -> tuple[nn.Module, DynamicSpar
     """Backbone k (member k's initialisation) with its ERK mask applied."""
     net = ctx.make_backbone(seed=member_seed(ctx, k))
     sparsity = DynamicSparsity(net, options.density, death_rate=options.death_rate,
-                               update_frequency=options.update_frequency, seed=mask_seed(ctx, k))
+                               update_frequency=options.update_frequency, seed=mask_seed(ctx, k),
+                               zero_momentum=options.zero_momentum)
     return net, sparsity
 
 
@@ -122,6 +140,13 @@ class DSTEnsemble(SparseEnsemble):
     class Config(SparseEnsembleConfig):
         pass
 
+    @classmethod
+    def paper_recipe(cls, run, backbone):
+        """Liu et al. (ICLR 2022), appendix: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, lr x0.1 at 50 %
+        and 75 % of training."""
+        return run.replace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="multistep",
+                           milestones=(0.5, 0.75), lr_decay=0.1, warmup_epochs=0.0)
+
     def fit(self, ctx: FitContext) -> EnsembleModel:
         members, extra, summaries = [], 0.0, []
         trainer = ctx.trainer
@@ -129,8 +154,9 @@ class DSTEnsemble(SparseEnsemble):
             net, sparsity = sparse_net(ctx, self.options, k)
             stage = f"member{k}"
             with sparsity.attached():
-                trainer.fit(net, stage=stage, seed=("member", ctx.seed, k), select="best_val",
-                            after_step=sparsity.after_step, stateful=[sparsity])
+                trainer.fit(net, stage=stage, seed=ctx.member_stage_seed(k), select="best_val",
+                            select_metric=self.options.select_metric, after_step=sparsity.after_step,
+                            stateful=[sparsity])
             extra += update_flops(ctx, net, sparsity, _samples_per_step(trainer, [stage]))
             summaries.append(sparsity.summary())
             members.append(net)
@@ -169,13 +195,15 @@ def edst_stage_epochs(epochs: int, num_members: int) -> dict[str, int]:
     return out
 
 
-def window_lr(base_lr: float, window_epochs: int):
-    """lr of a refinement window at fractional epoch t: 0.1 x base for the first half, 0.01 x after."""
-    half = window_epochs / 2.0
+def explore_recipe(run, epochs: int):
+    """The exploration stage: the run's lr, constant (no warm-up), for ``epochs``."""
+    return run.replace(epochs=epochs, schedule="constant", warmup_epochs=0.0)
 
-    def lr(t: float) -> float:
-        return base_lr * (WINDOW_LR[0] if t < half else WINDOW_LR[1])
-    return lr
+
+def window_recipe(run, epochs: int):
+    """A refinement window: 0.1 x the run's lr for the first half, 0.01 x for the second."""
+    return run.replace(epochs=epochs, lr=run.lr * WINDOW_LR[0], schedule="multistep", milestones=(0.5,),
+                       lr_decay=round(WINDOW_LR[1] / WINDOW_LR[0], 12), warmup_epochs=0.0)
 
 
 @register("edst_ensemble")
@@ -194,13 +222,12 @@ class EDSTEnsemble(SparseEnsemble):
     def fit(self, ctx: FitContext) -> EnsembleModel:
         opts = self.options
         trainer = ctx.trainer
-        base_lr = float(ctx.config.lr)
         epochs = edst_stage_epochs(ctx.epochs, opts.num_members)
         net, sparsity = sparse_net(ctx, opts, 0)
         members: list[nn.Module] = []
         with sparsity.attached():
-            trainer.fit(net, stage="explore", epochs=epochs["explore"], lr_fn=lambda t: base_lr,
-                        seed=("edst", ctx.seed, "explore"), select="last",
+            trainer.fit(net, stage="explore", recipe=explore_recipe(ctx.recipe, epochs["explore"]),
+                        seed=("edst", ctx.seed, "explore"), select="last", converges=False,
                         after_step=sparsity.after_step, stateful=[sparsity])
             for k in range(opts.num_members):
                 stage = f"window{k}"
@@ -210,8 +237,9 @@ class EDSTEnsemble(SparseEnsemble):
                     sparsity.schedule_jump(opts.jump)
                 last = LastEpochState(epochs[stage])
                 # one run: each window goes on with the momentum the previous stage ended with
-                trainer.fit(net, stage=stage, epochs=epochs[stage], lr_fn=window_lr(base_lr, epochs[stage]),
+                trainer.fit(net, stage=stage, recipe=window_recipe(ctx.recipe, epochs[stage]),
                             seed=("edst", ctx.seed, stage), select="best_val",
+                            select_metric=opts.select_metric,
                             after_step=sparsity.after_step, stateful=[sparsity, last],
                             on_epoch_end=last.on_epoch_end,
                             optimizer_from="explore" if k == 0 else f"window{k - 1}")

@@ -14,10 +14,13 @@ processes B*b rows; the trainer counts them (``samples_seen``), so the b x train
 Prediction: the same image in every slot (``GroupedOutput(input_repeat=M)``); the harness averages member
 probabilities. Works for every backbone, timm included (the suite passes in_chans and num_classes).
 
-Recipe: the learning rate is the run's (the suite's lr is for ``batch_size`` unique examples, as the
-paper's base lr 0.1 is for 128 unique examples). Weight decay: the reference adds
-``l2 * sum(w**2)`` with l2 = 3e-4 to the loss for all weights (conv, dense, batch-norm, bias); the
-gradient of that is ``2 * l2 * w``, so the same penalty in SGD's ``weight_decay`` convention is 6e-4.
+Recipe. ``--recipe shared`` (default): the run's recipe; the learning rate is for ``batch_size`` unique
+examples (as the paper's base lr 0.1 is for 128 unique examples), and batch repetition, part of the
+method, is an option in both modes. ``--recipe paper`` (``paper_recipe``; Havasi et al. 2021, appendix
+and the uncertainty-baselines CIFAR script): SGD with Nesterov momentum 0.9, 1 warm-up epoch of 250
+(scaled: E/250 epochs), lr x0.2 at 40 %, 80 % and 90 % of training, and weight decay 6e-4: the reference
+adds ``l2 * sum(w**2)`` with l2 = 3e-4 to the loss for all weights (conv, dense, batch-norm, bias); the
+gradient of that is ``2 * l2 * w``, i.e. 6e-4 in SGD's ``weight_decay`` convention.
 """
 from __future__ import annotations
 
@@ -74,7 +77,6 @@ def mimo_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @register("mimo")
 class MIMO(Method):
     summary = "one network, M input slots and M heads, trained on independent examples per slot"
-    quickstart_options: dict = {}
     train_note = "a training step runs batch_repeat rows per unique example: an epoch costs b x a single model's"
 
     @dataclass
@@ -82,7 +84,6 @@ class MIMO(Method):
         num_estimators: int = 3      # M (the published CIFAR tables use 3; ImageNet 2)
         rho: float = 0.0             # input repetition: fraction of rows where all slots share the input
         batch_repeat: int = 4        # b: each example appears b times per slot in a step
-        weight_decay: float = 6e-4   # SGD decay; = the reference's L2 3e-4 * sum(w^2) on all weights
 
         def __post_init__(self):
             for name in ("num_estimators", "batch_repeat"):
@@ -91,9 +92,11 @@ class MIMO(Method):
                     raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
             if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0.0 <= self.rho <= 1.0:
                 raise ValueError(f"rho must be in [0, 1]; got {self.rho!r}")
-            if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
-                    or not 0.0 <= self.weight_decay < float("inf"):
-                raise ValueError(f"weight_decay must be a finite number >= 0; got {self.weight_decay!r}")
+
+    @classmethod
+    def paper_recipe(cls, run, backbone):
+        return run.replace(nesterov=True, schedule="multistep", milestones=(0.4, 0.8, 0.9), lr_decay=0.2,
+                           warmup_epochs=run.epochs / 250, weight_decay=6e-4)
 
     def build(self, ctx: FitContext) -> EnsembleModel:
         m = self.options.num_estimators
@@ -106,7 +109,7 @@ class MIMO(Method):
         model = self.build(ctx)
         slots = SlotBatches(o.num_estimators, o.batch_repeat, o.rho, ("mimo-slots", ctx.seed))
         res = ctx.trainer.fit(SlotInputs(model), stage="mimo", loss_fn=mimo_loss, batch_transform=slots,
-                              weight_decay=o.weight_decay, stateful=[slots], seed=("mimo", ctx.seed))
+                              stateful=[slots], seed=("mimo", ctx.seed), val_model=model)
         ctx.info.update(batch_repeat=o.batch_repeat, rows_per_step=ctx.config.batch_size * o.batch_repeat,
                         samples_seen=res.samples_seen, unique_samples_seen=res.samples_seen // o.batch_repeat)
         return model

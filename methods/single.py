@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from benchmark.api import EnsembleModel, FitContext, Method, StackedEnsemble
-from benchmark.train import stable_seed
 from methods import register
 
 
 def member_seed(ctx: FitContext, k: int) -> int:
-    """Initialisation and data-order seed of member k; member 0 is the single model of the same seed."""
-    return stable_seed(ctx.seed, "member", k)
+    """Initialisation seed of member k; member 0 is the single model of the same seed."""
+    return ctx.member_seed(k)
 
 
 @register("single")
@@ -27,5 +26,5 @@ class Single(Method):
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         model = self.build(ctx)
-        ctx.trainer.fit(model.members[0], stage="member0", seed=("member", ctx.seed, 0))
+        ctx.trainer.fit(model.members[0], stage="member0", seed=ctx.member_stage_seed(0))
         return model

@@ -76,6 +76,8 @@ def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int 
     from benchmark.train import Trainer
 
     torch.manual_seed(seed)
+    if bundle.name != "digits":   # the run's data identity is read from the development copies
+        run.setdefault("data_dir", str(shared_data_dir()))
     cfg = make_run_config({"method": method, "backbone": backbone, "dataset": bundle.name, "epochs": epochs,
                            "seed": seed, "options": dict(options or {}), "progress": False, **run})
     trainer = Trainer(bundle, cfg, "cpu", ckpt_dir=ckpt_dir, log=lambda s: None)
@@ -131,10 +133,16 @@ def kill_at(stage: str, epoch: int, exc: type[BaseException] = Killed):
 
 
 def growing_val_nll(monkeypatch) -> None:
-    """Make every validation NLL larger than the one before, so each best_val stage keeps its first epoch."""
+    """Make every validation NLL larger (and accuracy smaller) than the one before, so each best_val stage
+    keeps its first epoch whichever of the two it selects on."""
     import itertools
 
     from benchmark.train import Trainer
 
     calls = itertools.count()
-    monkeypatch.setattr(Trainer, "val_nll", lambda self, m: float(next(calls)))
+
+    def fake(self, m):
+        n = float(next(calls))
+        return {"val_acc": 1.0 / (1.0 + n), "val_nll": n}
+
+    monkeypatch.setattr(Trainer, "val_metrics", fake)

@@ -20,7 +20,7 @@ from benchmark.errors import UsageError
 from benchmark.runner import build_for_cost
 from benchmark.train import Trainer
 from methods.bridge import default_feature_block, kl_to_teacher
-from conftest import fit_method, growing_val_nll, subsample
+from conftest import fit_method, growing_val_nll, shared_data_dir, subsample
 
 CPU = torch.device("cpu")
 
@@ -41,6 +41,8 @@ def _mode(seed: int) -> nn.Module:
 
 def _fit(method: str, bundle, *, options=None, ckpt_dir=None, log=None, keep_curves=False, **run):
     """Like conftest.fit_method, but returns the method instance too and can capture the trainer log."""
+    if bundle.name != "digits":   # the run's data identity is read from the development copies
+        run.setdefault("data_dir", str(shared_data_dir()))
     cfg = make_run_config({"method": method, "backbone": run.pop("backbone", "cnn_small"), "dataset": bundle.name,
                            "seed": run.pop("seed", 0), "options": dict(options or {}), "progress": False, **run})
     trainer = Trainer(bundle, cfg, "cpu", ckpt_dir=ckpt_dir, log=log or (lambda s: None))

@@ -69,4 +69,4 @@ def test_toml_config(tmp_path):
         run_config_from_toml(tmp_path / "missing.toml")
 
 
-PINNED = "deep_ensemble-ed4d0d45ee19a698"
+PINNED = "deep_ensemble-9960b8a16e5ee348"

@@ -10,7 +10,8 @@ from benchmark.api import StackedEnsemble
 from benchmark.cost import count_flops, count_params
 from benchmark.sparse import DynamicSparsity, erk_densities, maskable_layers
 from conftest import Killed, ensemble_vs_members, fit_method, growing_val_nll, kill_at
-from methods.freetickets import edst_stage_epochs, window_lr
+from benchmark.recipe import Recipe
+from methods.freetickets import edst_stage_epochs, explore_recipe, window_recipe
 
 
 def test_registered_with_paper_defaults_and_checked_options():
@@ -18,12 +19,14 @@ def test_registered_with_paper_defaults_and_checked_options():
     from benchmark.errors import UsageError
 
     dst, edst = methods.get("dst_ensemble"), methods.get("edst_ensemble")
-    assert dst.option_defaults() == {"num_members": 3, "density": 0.2, "death_rate": 0.5, "update_frequency": 1000}
+    released = {"select_on": "acc", "zero_momentum": False}    # the released code's behaviour
+    assert dst.option_defaults() == {"num_members": 3, "density": 0.2, "death_rate": 0.5, "update_frequency": 1000,
+                                     **released}
     assert edst.option_defaults() == {"num_members": 3, "density": 0.2, "death_rate": 0.5,
-                                      "update_frequency": 1000, "jump": 0.8}
+                                      "update_frequency": 1000, **released, "jump": 0.8}
     for cls in (dst, edst):
         for bad in ({"density": 0.0}, {"density": 1.5}, {"death_rate": 1.0}, {"num_members": 0},
-                    {"update_frequency": 0}):
+                    {"update_frequency": 0}, {"select_on": "loss"}):
             with pytest.raises(UsageError):
                 build_options(cls.Config, bad, cls.name)
     with pytest.raises(UsageError):
@@ -109,9 +112,13 @@ def test_edst_stage_lengths_and_window_lr():
     assert edst_stage_epochs(250, 3) == {"explore": 150, "window0": 100, "window1": 100, "window2": 100}
     assert edst_stage_epochs(15, 2) == {"explore": 9, "window0": 6, "window1": 6}
     assert edst_stage_epochs(1, 2) == {"explore": 1, "window0": 1, "window1": 1}
-    lr = window_lr(0.1, 100)
-    assert lr(0.0) == pytest.approx(0.01) and lr(49.99) == pytest.approx(0.01)
-    assert lr(50.0) == pytest.approx(0.001) and lr(99.9) == pytest.approx(0.001)
+    run = Recipe(epochs=250, lr=0.1, schedule="cosine", warmup_epochs=5)
+    w = window_recipe(run, 100)
+    assert w.epochs == 100 and w.warmup_epochs == 0
+    assert w.lr_at(0.0) == pytest.approx(0.01) and w.lr_at(49.99) == pytest.approx(0.01)
+    assert w.lr_at(50.0) == pytest.approx(0.001) and w.lr_at(99.9) == pytest.approx(0.001)
+    e = explore_recipe(run, 150)
+    assert e.lr_at(0.0) == e.lr_at(149.9) == pytest.approx(0.1)
 
 
 # digits: 11 iterations per epoch; every 10th is an update, so no update falls on an epoch's last step (a
@@ -144,7 +151,10 @@ def test_edst_one_run_gives_distinct_best_val_members(digits):
     for k, m in enumerate(model.members):
         live = [(w != 0) for w in maskable_layers(m).values()]
         assert sum(int(t.sum()) for t in live) / sum(t.numel() for t in live) == pytest.approx(0.2, abs=0.01)
-        assert trainer.val_nll(m) == pytest.approx(stages[f"window{k}"].best_val, abs=1e-6)
+        # selected on validation accuracy, as the released code does
+        assert stages[f"window{k}"].select_metric == "val_acc"
+        assert trainer.val_metrics(m)["val_acc"] == pytest.approx(stages[f"window{k}"].best_val, abs=1e-9)
+        assert stages[f"window{k}"].best_val == max(e["val_acc"] for e in stages[f"window{k}"].history)
     masks = [torch.cat([(w != 0).flatten() for w in maskable_layers(m).values()]) for m in model.members]
     assert (masks[0] != masks[1]).float().mean() > 0.05 and (masks[1] != masks[2]).float().mean() > 0.05
     assert info["sparse_kernels"] is False
@@ -178,7 +188,7 @@ def test_dst_members_are_independent_sparse_trainings(digits):
         assert live.float().mean().item() == pytest.approx(0.2, abs=0.01)
         masks.append(live)
         st = trainer.stages[f"member{k}"]
-        assert trainer.val_nll(m) == pytest.approx(st.best_val, abs=1e-6)      # best-validation epoch
+        assert trainer.val_metrics(m)["val_acc"] == pytest.approx(st.best_val, abs=1e-9)   # best-validation epoch
         assert ctx.info["members"][k]["updates"] == st.steps // 5 > 0
     assert (masks[0] != masks[1]).float().mean() > 0.1
     assert ctx.info["train_flops_extra"] > 0 and ctx.info["sparse_kernels"] is False

@@ -146,7 +146,7 @@ def test_loss_is_the_sum_of_member_cross_entropies_on_own_labels():
 
 
 @pytest.mark.parametrize("opts", [{"rho": -0.1}, {"rho": 1.5}, {"rho": "nan"}, {"num_estimators": 0},
-                                  {"batch_repeat": 0}, {"batch_repeat": 2.5}, {"weight_decay": -1}])
+                                  {"batch_repeat": 0}, {"batch_repeat": 2.5}, {"weight_decay": 6e-4}])
 def test_bad_options_are_rejected(opts):
     with pytest.raises(UsageError, match="mimo"):
         build_options(methods.get("mimo").Config, opts, "mimo")
@@ -154,13 +154,25 @@ def test_bad_options_are_rejected(opts):
 
 def test_defaults():
     d = methods.get("mimo").option_defaults()
-    assert (d["num_estimators"], d["rho"], d["batch_repeat"]) == (3, 0.0, 4)
+    assert d == {"num_estimators": 3, "rho": 0.0, "batch_repeat": 4}   # the optimiser is the recipe's
+
+
+def test_paper_recipe_is_the_published_one_scaled_to_the_run():
+    from benchmark.recipe import Recipe
+
+    run = Recipe(epochs=250)
+    paper = methods.get("mimo").effective_recipe(run, "paper", "wrn28_10")
+    assert methods.get("mimo").effective_recipe(run, "shared", "wrn28_10") == run
     # the reference's L2 term 3e-4 * sum(w^2) on all weights == SGD weight_decay 6e-4 (gradient 2 * 3e-4 * w)
-    assert d["weight_decay"] == pytest.approx(2 * 3e-4)
+    assert paper.weight_decay == pytest.approx(2 * 3e-4)
+    assert paper.nesterov and paper.schedule == "multistep" and paper.lr_decay == 0.2
+    assert paper.milestones == (0.4, 0.8, 0.9) and paper.warmup_epochs == pytest.approx(1.0)
+    assert methods.get("mimo").effective_recipe(Recipe(epochs=25), "paper", "x").warmup_epochs == pytest.approx(0.1)
 
 
 # ------------------------------------------------------------------------------------ training, record
-def test_fit_trains_on_slot_batches_with_the_method_weight_decay(digits, monkeypatch):
+@pytest.mark.parametrize("mode,wd", [("shared", 5e-4), ("paper", 6e-4)])
+def test_fit_trains_on_slot_batches_with_the_recipe_weight_decay(digits, monkeypatch, mode, wd):
     from benchmark.train import Trainer
 
     calls = []
@@ -171,9 +183,9 @@ def test_fit_trains_on_slot_batches_with_the_method_weight_decay(digits, monkeyp
         return orig(self, model, **kw)
 
     monkeypatch.setattr(Trainer, "fit", spy)
-    model, trainer, ctx = fit_method("mimo", digits, epochs=1,
-                                     options={"num_estimators": 2, "batch_repeat": 3, "weight_decay": 1e-3})
-    assert len(calls) == 1 and calls[0]["weight_decay"] == 1e-3
+    model, trainer, ctx = fit_method("mimo", digits, epochs=1, recipe=mode,
+                                     options={"num_estimators": 2, "batch_repeat": 3})
+    assert len(calls) == 1 and trainer.stages["mimo"].recipe["weight_decay"] == wd
     assert isinstance(calls[0]["batch_transform"], SlotBatches) and calls[0]["batch_transform"].rho == 0.0
     st = trainer.stages["mimo"]
     assert st.samples_seen == 3 * len(digits.train)               # b x the unique examples
@@ -205,7 +217,8 @@ def test_cli_run_writes_a_complete_record_with_the_b_x_cost(tmp_path, capsys):
     rec = json.loads((out / f"{rid}.json").read_text())
     assert rec["status"] == "complete"
     assert rec["method"]["num_members"] == 3 and rec["method"]["combine"] == "probs"
-    assert rec["config"]["options"] == {"num_estimators": 3, "rho": 0.0, "batch_repeat": 4, "weight_decay": 6e-4}
+    assert rec["config"]["options"] == {"num_estimators": 3, "rho": 0.0, "batch_repeat": 4}
+    assert rec["config"]["effective_recipe"]["weight_decay"] == 5e-4          # the shared recipe
     for k in ("acc", "nll", "ece", "brier", "disagreement"):
         assert math.isfinite(rec["metrics"][k]), k
     tr = rec["training"]

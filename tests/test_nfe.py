@@ -177,29 +177,44 @@ def test_pruned_weights_stay_zero_after_training(digits):
     assert model.live_conv_weights() == ctx.info["live_conv_weights"] == round(0.5 * ctx.info["conv_weights_single"])
 
 
-def test_training_follows_the_released_schedule(digits):
-    """lr constant for the first half, linear to 0.01x between 50% and 90%, then 0.01x; nesterov."""
-    from benchmark.train import lr_factor
+def test_shared_recipe_trains_like_single_and_paper_recipe_is_the_released_schedule(digits):
+    """--recipe shared: NFE's per-epoch learning rates (and optimiser) are exactly the single model's.
+    --recipe paper: lr 0.1 constant for the first half, linear to 0.01x between 50% and 90%, then 0.01x,
+    Nesterov; the record's recipe says so and the run id differs."""
+    from benchmark.config import make_run_config
+    from benchmark.recipe import lr_factor
 
-    captured = {}
+    captured = []
     orig = torch.optim.SGD.__init__
 
     def spy(self, params, **kw):
-        captured.update(kw)
+        captured.append(kw)
         orig(self, params, **kw)
 
     torch.optim.SGD.__init__ = spy
     try:
-        _, trainer, ctx = fit_method("nfe", digits, epochs=10, lr=0.05)
+        _, single, _ = fit_method("single", digits, epochs=10, lr=0.05)
+        _, shared, _ = fit_method("nfe", digits, epochs=10, lr=0.05)
+        _, paper, _ = fit_method("nfe", digits, epochs=10, lr=0.05, recipe="paper")
     finally:
         torch.optim.SGD.__init__ = orig
-    assert captured["nesterov"] is True and ctx.info["schedule"] == "linear"
-    st = trainer.stages["nfe"]
+    lrs = {name: [h["lr"] for h in t.stages[stage].history]
+           for name, t, stage in (("single", single, "member0"), ("shared", shared, "nfe"), ("paper", paper, "nfe"))}
+    assert lrs["shared"] == lrs["single"]
+    assert captured[0] == captured[1] and captured[1]["nesterov"] is False
+    assert shared.stages["nfe"].recipe == single.stages["member0"].recipe
+    # paper: the released schedule, nesterov, at the paper's lr
+    st = paper.stages["nfe"]
     steps = st.steps // st.epochs
-    lrs = [h["lr"] for h in st.history]                 # the lr of each epoch's last step
-    want = [0.05 * lr_factor("linear", e + (steps - 1) / steps, 10) for e in range(10)]
-    assert lrs == pytest.approx(want, rel=1e-9)
-    assert lrs[0] == lrs[3] == 0.05 and lrs[-1] == pytest.approx(0.05 * 0.01)
+    want = [0.1 * lr_factor("linear", e + (steps - 1) / steps, 10) for e in range(10)]   # each epoch's last step
+    assert lrs["paper"] == pytest.approx(want, rel=1e-9)
+    assert lrs["paper"][0] == lrs["paper"][3] == 0.1 and lrs["paper"][-1] == pytest.approx(0.1 * 0.01)
+    assert captured[2]["nesterov"] is True
+    assert st.recipe["schedule"] == "linear" and st.recipe["nesterov"] is True
+    base = {"method": "nfe", "backbone": "cnn_small", "dataset": "digits", "epochs": 10, "lr": 0.05}
+    a, b = make_run_config(dict(base)), make_run_config(dict(base, recipe="paper"))
+    assert a.effective_recipe["schedule"] == "cosine" and b.effective_recipe["schedule"] == "linear"
+    assert a.run_id() != b.run_id()
 
 
 def test_gradient_mask_keeps_momentum_from_resurrecting_weights(digits):

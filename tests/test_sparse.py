@@ -104,9 +104,12 @@ def _expected_update(w, g, mask, rate):
     return (set(active) - dropped) | grown, grown, k
 
 
-def test_drop_smallest_grow_largest_gradient_grown_at_zero_with_zero_momentum():
+@pytest.mark.parametrize("zero_momentum", [True, False])
+def test_drop_smallest_grow_largest_gradient_grown_at_zero_with_zero_momentum(zero_momentum):
+    """Grown weights start at 0; their momentum is zeroed only with ``zero_momentum`` (the released
+    FreeTickets code keeps the buffers: the default)."""
     net = small_net()
-    sp = DynamicSparsity(net, 0.3, death_rate=0.5, seed=0)
+    sp = DynamicSparsity(net, 0.3, death_rate=0.5, seed=0, zero_momentum=zero_momentum)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(3)
     with sp.attached():
@@ -118,6 +121,7 @@ def test_drop_smallest_grow_largest_gradient_grown_at_zero_with_zero_momentum():
             w.grad = _distinct(w.shape, gen)
             opt.state[w]["momentum_buffer"] = torch.randn(w.shape, generator=gen) * sp.masks[name]
         before = {k: (w.detach().clone(), w.grad.clone(), sp.masks[k].clone()) for k, w in sp.layers.items()}
+        bufs = {k: opt.state[w]["momentum_buffer"].clone() for k, w in sp.layers.items()}
         counts = sp.active_counts()
         event = sp.update(0.5)
     assert sp.active_counts() == counts
@@ -134,7 +138,11 @@ def test_drop_smallest_grow_largest_gradient_grown_at_zero_with_zero_momentum():
         assert k == math.ceil(0.5 * int(m0.sum()))
         wf, w0f = w.flatten().tolist(), w0.flatten().tolist()
         buf = opt.state[sp.layers[name]]["momentum_buffer"].flatten().tolist()
-        assert all(wf[i] == 0 and buf[i] == 0 for i in grown)               # grown start at exactly 0
+        assert all(wf[i] == 0 for i in grown)                               # grown start at exactly 0
+        if zero_momentum:
+            assert all(buf[i] == 0 for i in grown)
+        else:                                                               # buffers untouched
+            assert buf == bufs[name].flatten().tolist()
         kept = want_active - grown
         assert all(wf[i] == w0f[i] for i in kept)                           # survivors untouched
         assert sum(v != 0 for v in wf) == len(kept)                         # dropped are exactly 0
@@ -157,7 +165,7 @@ def test_pruned_weights_zero_after_every_step_and_growth_sees_the_dense_gradient
     trainer, _ = _digits_trainer(digits)
     torch.manual_seed(0)
     net = build_backbone("cnn_small", 10, 1)
-    sp = DynamicSparsity(net, 0.2, death_rate=0.5, update_frequency=5, seed=0)
+    sp = DynamicSparsity(net, 0.2, death_rate=0.5, update_frequency=5, seed=0, zero_momentum=True)
     captured = {}
     for name, w in sp.layers.items():     # the gradient autograd computes, before anything touches it
         w.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))

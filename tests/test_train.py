@@ -156,7 +156,7 @@ def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
     trainer.fit(net, stage="a")
     end_a = copy.deepcopy(trainer._last_opt[1]["state"])
     n_a = trainer.stages["a"].steps
-    trainer.fit(net, stage="b", optimizer_from="a", weight_decay=1e-3)
+    trainer.fit(net, stage="b", optimizer_from="a", recipe=trainer.recipe.replace(weight_decay=1e-3))
     trainer.fit(net, stage="c")
     bufs, wd = seen[n_a]
     assert wd == 1e-3

@@ -1,0 +1,168 @@
+"""The trust contract: one effective recipe per run (shared / paper), learning curves and a convergence
+verdict in every record, and a row that is one experiment (data and code identity)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from benchmark import results
+from benchmark.cli import main
+from benchmark.config import make_run_config
+from benchmark.errors import UsageError
+from benchmark.recipe import Recipe, lr_factor
+
+T = ["--backbone", "cnn_small", "--dataset", "digits", "--no-progress", "--device", "cpu"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, _ = capsys.readouterr()
+    assert code == 0
+    return json.loads(out)
+
+
+# --------------------------------------------------------------------------------------- recipe
+def test_cyclic_cosine_restarts_every_cycle():
+    r = Recipe(epochs=12, schedule="cyclic_cosine", cycles=3)
+    assert [r.lr_factor(t) for t in (0, 4, 8)] == pytest.approx([1, 1, 1])
+    assert r.lr_factor(2) == pytest.approx(0.5) and r.lr_factor(3.999) < 1e-6
+    assert lr_factor("cosine", 6, 12) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"weight_decay": -1.0}, "weight_decay"), ({"momentum": -1.0}, "momentum"), ({"lr_decay": -1.0}, "lr_decay"),
+    ({"warmup_epochs": -3.0}, "warmup_epochs"), ({"momentum": 0.0, "nesterov": True}, "nesterov"),
+    ({"milestones": (0.75, 0.5)}, "milestones"), ({"cycles": 20, "epochs": 10}, "cycles"),
+    ({"schedule": "step"}, "schedule"), ({"lr": 0.0}, "lr")])
+def test_bad_recipes_are_one_line_usage_errors(bad, msg):
+    with pytest.raises(UsageError, match=msg) as e:
+        Recipe(**bad)
+    assert "\n" not in str(e.value)
+
+
+def test_paper_mode_changes_the_id_only_where_the_recipe_changes():
+    base = {"backbone": "cnn_small", "dataset": "digits", "epochs": 4}
+    for method, same in (("single", True), ("deep_ensemble", True), ("edst_ensemble", True), ("nfe", False),
+                         ("mimo", False), ("packed", False), ("dst_ensemble", False), ("bridge", False)):
+        shared = make_run_config(dict(base, method=method))
+        paper = make_run_config(dict(base, method=method, recipe="paper"))
+        assert (shared.run_id() == paper.run_id()) is same, method
+        assert shared.effective_recipe == shared.run_recipe().to_dict()
+
+
+# ------------------------------------------------------------------------------ curves in records
+def test_every_record_has_its_learning_curves_and_effective_recipe(tmp_path, capsys):
+    out = tmp_path / "runs"
+    s = run_cli(["run", "--method", "single", *T, "--epochs", "3", "--out", str(out)], capsys)
+    rec = json.loads((out / f"{s['run_id']}.json").read_text())
+    assert rec["config"]["effective_recipe"]["schedule"] == "cosine"
+    st = rec["training"]["stages"]["member0"]
+    assert st["recipe"] == rec["config"]["effective_recipe"] and st["recipe_changes"] == {}
+    curve = st["curve"]
+    assert [e["epoch"] for e in curve] == [1, 2, 3]
+    for e in curve:
+        assert {"lr", "loss", "val_acc", "val_nll", "epoch_s"} <= set(e)
+        assert 0 <= e["val_acc"] <= 1 and e["val_nll"] > 0
+    assert curve[0]["lr"] > curve[1]["lr"] > curve[2]["lr"]             # cosine, per epoch
+    csv = (out / f"{s['run_id']}.curves.csv").read_text().splitlines()
+    assert csv[0].startswith("stage,epoch,lr,loss,val_acc,val_nll") and len(csv) == 4
+    assert (out / f"{s['run_id']}.weights.safetensors").is_file()
+    assert rec["code"]["method_file"] == "single.py" and len(rec["code"]["harness_sha256"]) == 16
+
+
+def test_stage_recipes_of_a_multi_stage_method_are_recorded(tmp_path, capsys):
+    out = tmp_path / "runs"
+    s = run_cli(["run", "--method", "edst_ensemble", *T, "--epochs", "3", "--out", str(out),
+                 "--set", "num_members=2", "--set", "update_frequency=10"], capsys)
+    stages = json.loads((out / f"{s['run_id']}.json").read_text())["training"]["stages"]
+    assert stages["explore"]["recipe_changes"] == {"schedule": "constant"} and stages["explore"]["converges"] is False
+    assert stages["window0"]["recipe_changes"]["lr"] == pytest.approx(0.01)
+    df = results.leaderboard([json.loads((out / f"{s['run_id']}.json").read_text())])
+    assert "explore: schedule=constant" in df.loc[0, "stage_recipes"]
+
+
+# ------------------------------------------------------------------------------------ convergence
+def _rec(curves: dict, seed=0, **kw):
+    stages = {k: {"curve": [{"epoch": i + 1, "val_nll": v} for i, v in enumerate(c)], **kw} for k, c in curves.items()}
+    return {"status": "complete", "run_id": f"r{seed}", "config": {"method": "single", "dataset": "d", "backbone": "b",
+                                                                   "seed": seed, "epochs": 10},
+            "method": {"name": "single", "options": {}, "num_members": 1}, "metrics": {"acc": 0.5, "nll": 1.0},
+            "cost": {}, "training": {"stages": stages}}
+
+
+def test_convergence_rule():
+    flat = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.01, 1.005, 1.003, 1.002]
+    steep = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
+    assert results.stage_converged({"curve": [{"val_nll": v} for v in flat]}) is True
+    assert results.stage_converged({"curve": [{"val_nll": v} for v in steep]}) is False
+    worse = flat[:-1] + [1.2]                                            # overfitting: not improving
+    assert results.stage_converged({"curve": [{"val_nll": v} for v in worse]}) is True
+    assert results.stage_converged({"curve": [{"val_nll": 1.0}]}) is None
+    assert results.record_converged(_rec({"a": flat, "b": steep})) is False
+    assert results.record_converged(_rec({"a": flat, "b": steep}) | {}) is False
+    explore = _rec({"a": flat})
+    explore["training"]["stages"]["x"] = {"curve": [{"val_nll": v} for v in steep], "converges": False}
+    assert results.record_converged(explore) is True
+    df = results.leaderboard([_rec({"a": flat}, 0), _rec({"a": steep}, 1)])
+    assert len(df) == 1 and df.loc[0, "converged"] is False or df.loc[0, "converged"] == False  # noqa: E712
+    md = results.format_markdown(df)
+    assert "**no**" in md and f"{results.CONVERGENCE_TOL:.0%}" in md
+
+
+def test_busy_latency_is_marked():
+    rec = _rec({"a": [1.0, 1.0]})
+    rec["cost"] = {"latency_ms": 151.0, "latency_ms_p10": 15.0, "latency_ms_p90": 160.0}
+    df = results.leaderboard([rec])
+    assert bool(df.loc[0, "latency_busy"]) and "†" in results.format_markdown(df)
+
+
+# ----------------------------------------------------------------------------- a row is one experiment
+def test_a_data_subset_is_another_experiment(tmp_path, shared_data):
+    sub = tmp_path / "subset"
+    sub.mkdir()
+    with np.load(shared_data / "cifar10_train.npz") as z:
+        np.savez(sub / "cifar10_train.npz", x_train=z["x_train"][:5000], y_train=z["y_train"][:5000])
+    for f in ("cifar10_test.npz", "svhn.npz", "cifar100_test.npz"):
+        shutil.copy(shared_data / f, sub / f)
+    base = {"method": "single", "backbone": "resnet8", "dataset": "cifar10", "epochs": 1}
+    full = make_run_config(dict(base, data_dir=str(shared_data)))
+    part = make_run_config(dict(base, data_dir=str(sub)))
+    assert full.run_id() != part.run_id()
+    assert part.data_id["n_train"] == 4500 and full.data_id["n_train"] == 17100
+    assert full.data_id["sha256"] != part.data_id["sha256"]
+    # the same files in another folder: the same experiment
+    same = tmp_path / "copy"
+    shutil.copytree(shared_data, same, ignore=shutil.ignore_patterns("*.md"))
+    assert make_run_config(dict(base, data_dir=str(same))).run_id() == full.run_id()
+    # and the leaderboard never pools them as seeds
+    recs = [{**_rec({"a": [1.0, 1.0]}, seed=s), "config": {**_rec({}, s)["config"], "data_id": d}}
+            for s, d in ((0, full.data_id), (1, part.data_id))]
+    assert len(results.leaderboard(recs)) == 2
+
+
+def test_a_complete_record_from_other_code_is_named_when_skipped(tmp_path, capsys):
+    out = tmp_path / "runs"
+    s = run_cli(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)], capsys)
+    path = out / f"{s['run_id']}.json"
+    rec = json.loads(path.read_text())
+    rec["code"]["method_sha256"] = "0" * 16
+    path.write_text(json.dumps(rec))
+    code = main(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0 and "made by other code" in err and "method_sha256" in err and "--force" in err
+    # seeds made by different code are marked in the leaderboard
+    other = {**rec, "run_id": "x", "config": {**rec["config"], "seed": 1}, "code": {**rec["code"], "method_sha256": "1" * 16}}
+    df = results.leaderboard([rec, other])
+    assert df.loc[0, "code_versions"] == 2 and "‡" in results.format_markdown(df)
+
+
+def test_identical_runs_keep_identical_ids_whatever_the_spelling():
+    a = make_run_config({"method": "nfe", "backbone": "cnn_small", "dataset": "digits", "recipe": "paper"})
+    b = make_run_config({"method": "nfe", "backbone": "cnn_small", "dataset": "digits", "schedule": "linear",
+                         "nesterov": True, "lr": 0.1})
+    assert a.effective_recipe == b.effective_recipe and a.run_id() == b.run_id()
+    assert math.isclose(a.effective_recipe["lr"], 0.1)
