@@ -24,7 +24,7 @@ MAX_EPOCHS = 100_000   # per stage; far beyond any published recipe (a typo guar
 # Fields that say where things live or how a run is executed, not what is computed: they do not enter
 # the run id, so the same experiment keeps its id whatever folder or machine it is written from.
 NON_IDENTITY_FIELDS = ("out", "data_dir", "download", "device", "progress", "save_predictions",
-                       "keep_weights", "compile", "latency_runs")
+                       "keep_weights", "reuse_stages", "compile", "latency_runs")
 # The run's recipe settings and its mode enter the run id only through the effective recipe derived from
 # them (``effective_recipe``): two runs that train with the same recipe are the same experiment whatever
 # mode or spelling produced it.
@@ -66,6 +66,7 @@ class RunConfig:
     progress: bool = True
     save_predictions: bool = True
     keep_weights: bool = True    # the final weights beside the record (<run_id>.weights.safetensors)
+    reuse_stages: bool = True    # load a plain stage another run of this folder trained identically (train.py)
     compile: bool = False
     latency_runs: int = 50
     # derived by resolve() (see DERIVED_FIELDS)

@@ -20,7 +20,6 @@ import contextlib
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from functools import lru_cache

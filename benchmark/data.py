@@ -13,10 +13,10 @@ does not depend on the run seed); validation is the LAST ``val_fraction`` of the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,27 +136,78 @@ def default_data_dir() -> Path:
 # ------------------------------------------------------------------------------------------ loading
 def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
          val_fraction: float = 0.1) -> DataBundle:
+    """The dataset as uint8 tensors. Every array is checked before anything else happens (shape, dtype
+    and size per dataset, label type and range, matching counts, non-empty training split after the
+    validation split is taken, non-empty test split): a bad data file is one :class:`UsageError` line
+    naming the file."""
     check_name(name)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     if name == "digits":
         (xtr, ytr), (xte, yte), ood, source = _digits()
         augment = Augment(crop_pad=1, flip=False)   # 8x8 digits: 1-pixel shifts; mirrored digits are other digits
+        where_tr = where_te = "scikit-learn digits"
     else:
-        (xtr, ytr), (xte, yte) = _load_id(name, root, download)
+        (xtr, ytr), (xte, yte), (where_tr, where_te) = _load_id(name, root, download)
         ood = {o: _load_ood(o, root, download) for o in OOD_SETS[name]}
         source = _source(name, root)
         augment = Augment(crop_pad=4, flip=name != "svhn")
-    xtr, ytr, xte, yte = map(torch.from_numpy, (xtr, ytr, xte, yte))
+    _check_split(name, where_tr, "training", xtr, ytr)
+    _check_split(name, where_te, "test", xte, yte)
     n_val = int(round(len(xtr) * val_fraction))
+    if len(xtr) - n_val < 1:
+        raise UsageError(f"--val-fraction {val_fraction} leaves no training images: the validation split takes "
+                         f"{n_val} of the {len(xtr)} training images of {name} ({where_tr}); use a smaller "
+                         f"fraction (default 0.1)")
+    xtr, ytr, xte, yte = map(torch.from_numpy, (xtr, ytr, xte, yte))
     if n_val > 0:
         train, val = Split(xtr[:-n_val], ytr[:-n_val]), Split(xtr[-n_val:], ytr[-n_val:])
     else:
         train, val = Split(xtr, ytr), None
     xf = train.x.float().div_(255)
     mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    std = tuple(xf.std(dim=(0, 2, 3)).nan_to_num(1.0).clamp_min(1e-3).tolist())   # std of 1 image: nan
     return DataBundle(name, NUM_CLASSES[name], train, val, Split(xte, yte),
                       {k: torch.from_numpy(v) for k, v in ood.items()}, mean, std, augment, source)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _check_images(where, x, name: str, what: str, layout: str = "NHWC") -> None:
+    """``x`` (of the dataset ``name``) is uint8 [N, H, W, C] (``layout`` NHWC: the .npz files) or
+    [N, C, H, W] (NCHW: decoded arrays) with the dataset's size and channels; one line naming the file,
+    the expected and the actual shape otherwise."""
+    c, s = IMAGE_SHAPES[name]
+    per = (s, s, c) if layout == "NHWC" else (c, s, s)
+    expected = "[N, " + ", ".join(map(str, per)) + "]"
+    shape = tuple(getattr(x, "shape", ()))
+    dtype = getattr(x, "dtype", type(x).__name__)
+    if len(shape) != 4 or tuple(shape[1:]) != per or dtype != np.uint8:
+        raise UsageError(f"{where}: {what} images must be uint8 {expected} for {name}; got {dtype} {_shape_text(shape)}")
+
+
+def _check_labels(where, y, n: int, name: str, what: str) -> None:
+    k = NUM_CLASSES[name]
+    if not (np.issubdtype(y.dtype, np.integer) and y.dtype != np.bool_):
+        raise UsageError(f"{where}: {what} labels must be integers; got {y.dtype}")
+    if y.ndim > 2 or y.size != n:
+        raise UsageError(f"{where}: {n} {what} images but {y.size} labels (labels shape {_shape_text(y.shape)})")
+    flat = y.reshape(-1)
+    bad = np.flatnonzero((flat < 0) | (flat >= k))
+    if bad.size:
+        i = int(bad[0])
+        raise UsageError(f"{where}: {what} label {int(flat[i])} (index {i}) is outside [0, {k}) for {name} "
+                         f"({bad.size} of {flat.size} labels out of range)")
+
+
+def _check_split(name: str, where, what: str, x, y) -> None:
+    """One split of dataset ``name`` as ``load`` uses it (images [N, C, H, W], labels [N])."""
+    _check_images(where, x, name, what, layout="NCHW")
+    if len(x) == 0:
+        raise UsageError(f"{where}: no {what} images (shape {_shape_text(x.shape)})")
+    _check_labels(where, y, len(x), name, what)
 
 
 def _chw(x: np.ndarray) -> np.ndarray:
@@ -173,49 +224,80 @@ def _npz_path(root: Path, key: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def _read_npz(path: str | Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    p = Path(path)
+    try:
+        st = p.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None
+    return _read_npz_cached(str(p), keys, stamp)
+
+
 @functools.lru_cache(maxsize=8)
-def _read_npz(path: str, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+def _read_npz_cached(path: str, keys: tuple[str, ...], stamp) -> tuple[np.ndarray, ...]:
+    """The arrays ``keys`` of one .npz file (cached while the file keeps its size and mtime). Never
+    unpickles; a file that is no .npz (random bytes, a pickle, a truncated archive) is one line that
+    says so, without numpy's advice to load it with pickles allowed."""
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):    # a bare .npy array, not an archive of named arrays
+                raise UsageError(f"cannot read data file {path}: not a valid .npz data file (a single array, "
+                                 f"expected an archive with {', '.join(keys)})")
             missing = [k for k in keys if k not in z.files]
             if missing:
                 raise UsageError(f"{path} is not a valid data file: missing {', '.join(missing)}")
             return tuple(z[k] for k in keys)
     except UsageError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UsageError(f"cannot read data file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-def _check_images(path, x, y=None):
-    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-        raise UsageError(f"{path}: images must be uint8 [N, 32, 32, 3]; got {x.dtype} {list(x.shape)}")
-    if y is not None and len(y) != len(x):
-        raise UsageError(f"{path}: {len(x)} images but {len(y)} labels")
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise UsageError(f"cannot read data file {path}: {e.strerror or type(e).__name__}") from None
+        raise UsageError(f"cannot read data file {path}: not a valid .npz data file") from None
+    except Exception as e:   # BadZipFile, a pickle or random bytes (ValueError), a corrupt member (zlib, lzma), ...
+        detail = str(e).splitlines()[0] if str(e) else ""
+        if "pickle" in detail.lower() or len(detail) > 120:   # numpy suggests loading pickles: never repeat that
+            detail = ""
+        raise UsageError(f"cannot read data file {path}: not a valid .npz data file"
+                         + (f" ({detail})" if detail else "")) from None
 
 
 def _load_id(name: str, root: Path, download: bool):
+    """((x_train, y_train), (x_test, y_test), (where_train, where_test)); x as uint8 [N, C, H, W]."""
     if name == "cifar10":
         tr, te = _npz_path(root, "cifar10_train"), _npz_path(root, "cifar10_test")
         if tr and te:
-            xtr, ytr = _read_npz(str(tr), ("x_train", "y_train"))
-            xte, yte = _read_npz(str(te), ("x_test", "y_test"))
-            _check_images(tr, xtr, ytr)
-            _check_images(te, xte, yte)
-            return (_chw(xtr), _labels(ytr)), (_chw(xte), _labels(yte))
-    return _torchvision(name, root, download, train=True), _torchvision(name, root, download, train=False)
+            xtr, ytr = _read_npz(tr, ("x_train", "y_train"))
+            xte, yte = _read_npz(te, ("x_test", "y_test"))
+            for p, x, y, what in ((tr, xtr, ytr, "training"), (te, xte, yte, "test")):
+                _check_images(p, x, name, what)
+                if len(x) == 0:
+                    raise UsageError(f"{p}: no {what} images (shape {_shape_text(x.shape)})")
+                _check_labels(p, y, len(x), name, what)
+            return (_chw(xtr), _labels(ytr)), (_chw(xte), _labels(yte)), (str(tr), str(te))
+        if tr or te:
+            have, lack = (tr, NPZ_FILES["cifar10_test"]) if tr else (te, NPZ_FILES["cifar10_train"])
+            if not _torchvision_present(name, root):
+                raise UsageError(f"cifar10 data incomplete in {root}: {have.name} is there but {lack} is not; "
+                                 f"copy both .npz files, or pass --download")
+    where = f"torchvision {name} under {root}"
+    return (_torchvision(name, root, download, train=True), _torchvision(name, root, download, train=False),
+            (f"{where} (train)", f"{where} (test)"))
 
 
 def _load_ood(name: str, root: Path, download: bool) -> np.ndarray:
     key = {"svhn": "svhn", "cifar100": "cifar100_test"}.get(name)
     if key and (p := _npz_path(root, key)):
-        (x,) = _read_npz(str(p), ("x",))
-        _check_images(p, x)
+        (x,) = _read_npz(p, ("x",))
+        _check_images(p, x, name, f"OOD ({name})")
         return _chw(x)
     if name == "cifar10" and (p := _npz_path(root, "cifar10_test")):
-        (x,) = _read_npz(str(p), ("x_test",))
+        (x,) = _read_npz(p, ("x_test",))
+        _check_images(p, x, name, "OOD (cifar10)")
         return _chw(x)
-    return _torchvision(name, root, download, train=False)[0]
+    x = _torchvision(name, root, download, train=False)[0]
+    _check_images(f"torchvision {name} under {root}", x, name, f"OOD ({name})", layout="NCHW")
+    return x
 
 
 def _source(name: str, root: Path) -> str:
@@ -225,21 +307,46 @@ def _source(name: str, root: Path) -> str:
     return f"torchvision {name} under {root}"
 
 
+def _torchvision_present(name: str, root: Path) -> bool:
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}.get(name)
+    if folder:
+        return (root / folder).is_dir()
+    return any((root / f).is_file() for f in ("train_32x32.mat", "test_32x32.mat"))
+
+
 def _torchvision(name: str, root: Path, download: bool, train: bool):
     import torchvision
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "svhn": torchvision.datasets.SVHN}[name]
+    part = "train" if train else "test"
+    existed = root.exists()
+    if name == "cifar10":
+        missing = (f"{name} {part} data not found in {root} (no cifar10_train.npz + cifar10_test.npz, no torchvision "
+                   f"files); pass --data-dir to a folder with the .npz files, or --download")
+    else:
+        missing = (f"{name} {part} data not found in {root} (no torchvision files; the .npz copies hold {name} only "
+                   f"as an OOD set); pass --download")
     try:
         if name == "svhn":
-            ds = cls(str(root), split="train" if train else "test", download=download)
+            ds = cls(str(root), split=part, download=download)
             return np.ascontiguousarray(ds.data), _labels(ds.labels)
         ds = cls(str(root), train=train, download=download)
         return _chw(ds.data), _labels(ds.targets)
-    except RuntimeError as e:
-        hint = "" if download else " (pass --download to fetch it, or --data-dir to a folder with the .npz files)"
-        raise UsageError(f"{name} {'train' if train else 'test'} data not found in {root}{hint}: "
-                         f"{str(e).splitlines()[0]}") from None
+    except RuntimeError as e:   # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        if download:
+            raise UsageError(f"{name} {part} data not usable in {root} after --download "
+                             f"({str(e).split('.')[0] or type(e).__name__}); delete the partial files and retry") from None
+        raise UsageError(missing) from None
+    except OSError as e:        # the download itself (no network, refused, disk full)
+        if download and not existed:   # leave no empty folder behind
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        reason = str(getattr(e, "reason", "") or e.strerror or e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot download {name} {part} data into {root}: {reason}; put the .npz files in a "
+                         f"folder and pass --data-dir, or retry --download") from None
+    except ImportError as e:    # torchvision's SVHN reader needs scipy
+        raise UsageError(f"cannot read torchvision's {name} files: {e}") from None
 
 
 @functools.lru_cache(maxsize=1)

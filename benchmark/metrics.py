@@ -10,6 +10,29 @@ Conventions (see shared/specs/metrics.md):
   member's own softmax;
 * everything is computed in float64 on the CPU; inputs may be torch tensors or numpy arrays;
 * bad input raises ``ValueError`` with a single-line message (the CLI turns it into exit code 2).
+
+Selective prediction and adaptive calibration (keys ``aurc``, ``acc_at_95``, ``ece_adaptive`` of
+``evaluate``), in the style of shared/specs/metrics.md. Confidence is the top ensemble probability
+``max_c p̄_c`` (float64); a sample is an error when ``argmax p̄ != y``. Samples are ranked by confidence,
+most confident first. **Ties:** samples of equal confidence cannot be ranked, so within each group of equal
+confidence every sample counts the group's mean error (and correctness). The values therefore never depend
+on the order of the input; for the risk-coverage curve, AURC and acc_at_95 they equal the average over all
+orderings of the tied samples, and with distinct confidences they are the plain definitions.
+
+| name | definition |
+|---|---|
+| risk-coverage curve | for k = 1..N: coverage k/N, selective risk = (errors among the k most confident samples) / k (Geifman & El-Yaniv, NeurIPS 2017) |
+| aurc | area under that curve: the mean of the N selective risks, (1/N) sum_k risk_k (a fraction in [0, 1], not x1000) |
+| acc_at_95 | accuracy of the k = ceil(0.95 N) most confident samples (selective accuracy at 95% coverage) |
+| ece_adaptive | top-label ECE with 15 equal-mass bins (Nixon et al., CVPR-W 2019, top-label): samples sorted by confidence ascending and split as ``numpy.array_split`` (the first N mod 15 bins hold one more sample); sum over bins of (bin count / N) * abs(bin accuracy - bin mean confidence); empty bins (N < 15) count 0 |
+
+Distribution shift (``shift_cell_metrics``, ``shift_summary``, ``score_shift_arrays``; the images and
+the loop over them are in benchmark/shift.py): every (corruption, severity) cell gets acc, nll, brier, ece,
+aurc, acc_at_95, ece_adaptive, member_acc, disagreement and, with a temperature fitted on the clean
+validation split, nll_ts and ece_ts; ``mean`` is the unweighted mean over all cells, ``by_severity`` the
+mean over corruptions per severity, ``by_corruption`` the mean over severities per corruption. A score
+file stores the cells as ``shift_<corruption>_<severity>`` [M, N, C] with labels ``shift_labels_<corruption>_
+<severity>`` [N] or one ``shift_labels`` [N] shared by all cells (see ``score_npz``).
 """
 
 from __future__ import annotations
@@ -31,6 +54,10 @@ __all__ = [
     "nll",
     "brier",
     "ece",
+    "risk_coverage",
+    "aurc",
+    "acc_at_coverage",
+    "ece_adaptive",
     "member_accuracy",
     "disagreement",
     "fit_temperature",
@@ -39,6 +66,9 @@ __all__ = [
     "evaluate",
     "logits_from_probs",
     "score_npz",
+    "shift_cell_metrics",
+    "shift_summary",
+    "score_shift_arrays",
     "COMBINE_MODES",
     "OOD_SCORES",
 ]
@@ -191,6 +221,46 @@ def _ece(p: Tensor, y: Tensor, n_bins: int) -> float:
     return float((acc_sum - conf_sum).abs().sum() / p.shape[0])
 
 
+def _ranked_errors(p: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Confidences sorted descending and the matching 0/1 errors, each tie group's errors replaced by the
+    group's mean error (see the module docs: the result does not depend on the input order)."""
+    conf, pred = p.max(dim=1)
+    conf = conf.numpy()
+    err = (pred != y).numpy().astype(np.float64)
+    order = np.argsort(-conf, kind="stable")
+    conf, err = conf[order], err[order]
+    starts = np.flatnonzero(np.r_[True, conf[1:] != conf[:-1]])
+    sizes = np.diff(np.r_[starts, len(conf)])
+    return conf, np.repeat(np.add.reduceat(err, starts) / sizes, sizes)
+
+
+def _risk_coverage(p: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    _, err = _ranked_errors(p, y)
+    k = np.arange(1, len(err) + 1, dtype=np.float64)
+    return k / len(err), np.cumsum(err) / k
+
+
+def _aurc(p: Tensor, y: Tensor) -> float:
+    return float(_risk_coverage(p, y)[1].mean())
+
+
+def _acc_at_coverage(p: Tensor, y: Tensor, coverage: float) -> float:
+    _, err = _ranked_errors(p, y)
+    n = len(err)
+    k = max(1, int(math.ceil(round(coverage * n, 9))))   # round() keeps 0.95 * 20 = 19, not 19.000000000000004
+    return float(1.0 - err[:k].sum() / k)
+
+
+def _ece_adaptive(p: Tensor, y: Tensor, n_bins: int) -> float:
+    conf, err = _ranked_errors(p, y)
+    conf, acc = conf[::-1], 1.0 - err[::-1]            # ascending confidence
+    total = 0.0
+    for cb, ab in zip(np.array_split(conf, n_bins), np.array_split(acc, n_bins)):
+        if len(cb):
+            total += abs(ab.sum() - cb.sum())           # = n_b * |acc_b - conf_b|
+    return float(total / len(conf))
+
+
 def _member_preds(z: Tensor) -> Tensor:
     return torch.softmax(z, dim=-1).max(dim=-1).indices  # [M, N]
 
@@ -293,12 +363,44 @@ def brier(probs_bar, labels) -> float:
     return _brier(p, _check_labels(labels, p.shape[0], p.shape[1]))
 
 
-def ece(probs_bar, labels, n_bins: int = 15) -> float:
-    """Top-label expected calibration error, equal-width bins; = torchmetrics MulticlassCalibrationError(norm="l1")."""
+def _check_bins(n_bins) -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    return int(n_bins)
+
+
+def ece(probs_bar, labels, n_bins: int = 15) -> float:
+    """Top-label expected calibration error, equal-width bins; = torchmetrics MulticlassCalibrationError(norm="l1")."""
+    n_bins = _check_bins(n_bins)
     p = _check_probs_bar(probs_bar)
-    return _ece(p, _check_labels(labels, p.shape[0], p.shape[1]), int(n_bins))
+    return _ece(p, _check_labels(labels, p.shape[0], p.shape[1]), n_bins)
+
+
+def risk_coverage(probs_bar, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, selective risk), each float64 [N]: point k is the k most confident samples (ties: module docs)."""
+    p = _check_probs_bar(probs_bar)
+    return _risk_coverage(p, _check_labels(labels, p.shape[0], p.shape[1]))
+
+
+def aurc(probs_bar, labels) -> float:
+    """Area under the risk-coverage curve: mean over k = 1..N of the selective risk of the k most confident."""
+    p = _check_probs_bar(probs_bar)
+    return _aurc(p, _check_labels(labels, p.shape[0], p.shape[1]))
+
+
+def acc_at_coverage(probs_bar, labels, coverage: float = 0.95) -> float:
+    """Accuracy of the ceil(coverage * N) most confident samples (acc_at_95 is coverage = 0.95)."""
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, np.floating)) or not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be a number in (0, 1]; got {coverage!r}")
+    p = _check_probs_bar(probs_bar)
+    return _acc_at_coverage(p, _check_labels(labels, p.shape[0], p.shape[1]), float(coverage))
+
+
+def ece_adaptive(probs_bar, labels, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-mass bins (15 by default); see the module docs for binning and ties."""
+    n_bins = _check_bins(n_bins)
+    p = _check_probs_bar(probs_bar)
+    return _ece_adaptive(p, _check_labels(labels, p.shape[0], p.shape[1]), n_bins)
 
 
 def member_accuracy(logits, labels) -> float:
@@ -359,12 +461,15 @@ def evaluate(
     val_labels=None,
     ood: dict[str, Tensor] | None = None,
     combine: str = "probs",
+    temperature: float | None = None,
 ) -> dict:
     """All metrics of one run as a JSON-serialisable dict of python floats.
 
-    Keys: acc, nll, brier, ece, member_acc, disagreement; with validation data also nll_ts, ece_ts,
-    temperature; and ``ood`` = {name: {"msp"|"entropy"|"mi": {auroc, aupr_in, aupr_out, fpr95}}}
-    (empty dict when no OOD sets are given). ``ood`` values are member logits [M, K, C].
+    Keys: acc, nll, brier, ece, member_acc, disagreement, aurc, acc_at_95, ece_adaptive; with validation
+    data (or a given ``temperature``, e.g. one fitted once on the clean validation split and reused on
+    shifted data) also nll_ts, ece_ts, temperature; and ``ood`` = {name: {"msp"|"entropy"|"mi": {auroc,
+    aupr_in, aupr_out, fpr95}}} (empty dict when no OOD sets are given). ``ood`` values are member logits
+    [M, K, C].
     """
     combine = _check_combine(combine)
     z = _check_logits(logits)
@@ -374,6 +479,12 @@ def evaluate(
     vz = vy = None
     if (val_logits is None) != (val_labels is None):
         raise ValueError("val_logits and val_labels must be given together")
+    if temperature is not None:
+        if val_logits is not None:
+            raise ValueError("give val_logits/val_labels or temperature, not both")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating))
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
     if val_logits is not None:
         vz = _check_logits(val_logits, "val_logits")
         if vz.shape[0] != m or vz.shape[2] != c:
@@ -404,9 +515,12 @@ def evaluate(
         "ece": _ece(p_bar, y, 15),
         "member_acc": _member_accuracy(z, y),
         "disagreement": _disagreement(z),
+        "aurc": _aurc(p_bar, y),
+        "acc_at_95": _acc_at_coverage(p_bar, y, 0.95),
+        "ece_adaptive": _ece_adaptive(p_bar, y, 15),
     }
-    if vz is not None:
-        t = _fit_temperature(vz, vy, combine)
+    if vz is not None or temperature is not None:
+        t = _fit_temperature(vz, vy, combine) if vz is not None else float(temperature)
         zt = z / t
         out["nll_ts"] = _nll(zt, y, combine)
         out["ece_ts"] = _ece(_ensemble_probs(zt, combine), y, 15)
@@ -439,7 +553,12 @@ def score_npz(path) -> dict:
 
     Arrays: ``logits`` [M,N,C] or ``probs`` [M,N,C]; ``labels`` [N]; optional ``val_logits`` /
     ``val_probs`` [M,V,C] with ``val_labels`` [V]; optional ``combine`` (0-d string); any number of
-    ``ood_<name>`` [M,K,C] (logits, or probabilities when the file stores ``probs``).
+    ``ood_<name>`` [M,K,C] (logits, or probabilities when the file stores ``probs``); any number of
+    distribution-shift cells ``shift_<corruption>_<severity>`` [M,K,C] (logits or probabilities likewise;
+    severity a positive integer, the corruption name may contain underscores) with their labels in
+    ``shift_labels_<corruption>_<severity>`` [K] or, for cells that share them, one ``shift_labels`` [K].
+    With shift cells the result gets a ``shift`` entry (see ``score_shift_arrays``; nll_ts / ece_ts use
+    the temperature fitted on the validation arrays); without them the result is unchanged.
     """
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -516,6 +635,111 @@ def score_npz(path) -> dict:
             ood[name] = as_logits(key, from_probs)
 
     try:
-        return evaluate(logits, labels, val_logits=val_logits, val_labels=val_labels, ood=ood, combine=combine)
+        out = evaluate(logits, labels, val_logits=val_logits, val_labels=val_labels, ood=ood, combine=combine)
+        shift = score_shift_arrays(arrays, temperature=out.get("temperature"), combine=combine,
+                                   from_probs=from_probs, num_members=int(logits.shape[0]) if logits.dim() == 3 else 1,
+                                   num_classes=int(logits.shape[-1]))
     except ValueError as exc:
         raise ValueError(_one_line(f"{p}: {exc}")) from None
+    if shift is not None:
+        out["shift"] = shift
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# distribution shift (corrupted test sets; the images themselves are in benchmark/shift.py)
+# --------------------------------------------------------------------------------------------
+SHIFT_KEYS = ("acc", "nll", "brier", "ece", "aurc", "acc_at_95", "ece_adaptive", "member_acc", "disagreement",
+              "nll_ts", "ece_ts")
+
+
+def shift_cell_metrics(logits, labels, *, temperature: float | None = None, combine: str = "probs") -> dict:
+    """Metrics of one (corruption, severity) cell: ``evaluate``'s in-distribution keys (SHIFT_KEYS) with
+    nll_ts / ece_ts at the given temperature (fitted elsewhere, on clean validation data), no OOD."""
+    res = evaluate(logits, labels, combine=combine, temperature=temperature)
+    return {k: res[k] for k in SHIFT_KEYS if k in res}
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    keys = [k for k in dicts[0] if all(k in d for d in dicts)]
+    # fsum: exactly rounded, so a mean does not depend on the order of the cells
+    return {k: math.fsum(d[k] for d in dicts) / len(dicts) for k in keys}
+
+
+def shift_summary(cells: dict) -> dict:
+    """Summaries of cell metrics {(corruption, severity): metrics}: per_corruption {corruption: {"<severity>":
+    metrics}}, by_corruption (mean over its severities), by_severity {"<severity>": mean over corruptions}
+    and mean (over all cells). Severities are JSON string keys in increasing order."""
+    if not cells:
+        raise ValueError("no shift cells to summarise")
+    corruptions = list(dict.fromkeys(c for c, _ in cells))
+    severities = sorted({int(s) for _, s in cells})
+    per = {c: {str(s): cells[(c, s)] for s in severities if (c, s) in cells} for c in corruptions}
+    return {
+        "per_corruption": per,
+        "by_corruption": {c: _mean_dicts(list(per[c].values())) for c in corruptions},
+        "by_severity": {str(s): _mean_dicts([cells[(c, x)] for c, x in cells if x == s]) for s in severities},
+        "mean": _mean_dicts(list(cells.values())),
+    }
+
+
+def score_shift_arrays(arrays: dict, *, temperature: float | None = None, combine: str = "probs",
+                       from_probs: bool = False, num_members: int | None = None,
+                       num_classes: int | None = None) -> dict | None:
+    """The ``shift`` entry of a score file from its arrays (None when it has no ``shift_*`` arrays).
+
+    ``shift_<corruption>_<severity>`` [M, K, C] member logits (probabilities with ``from_probs``) with
+    labels ``shift_labels_<corruption>_<severity>`` [K] or the shared ``shift_labels`` [K]. M and C must
+    match ``num_members`` / ``num_classes`` when given. Returns {severities, corruptions, combine,
+    temperature} and shift_summary's per_corruption, by_corruption, by_severity, mean.
+    """
+    combine = _check_combine(combine)
+    cells_in: dict[tuple[str, int], str] = {}
+    label_keys: dict[tuple[str, int], str] = {}
+    for key in sorted(arrays):
+        if not key.startswith("shift_") or key == "shift_labels":
+            continue
+        is_label = key.startswith("shift_labels_")
+        rest = key[len("shift_labels_"):] if is_label else key[len("shift_"):]
+        name, _, sev = rest.rpartition("_")
+        if not name or not sev.isdigit() or int(sev) < 1:
+            raise ValueError(f"array '{key}': shift arrays must be named shift_<corruption>_<severity> "
+                             "(or shift_labels_<corruption>_<severity>) with severity an integer >= 1")
+        (label_keys if is_label else cells_in)[(name, int(sev))] = key
+    if not cells_in:
+        if label_keys or "shift_labels" in arrays:
+            raise ValueError("has shift labels but no shift_<corruption>_<severity> arrays")
+        return None
+    orphans = sorted(set(label_keys) - set(cells_in))
+    if orphans:
+        raise ValueError(f"has '{label_keys[orphans[0]]}' but no 'shift_{orphans[0][0]}_{orphans[0][1]}'")
+    shared = arrays.get("shift_labels")
+    if shared is not None and all(cell in label_keys for cell in cells_in):
+        raise ValueError("'shift_labels' is not used: every shift cell has its own "
+                         "shift_labels_<corruption>_<severity>")
+    cells = {}
+    for cell, key in sorted(cells_in.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        a = np.asarray(arrays[key])
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"array '{key}' must be numeric; got dtype {a.dtype}")
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"array '{key}' contains NaN or inf")
+        if a.ndim not in (2, 3):
+            raise ValueError(f"array '{key}' must be [M, N, C]; got shape {a.shape}")
+        z = logits_from_probs(a) if from_probs else torch.from_numpy(a)
+        z = _check_logits(z, key)
+        if ((num_members is not None and z.shape[0] != num_members)
+                or (num_classes is not None and z.shape[2] != num_classes)):
+            raise ValueError(f"array '{key}' must be [M={num_members}, K, C={num_classes}] like the test logits; "
+                             f"got shape {_shape(z)}")
+        lkey = label_keys.get(cell)
+        if lkey is None:
+            if shared is None:
+                raise ValueError(f"array '{key}' has no labels: add 'shift_labels_{cell[0]}_{cell[1]}' or 'shift_labels'")
+            lkey = "shift_labels"
+        y = _check_labels(np.asarray(arrays[lkey]), z.shape[1], z.shape[2], lkey)
+        cells[cell] = shift_cell_metrics(z, y, temperature=temperature, combine=combine)
+    summary = shift_summary(cells)
+    return {"severities": sorted({s for _, s in cells}), "corruptions": list(dict.fromkeys(c for c, _ in cells)),
+            "combine": combine, "temperature": None if temperature is None else float(temperature), **summary}

@@ -798,6 +798,77 @@ def _fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:
                    "mean ± std over seeds, Pareto front dashed.")]
 
 
+def run_curve(rec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A run's learning curve as one sequence over all its stages in training order: (epochs so far,
+    training FLOPs so far, validation NLL, validation accuracy) after each epoch that has a validation
+    NLL (a stage without one, e.g. a bridge's curve, adds its epochs and FLOPs but no point). A deep
+    ensemble's members trained one after the other give one saw-tooth per member: that is what its
+    budget buys."""
+    stages = _dict(_dict(rec.get("training")).get("stages"))
+    ep, fl, nll, acc = [], [], [], []
+    e_done, f_done = 0, 0.0
+    for st in stages.values():
+        st = _dict(st)
+        curve = [c for c in st.get("curve") or [] if isinstance(c, dict)]
+        n = max(len(curve), 1)
+        f_epoch = 3.0 * _nan(st.get("flops_per_sample")) * _nan(st.get("samples_seen")) / n
+        for c in curve:
+            e_done += 1
+            f_done += f_epoch
+            if isinstance(c.get("val_nll"), (int, float)):
+                ep.append(e_done)
+                fl.append(f_done)
+                nll.append(float(c["val_nll"]))
+                acc.append(float(c.get("val_acc", math.nan)))
+    if not ep:
+        return None
+    return np.asarray(ep, float), np.asarray(fl, float), np.asarray(nll, float), np.asarray(acc, float)
+
+
+def _mean_curve(curves: list[tuple]) -> tuple | None:
+    """Mean over seeds, point by point (seeds of one config have the same stages and epochs)."""
+    curves = [c for c in curves if c is not None]
+    if not curves:
+        return None
+    n = min(len(c[0]) for c in curves)
+    return tuple(np.mean([c[i][:n] for c in curves], axis=0) for i in range(4))
+
+
+def _fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
+    lines = [(c, _mean_curve([run_curve(r) for r in c.records])) for c in sec.configs]
+    lines = [(c, m) for c, m in lines if m is not None]
+    if not lines:
+        return []
+    fig, axes = _new_figure(4, ncols=2)
+    f_scale, f_unit = _scale_prefix((float(m[1][-1]) for _, m in lines if np.isfinite(m[1][-1])), "FLOPs")
+    for c, (ep, fl, nll, acc) in lines:
+        kw = dict(color=c.color, lw=1.2, alpha=0.9)
+        axes[0].plot(ep, nll, **kw)
+        axes[1].plot(ep, 100 * acc, **kw)
+        if np.isfinite(fl).all():
+            axes[2].plot(fl * f_scale, nll, **kw)
+            axes[3].plot(fl * f_scale, 100 * acc, **kw)
+    for ax, (x, y) in zip(axes, [("epochs trained (all stages)", "validation NLL ↓"),
+                                 ("epochs trained (all stages)", "validation accuracy (%) ↑"),
+                                 (f"training FLOPs ({f_unit})", "validation NLL ↓"),
+                                 (f"training FLOPs ({f_unit})", "validation accuracy (%) ↑")]):
+        ax.set_xlabel(x, fontsize=8)
+        ax.set_ylabel(y, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in (axes[0], axes[2]):
+        lo = min(float(np.nanmin(m[2])) for _, m in lines)
+        hi = np.nanpercentile(np.concatenate([m[2] for _, m in lines]), 95)
+        ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
+    _legend(fig, [c for c, _ in lines])
+    fig.suptitle(f"{sec.title}: learning curves (mean over seeds)", fontsize=10)
+    _save(fig, out_dir, f"{base}/learning_curves")
+    return [Figure(f"{base}/learning_curves", "Learning curves",
+                   "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "
+                   "ensemble's members one after the other), against epochs and against the training FLOPs "
+                   "spent so far; one line per config, mean over seeds. A curve still falling at its end is a "
+                   "row the leaderboard marks as not converged.")]
+
+
 # --------------------------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------------------------
@@ -1204,6 +1275,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
             figs += _fig_ood(sec, preds, out_dir, base)
             figs += _fig_size_curve(sec, family, out_dir, base)
             figs += _fig_train_cost(sec, out_dir, base)
+            figs += _fig_learning_curves(sec, out_dir, base)
         if figures and not figs:
             sec_doc.p("No figures: the records of this section have no metric with a cost to plot against "
                       "and no saved predictions.")

@@ -201,7 +201,9 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     t_start = time.perf_counter()
     try:
         seed_everything(cfg.seed)
-        trainer = Trainer(bundle, cfg, device, ckpt_dir=out / ".ckpt" / run_id, log=log)
+        trainer = Trainer(bundle, cfg, device, ckpt_dir=out / ".ckpt" / run_id, log=log,
+                          share_dir=out / ".members" if cfg.reuse_stages else None,
+                          share_salt=f"{code['harness_sha256']}/{cfg.data_id['sha256']}/{cfg.val_fraction}")
         ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                          image_size=bundle.image_size, device=device, data=bundle, trainer=trainer)
         log(f"{run_id}: {cfg.method} on {cfg.backbone} / {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}, {device}")
@@ -230,6 +232,7 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
             training["train_s"] += float(extra_s)
             training["train_s_extra"] = float(extra_s)
         training["device"] = cost_mod.device_name(device)
+        training["reused_stages"] = {k: s["reused_from"] for k, s in training["stages"].items() if s.get("reused_from")}
         results.write_curves(out, run_id, training["stages"])
         if cfg.keep_weights:      # evaluate again later (new shift or OOD sets) without training again
             record["weights"] = results.save_weights(out, run_id, model).name

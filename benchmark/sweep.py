@@ -44,9 +44,9 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from benchmark.runner import run_lock  # noqa: F401  (sweep.run_lock: the one lock per run id)
 from benchmark.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml, make_run_config
 from benchmark.errors import UsageError
+from benchmark.runner import run_lock  # sweep.run_lock: the one lock per run id (plain runs take it too)
 
 SPEC_KEYS = ("name", "grid", "options", "run", "slurm")
 # the run fields a sweep requires to be spelled out (the RunConfig defaults are a CPU demo)
@@ -108,6 +108,31 @@ def _type_name(v: Any) -> str:
             list: "a list"}.get(v, getattr(v, "__name__", str(v)))
 
 
+# Spec strings that reach the generated sbatch script or file names: a newline (or any other control
+# character) in one of them would start a line of its own in the script (shlex.quote does not protect
+# newlines), so they are refused. ``[slurm] setup`` is shell by design: its lines are written into the
+# script as they are (whoever writes the spec runs those commands on the nodes), and is not checked.
+SHELL_BY_DESIGN = ("setup",)
+
+
+def _control_char(text: str) -> str | None:
+    """The first control character (C0, DEL, C1; newline, carriage return, NUL, tab, ...) in ``text``."""
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o <= 0x9F or ch in "\u2028\u2029":
+            return ch
+    return None
+
+
+def _check_text(where: str, field_name: str, value: Any) -> None:
+    if isinstance(value, str):
+        ch = _control_char(value)
+        if ch is not None:
+            raise UsageError(f"{where}: {field_name} contains a control character ({ch!r} at position "
+                             f"{value.index(ch)}); newlines and other control characters are not allowed there "
+                             f"(they would break the sbatch script)")
+
+
 def _check_slurm(where: str, table: Any) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise UsageError(f"{where}: [slurm] must be a table")
@@ -133,6 +158,16 @@ def _check_slurm(where: str, table: Any) -> dict[str, Any]:
             raise UsageError(f"{where}: [slurm] {k} must be >= 0; got {v}")
         if k == "mem_gb" and not v > 0:
             raise UsageError(f"{where}: [slurm] mem_gb must be > 0; got {v}")
+        if k not in SHELL_BY_DESIGN:
+            if isinstance(v, str):
+                _check_text(where, f"[slurm] {k}", v)
+            elif isinstance(v, list):
+                for i, item in enumerate(v):
+                    _check_text(where, f"[slurm] {k}[{i}]", item)
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    _check_text(where, f"[slurm] {k} key {kk!r}", kk)
+                    _check_text(where, f"[slurm] {k}.{kk}", vv)
         out[k] = v
     return out
 
@@ -149,6 +184,7 @@ def parse_spec(doc: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
     name = doc.get("name", Path(where).stem)
     if not isinstance(name, str) or not name:
         raise UsageError(f"{where}: name must be a non-empty string")
+    _check_text(where, "name", name)
     grid = dict(doc.get("grid", {}))
     run = dict(doc.get("run", {}))
     if not grid:
@@ -172,6 +208,8 @@ def parse_spec(doc: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
             raise UsageError(f"{where}: unknown [run] key {k!r}; valid run settings: {', '.join(RUN_FIELDS)}")
         if k in grid:
             raise UsageError(f"{where}: {k} is set in both [grid] and [run]; keep one")
+    for k in ("out", "data_dir"):   # folder names: they reach the sbatch script (submitit's log paths)
+        _check_text(where, f"[run] {k}", run.get(k))
     for k in REQUIRED_RUN_KEYS:
         if k not in grid and k not in run:
             raise UsageError(f"{where}: say which {k} to run: {k} = [...] in [grid] (or {k} = ... in [run])")
@@ -360,6 +398,48 @@ class RunState:
     detail: str = ""           # queued | not submitted | interrupted | ... (for pending/running)
     error: str | None = None   # the failed record's error
     job_id: str | None = None  # the Slurm job (array task) that runs or ran it
+    holder: str | None = None  # "pid P on host H": the live process that holds the run's lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, another user's
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def lock_owner(out: Path, run_id: str) -> tuple[bool | None, str | None]:
+    """(whether a live process holds the run's lock, "pid P on host H" of the holder or last holder).
+    None for the first when it cannot be told (the lock file cannot be opened, e.g. a read-only folder).
+
+    The lock (``benchmark.runner.run_lock``) is released by the kernel however its process ends, so a
+    killed run's lock is free. Probing it means taking it for an instant, which a run starting at that
+    very instant would take for another process's, so the probe is avoided where the answer is certain
+    without it: no lock file (never locked: not held), a holder on this host whose pid is gone (killed:
+    not held). A holder on another host, or a live pid here (it holds the lock, or its pid was reused),
+    is probed."""
+    import socket
+
+    from benchmark.runner import LOCK_DIR, lock_holder, lock_is_held
+
+    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
+    if not path.is_file():
+        return False, None
+    holder = lock_holder(out, run_id)    # read first: a probe that takes the lock rewrites the file
+    if holder is not None:
+        pid, host = holder.split()[1], holder.split()[-1]
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return False, holder
+    try:
+        held = lock_is_held(out, run_id)
+    except OSError:
+        return None, holder
+    return held, holder
 
 
 def _job_active(entry: dict | None, queue: dict[str, tuple[str, str]] | None, folder: Path) -> tuple[str, str] | None:
@@ -410,19 +490,25 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
         status = rec["status"] if rec else None
         job = _job_active(entry, queue, folder)
         job_id = entry["job_id"] if entry else None
+        held, holder = (None, None) if status == "complete" or job is not None else lock_owner(out, rid)
         if status == "complete":
             states.append(RunState(cfg, rid, "done", job_id=job_id))
         elif job is not None:   # alive in the queue: its state says more than a record of an earlier attempt
             queued = job[0] in _QUEUED_STATES
             states.append(RunState(cfg, rid, "pending" if queued else "running",
                                    "queued" if queued else job[0].lower(), job_id=job_id))
+        elif held:              # a live process holds the run's lock: it is at it (whatever the record says yet)
+            states.append(RunState(cfg, rid, "running", holder or "running", job_id=job_id, holder=holder))
         elif status == "failed":
             states.append(RunState(cfg, rid, "failed", error=rec.get("error") or "(no error recorded)", job_id=job_id))
         elif status == "running":
             if entry is not None and queue is not None:
                 # sent to Slurm, its job is gone, the record says running: killed or cancelled mid-run
                 states.append(RunState(cfg, rid, "pending", "interrupted", job_id=job_id))
-            else:
+            elif held is False and (entry is None or _on_this_host(holder)):
+                # nobody holds its lock: the process that wrote "running" was killed; resumable
+                states.append(RunState(cfg, rid, "pending", "interrupted", job_id=job_id))
+            else:               # cannot tell (a Slurm run without squeue, a lock that cannot be probed)
                 states.append(RunState(cfg, rid, "running", job_id=job_id))
         elif entry is not None and queue is not None:
             states.append(RunState(cfg, rid, "pending", "job ended without a record", job_id=job_id))
@@ -431,13 +517,20 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
     return states, note
 
 
+def _on_this_host(holder: str | None) -> bool:
+    import socket
+
+    return bool(holder) and holder.split()[-1] == socket.gethostname()
+
+
 def _to_submit(states: list[RunState]) -> list[RunState]:
     """Runs that need a job: not done and no job of theirs alive in the queue. Failed and interrupted
     runs are submitted again (they resume from their checkpoints), and so is a run whose record says
-    running without a Slurm job known to run it (a local sweep that was stopped); should a process
-    still be training it, the new job finds the run locked and leaves it alone."""
+    running without a Slurm job known to run it whose lock nobody could be seen to hold; a run whose
+    lock a live process holds is left to that process (should one start meanwhile, the new job finds
+    the run locked and leaves it alone)."""
     return [s for s in states if s.state == "failed" or (s.state == "pending" and s.detail != "queued")
-            or (s.state == "running" and s.job_id is None)]
+            or (s.state == "running" and s.job_id is None and s.holder is None)]
 
 
 # ------------------------------------------------------------------------------------ executors
@@ -501,6 +594,7 @@ class LocalOutcome:
     run_id: str
     status: str            # complete | failed | busy
     error: str | None = None
+    seconds: float | None = None   # how long the run took (wall clock)
 
 
 def _pool_init(threads: int) -> None:
@@ -511,38 +605,88 @@ def _pool_init(threads: int) -> None:
 
 
 def _pool_run(job: RunJob) -> dict[str, Any]:
-    return job()
+    """Run ``job`` in a pool worker; the summary carries ``seconds`` (the run's own wall time). A failing
+    run (recorded as failed by the runner) comes back as {"error": ...} so that its time is known too."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        summary = job()
+    except Exception as e:
+        return {"run_id": job.run_id, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                "seconds": time.perf_counter() - t0}
+    return {**summary, "seconds": time.perf_counter() - t0}
+
+
+def format_duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h07m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, sec = divmod(round(seconds), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def progress_line(i: int, n: int, outcome: LocalOutcome, durations: list[float], workers: int) -> str:
+    """"[i/n] run_id done in Xs (status); ~Y left": Y is the mean time of the runs finished so far times
+    the runs left, over the workers that will share them (runs left to another process, which take no
+    time here, are not in the mean)."""
+    took = format_duration(outcome.seconds) if outcome.seconds is not None else "?"
+    left = n - i
+    if left <= 0:
+        eta = "0s"
+    elif durations:
+        eta = format_duration(sum(durations) / len(durations) * left / max(1, min(workers, left)))
+    else:
+        eta = "?"
+    return f"[{i}/{n}] {outcome.run_id} done in {took} ({outcome.status}); ~{eta} left"
 
 
 def run_local(runs: list[RunConfig], workers: int = 1, *,
-              report: Callable[[LocalOutcome], None] | None = None) -> list[LocalOutcome]:
+              report: Callable[[LocalOutcome], None] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[LocalOutcome]:
     """Run ``runs`` on this machine: in this process one after another (``workers=1``) or in a pool of
-    ``workers`` processes. A failing run is recorded as failed (by the runner) and the others go on."""
+    ``workers`` processes. A failing run is recorded as failed (by the runner) and the others go on.
+    ``report`` gets each outcome; ``progress`` one line per finished run (:func:`progress_line`)."""
+    import time
+
     report = report or (lambda o: None)
     outcomes: list[LocalOutcome] = []
+    durations: list[float] = []
+    n_total = len(runs)
+    n_workers = 1 if workers <= 1 or len(runs) <= 1 else min(workers, len(runs))
 
-    def done(rid: str, summary: dict | None, err: BaseException | None) -> None:
+    def done(rid: str, summary: dict | None, err: BaseException | None, seconds: float | None) -> None:
         if err is not None:
-            o = LocalOutcome(rid, "failed", f"{type(err).__name__}: {err}")
+            o = LocalOutcome(rid, "failed", f"{type(err).__name__}: {err}", seconds)
+        elif summary.get("error"):
+            o = LocalOutcome(rid, summary.get("status", "failed"), summary["error"], seconds)
         else:
-            o = LocalOutcome(rid, summary["status"])
+            o = LocalOutcome(rid, summary["status"], None, seconds)
         outcomes.append(o)
+        if seconds is not None and o.status != "busy":
+            durations.append(seconds)
         report(o)
+        if progress is not None:
+            progress(progress_line(len(outcomes), n_total, o, durations, n_workers))
 
-    if workers <= 1 or len(runs) <= 1:
+    if n_workers == 1:
         for cfg in runs:
             rid = cfg.run_id()
+            t0 = time.perf_counter()
             try:
                 summary = RunJob(cfg.to_dict(), rid)()
             except Exception as e:   # recorded by the runner; the sweep goes on
-                done(rid, None, e)
+                done(rid, None, e, time.perf_counter() - t0)
             else:
-                done(rid, summary, None)
+                done(rid, summary, None, time.perf_counter() - t0)
         return outcomes
     import concurrent.futures as cf
     import multiprocessing
 
-    n = min(workers, len(runs))
+    n = n_workers
     threads = max(1, (os.cpu_count() or 1) // n)
     with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_pool_init, initargs=(threads,)) as pool:
@@ -552,10 +696,10 @@ def run_local(runs: list[RunConfig], workers: int = 1, *,
             for fut in cf.as_completed(futures):
                 try:
                     summary = fut.result()
-                except Exception as e:
-                    done(futures[fut], None, e)
+                except Exception as e:   # the worker itself died (e.g. killed for memory)
+                    done(futures[fut], None, e, None)
                 else:
-                    done(futures[fut], summary, None)
+                    done(futures[fut], summary, None, summary.get("seconds"))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -587,6 +731,12 @@ def format_status(spec: SweepSpec, states: list[RunState], note: str | None = No
             details[s.detail] = details.get(s.detail, 0) + 1
     if details:
         lines.append("  pending: " + ", ".join(f"{n} {d}" for d, n in sorted(details.items())))
+    if details.get("interrupted"):
+        lines.append("  interrupted: killed mid-run (no live process holds the run); running the sweep again "
+                     "resumes them from their checkpoints")
+    holders = [s for s in states if s.state == "running" and s.holder]
+    if holders:
+        lines.append("  running: " + ", ".join(f"{s.run_id} ({s.holder})" for s in holders))
     if note:
         lines.append(f"  note: {note}")
     failed = [s for s in states if s.state == "failed"]
@@ -597,6 +747,21 @@ def format_status(spec: SweepSpec, states: list[RunState], note: str | None = No
             lines.append(f"  {s.run_id}  {_describe(s.config, spec)}")
             lines.append(f"      {err[0] if err else '(no error recorded)'}")
     return "\n".join(lines)
+
+
+def check_out_dir(spec: SweepSpec) -> None:
+    """The sweep's results folder is a writable folder or can be made one (its nearest existing
+    ancestor is a writable folder): bad input, one line, before anything is run or written."""
+    out = spec.out
+    for p in [out, *out.parents]:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is a file" if p == out else f"is under {p}, which is a file"
+                raise UsageError(f"{spec.path}: [run] out {out} {what}, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                what = "is not writable" if p == out else f"cannot be made: {p} is not writable"
+                raise UsageError(f"{spec.path}: [run] out {out} {what}")
+            return
 
 
 def _spec_and_runs(path: str) -> tuple[SweepSpec, list[RunConfig]]:
@@ -621,6 +786,7 @@ def cli_sweep(args) -> int:
     if executor == "slurm" and workers > 1:
         raise UsageError("--workers is for the local executor; on Slurm, [slurm] array_parallelism sets how many runs go at once")
     spec, runs = _spec_and_runs(args.spec)
+    check_out_dir(spec)
     if executor == "slurm" and not slurm_available() and not args.dry_run:
         raise UsageError("--executor slurm needs Slurm's sbatch and squeue on PATH "
                          "(for a local test cluster: slurm/localcluster.sh install && slurm/localcluster.sh up)")
@@ -640,7 +806,7 @@ def cli_sweep(args) -> int:
     if note:
         print(f"  note: {note}")
     for s in alive:
-        print(f"  skip  {s.run_id}  {s.state} (job {s.job_id})")
+        print(f"  skip  {s.run_id}  {s.state} (" + (f"job {s.job_id}" if s.job_id else s.detail) + ")")
     if args.dry_run:
         for s in todo:
             why = s.state if s.state != "pending" else s.detail
@@ -670,7 +836,10 @@ def cli_sweep(args) -> int:
     def report(o: LocalOutcome) -> None:
         print(f"  {o.status:<8} {o.run_id}" + (f"  {o.error}" if o.error else ""), flush=True)
 
-    outcomes = run_local(cfgs, workers, report=report)
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    outcomes = run_local(cfgs, workers, report=report, progress=progress)
     n = {k: sum(o.status == k for o in outcomes) for k in ("complete", "failed", "busy")}
     print(f"ran {len(outcomes)} runs locally: {n['complete']} complete, {n['failed']} failed"
           + (f", {n['busy']} left to another process running them" if n["busy"] else ""))

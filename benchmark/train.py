@@ -48,6 +48,7 @@ class StageResult:
     best_val: float | None = None
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    reused_from: str | None = None   # "<run id>/<stage>" when this stage was not trained but reused
     recipe: dict = field(default_factory=dict)      # the stage's recipe as trained (benchmark.recipe)
     select: str = "last"
     select_metric: str | None = None
@@ -92,7 +93,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 class Trainer:
     def __init__(self, data: DataBundle, config: Any, device: torch.device | str = "cpu",
-                 ckpt_dir: str | Path | None = None, log: Callable[[str], None] | None = None):
+                 ckpt_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                 share_dir: str | Path | None = None, share_salt: str = ""):
+        """``share_dir``: a store of finished plain stages (see ``fit``) shared by the runs of one results
+        folder; ``share_salt`` is mixed into their keys (the runner passes the harness's code hash and the
+        data's fingerprint, so a stage is only reused by the same code on the same data)."""
+        self.share_dir = Path(share_dir) if share_dir is not None else None
+        self.share_salt = share_salt
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.data = data.to(self.device)
@@ -189,6 +196,7 @@ class Trainer:
         if val_fn is not None and select_metric == "val_nll":
             select_metric = "val"
         higher_better = select_metric == "val_acc"
+        custom_loss = loss_fn
         loss_fn = loss_fn or default_loss
         stateful = stateful or []
         model = self.prepare(model)
@@ -205,6 +213,25 @@ class Trainer:
         best_state = None
         start_epoch = 0
         ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
+        # A plain stage (the default loss, no hooks, no batch transform, all parameters) is fully determined
+        # by the model's initial weights, the stage recipe, the data-order seed, the selection rule, the
+        # precision and the code: a run that finds it finished in the store (an earlier run of another
+        # ensemble size, or the single model whose weights are member 0) loads it instead of training again.
+        plain = (custom_loss is None and batch_transform is None and after_step is None and params is None
+                 and not stateful and val_fn is None and val_model is None and on_epoch_end is None
+                 and optimizer_from is None and split is None)
+        share = None
+        if plain and self.share_dir is not None and not (ckpt is not None and ckpt.is_file()):
+            share = self.share_dir / f"{self._share_key(model, stage_recipe, seed, select, select_metric)}.pt"
+            if share.is_file():
+                state = load_checkpoint(share, self.device)
+                model.load_state_dict(state["model"])
+                result = StageResult(**{**state["result"], "stage": stage})
+                result.reused_from = state["origin"]
+                self.stages[stage] = result
+                self._last_opt = None
+                self.log(f"[{stage}] the same stage was trained by {state['origin']}: reused, not trained again")
+                return result
         if ckpt is not None and ckpt.is_file():
             state = load_checkpoint(ckpt, self.device)
             # hook objects first, the weights last: a hook's load may touch the weights (sparsity masks
@@ -317,7 +344,22 @@ class Trainer:
                     "best_state": None if done else best_state, "result": asdict(result), "done": done,
                     "stateful": [obj.state_dict() for obj in stateful]}, ckpt)
         self.stages[stage] = result
+        if share is not None and self.ckpt_dir is not None:
+            self.share_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save({"model": model.state_dict(), "result": asdict(result),
+                                "origin": f"{self.ckpt_dir.name}/{stage}"}, share)
         return result
+
+    def _share_key(self, model: nn.Module, recipe: dict, seed: Any, select: str, select_metric: str) -> str:
+        h = hashlib.sha256()
+        h.update(repr((type(model).__qualname__, repr(model), sorted(recipe.items()), seed, self.config.seed
+                       if seed is None else None, select, select_metric, self.device.type, self.bf16,
+                       self.channels_last, bool(getattr(self.config, "compile", False)), self.share_salt)).encode())
+        for k, t in sorted(model.state_dict().items()):
+            h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
+                     else t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:24]
 
     @staticmethod
     def _flops_per_sample(model: nn.Module, sample_x: torch.Tensor | None) -> float | None:
@@ -348,7 +390,7 @@ class Trainer:
                            "select": s.select, "select_metric": s.select_metric, "converges": s.converges,
                            "flops_per_sample": s.flops_per_sample,
                            "final_loss": s.history[-1]["loss"] if s.history else None,
-                           "recipe": s.recipe,
+                           "recipe": s.recipe, "reused_from": s.reused_from,
                            "recipe_changes": {f: v for f, v in differences(s.recipe, run).items() if f != "epochs"},
                            "curve": s.history}
                        for k, s in self.stages.items()},

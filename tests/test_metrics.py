@@ -315,8 +315,8 @@ def test_evaluate_structure_and_json():
     y = _rand_labels(0, 100, c)
     ood = {"svhn": _rand_logits(1, m, 60, c, scale=1.0), "c100": _rand_logits(2, m, 40, c).numpy()}
     res = mt.evaluate(z, y, val_logits=_rand_logits(3, m, 50, c), val_labels=_rand_labels(3, 50, c), ood=ood)
-    assert list(res) == ["acc", "nll", "brier", "ece", "member_acc", "disagreement", "nll_ts", "ece_ts",
-                         "temperature", "ood"]
+    assert list(res) == ["acc", "nll", "brier", "ece", "member_acc", "disagreement", "aurc", "acc_at_95",
+                         "ece_adaptive", "nll_ts", "ece_ts", "temperature", "ood"]
     assert set(res["ood"]) == {"svhn", "c100"}
     for name in res["ood"]:
         assert set(res["ood"][name]) == {"msp", "entropy", "mi"}
@@ -330,7 +330,8 @@ def test_evaluate_structure_and_json():
     assert res["ood"]["svhn"]["mi"] == mt.ood_metrics(ids["mi"], oods["mi"])
     # no validation / OOD data: only the base keys, and an empty ood dict
     res0 = mt.evaluate(z.numpy(), y.numpy())
-    assert list(res0) == ["acc", "nll", "brier", "ece", "member_acc", "disagreement", "ood"]
+    assert list(res0) == ["acc", "nll", "brier", "ece", "member_acc", "disagreement", "aurc", "acc_at_95",
+                          "ece_adaptive", "ood"]
     assert res0["ood"] == {}
     assert res0["nll"] == pytest.approx(mt.nll(z, y), rel=1e-14)
 
@@ -478,3 +479,184 @@ def test_score_npz_bad_inputs_raise_one_line_value_error(tmp_path):
         msg = str(ei.value)
         assert "\n" not in msg, msg
         assert str(path.name) in msg, msg
+
+
+# ------------------------------------------------------------------------------------------
+# selective prediction (risk-coverage, AURC, acc@95) and adaptive ECE
+# ------------------------------------------------------------------------------------------
+def _binary(conf, correct):
+    """Ensemble probabilities [N, 2] with top confidence ``conf`` (>= 0.5) on class 0, and labels making
+    each prediction correct or not."""
+    conf = np.asarray(conf, dtype=np.float64)
+    p = np.stack([conf, 1 - conf], axis=1)
+    y = np.where(np.asarray(correct, dtype=bool), 0, 1)
+    return p, y
+
+
+def _naive_rc(conf, err):
+    """Plain-loop risk-coverage with ties broken by input order (stable sort, most confident first)."""
+    order = sorted(range(len(conf)), key=lambda i: -conf[i])
+    risks, errors = [], 0
+    for k, i in enumerate(order, start=1):
+        errors += err[i]
+        risks.append(errors / k)
+    return risks
+
+
+def _naive_ece_adaptive(conf, correct, n_bins):
+    order = sorted(range(len(conf)), key=lambda i: conf[i])
+    n = len(conf)
+    sizes = [n // n_bins + (1 if b < n % n_bins else 0) for b in range(n_bins)]
+    total, start = 0.0, 0
+    for size in sizes:
+        idx = order[start:start + size]
+        start += size
+        if idx:
+            acc = sum(correct[i] for i in idx) / len(idx)
+            cf = sum(conf[i] for i in idx) / len(idx)
+            total += len(idx) / n * abs(acc - cf)
+    return total
+
+
+def test_aurc_and_acc_at_95_hand_cases():
+    # most confident first: correct, wrong, correct, wrong -> risks 0, 1/2, 1/3, 2/4
+    p, y = _binary([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    cov, risk = mt.risk_coverage(p, y)
+    np.testing.assert_allclose(cov, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(risk, [0, 1 / 2, 1 / 3, 1 / 2])
+    assert mt.aurc(p, y) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 2) / 4, abs=1e-15)
+    # input order does not matter
+    assert mt.aurc(p[::-1], y[::-1]) == pytest.approx(mt.aurc(p, y), abs=1e-15)
+    # perfect ranking (errors least confident): AURC = (1/N) sum_{k > N - e} (k - (N - e)) / k
+    conf = np.linspace(0.99, 0.6, 20)
+    p, y = _binary(conf, [1] * 18 + [0] * 2)
+    assert mt.aurc(p, y) == pytest.approx((1 / 19 + 2 / 20) / 20, abs=1e-15)
+    # acc@95 on N = 20: the 19 most confident, one of which is wrong
+    assert mt.acc_at_coverage(p, y) == pytest.approx(18 / 19, abs=1e-15)
+    assert mt.acc_at_coverage(p, y, 0.9) == 1.0
+    assert mt.acc_at_coverage(p, y, 1.0) == pytest.approx(18 / 20)
+    # all correct / all wrong
+    p, y = _binary([0.7, 0.8, 0.9], [1, 1, 1])
+    assert mt.aurc(p, y) == 0.0 and mt.acc_at_coverage(p, y) == 1.0
+    p, y = _binary([0.7, 0.8, 0.9], [0, 0, 0])
+    assert mt.aurc(p, y) == 1.0 and mt.acc_at_coverage(p, y) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aurc_matches_plain_loop_random(seed):
+    z = _rand_logits(seed, 3, 257, 7)
+    y = _rand_labels(seed, 257, 7)
+    p = mt.ensemble_probs(z)
+    conf = p.max(dim=1).values.numpy().tolist()
+    err = (p.argmax(dim=1) != y).numpy().astype(float).tolist()
+    assert len(set(conf)) == len(conf)                       # distinct: the plain definition applies
+    risks = _naive_rc(conf, err)
+    assert mt.aurc(p, y) == pytest.approx(sum(risks) / len(risks), abs=1e-13)
+    np.testing.assert_allclose(mt.risk_coverage(p, y)[1], risks, atol=1e-13)
+    k = math.ceil(0.95 * 257)
+    order = sorted(range(257), key=lambda i: -conf[i])[:k]
+    assert mt.acc_at_coverage(p, y) == pytest.approx(1 - sum(err[i] for i in order) / k, abs=1e-13)
+    # through evaluate
+    res = mt.evaluate(z, y)
+    assert res["aurc"] == mt.aurc(p, y) and res["acc_at_95"] == mt.acc_at_coverage(p, y, 0.95)
+    assert res["ece_adaptive"] == mt.ece_adaptive(p, y)
+
+
+def test_ties_average_over_all_orderings():
+    """With tied confidences, AURC, the risk-coverage curve and acc@95 equal the average of the plain
+    definitions over every ordering of the input (brute force over all 7! permutations)."""
+    import itertools
+
+    conf = [0.9, 0.7, 0.7, 0.7, 0.6, 0.9, 0.55]
+    correct = [1, 0, 1, 1, 0, 0, 1]
+    err = [1 - c for c in correct]
+    p, y = _binary(conf, correct)
+    aurcs, curves, accs = [], [], []
+    k = math.ceil(0.95 * 7)
+    for perm in itertools.permutations(range(7)):
+        c = [conf[i] for i in perm]
+        e = [err[i] for i in perm]
+        r = _naive_rc(c, e)
+        curves.append(r)
+        aurcs.append(sum(r) / 7)
+        accs.append(1 - r[k - 1])
+    assert mt.aurc(p, y) == pytest.approx(np.mean(aurcs), abs=1e-13)
+    np.testing.assert_allclose(mt.risk_coverage(p, y)[1], np.mean(curves, axis=0), atol=1e-13)
+    assert mt.acc_at_coverage(p, y) == pytest.approx(np.mean(accs), abs=1e-13)
+    # a single tie group (all confidences equal): every point of the curve is the overall error rate
+    p, y = _binary([0.8] * 5, [1, 0, 1, 1, 0])
+    np.testing.assert_allclose(mt.risk_coverage(p, y)[1], [0.4] * 5)
+
+
+def test_ece_adaptive_hand_cases():
+    # 2 bins of 2: {0.6 wrong, 0.7 right} -> |0.5 - 0.65| ; {0.8, 0.9 right} -> |1 - 0.85|
+    p, y = _binary([0.9, 0.6, 0.8, 0.7], [1, 0, 1, 1])
+    assert mt.ece_adaptive(p, y, n_bins=2) == pytest.approx(0.5 * 0.15 + 0.5 * 0.15, abs=1e-15)
+    # all correct: every bin has accuracy 1 >= confidence, so ECE = mean(1 - confidence) for any binning
+    conf = np.linspace(0.55, 0.95, 31)
+    p, y = _binary(conf, [1] * 31)
+    for b in (1, 4, 15, 31, 40):
+        assert mt.ece_adaptive(p, y, n_bins=b) == pytest.approx(np.mean(1 - conf), abs=1e-14)
+    # one bin: |accuracy - mean confidence|
+    p, y = _binary([0.6, 0.9, 0.75], [1, 0, 0])
+    assert mt.ece_adaptive(p, y, n_bins=1) == pytest.approx(abs(1 / 3 - 0.75), abs=1e-15)
+    with pytest.raises(ValueError, match="n_bins"):
+        mt.ece_adaptive(p, y, n_bins=0)
+
+
+@pytest.mark.parametrize("n", [15, 17, 256, 1000])
+def test_ece_adaptive_matches_plain_loop_random(n):
+    z = _rand_logits(n, 2, n, 5)
+    y = _rand_labels(n, n, 5)
+    p = mt.ensemble_probs(z)
+    conf = p.max(dim=1).values.numpy().tolist()
+    correct = (p.argmax(dim=1) == y).numpy().astype(float).tolist()
+    assert len(set(conf)) == n
+    assert mt.ece_adaptive(p, y) == pytest.approx(_naive_ece_adaptive(conf, correct, 15), abs=1e-13)
+    assert mt.ece_adaptive(p, y, n_bins=7) == pytest.approx(_naive_ece_adaptive(conf, correct, 7), abs=1e-13)
+    # equal-mass bins with one sample each are |correct - confidence| per sample
+    assert mt.ece_adaptive(p, y, n_bins=n) == pytest.approx(
+        np.mean(np.abs(np.array(correct) - np.array(conf))), abs=1e-13)
+
+
+def test_ece_adaptive_ties_do_not_depend_on_order():
+    conf = [0.7] * 6 + [0.9] * 4
+    correct = [1, 0, 0, 1, 1, 0, 1, 1, 0, 1]
+    p, y = _binary(conf, correct)
+    rng = np.random.default_rng(0)
+    vals = set()
+    for _ in range(20):
+        perm = rng.permutation(10)
+        vals.add(round(mt.ece_adaptive(p[perm], y[perm], n_bins=3), 15))
+    assert len(vals) == 1
+    # bins of 4, 3, 3 (ascending): the tied 0.7 group has mean accuracy 1/2 wherever its samples fall
+    # bin 1: 4 x 0.7, acc 1/2; bin 2: 2 x 0.7 + 0.9, acc (1/2 + 1/2 + 3/4) / 3; bin 3: 3 x 0.9, acc 3/4
+    expected = (abs(4 * 0.5 - 4 * 0.7) + abs(0.5 + 0.5 + 0.75 - (0.7 + 0.7 + 0.9)) + abs(3 * 0.75 - 3 * 0.9)) / 10
+    assert vals.pop() == pytest.approx(expected, abs=1e-14)
+
+
+def test_selective_metrics_bad_input():
+    p, y = _binary([0.9, 0.6], [1, 0])
+    for call, match in [
+        (lambda: mt.acc_at_coverage(p, y, 0.0), r"coverage must be a number in \(0, 1\]"),
+        (lambda: mt.acc_at_coverage(p, y, 1.5), r"coverage"),
+        (lambda: mt.aurc(p, [0, 2]), r"labels must lie in \[0, 2\)"),
+        (lambda: mt.risk_coverage(p[None], y), r"probs_bar must be \[N, C\]"),
+        (lambda: mt.evaluate(np.zeros((1, 2, 2)), y, temperature=0.0), r"temperature must be a finite number > 0"),
+        (lambda: mt.evaluate(np.zeros((1, 2, 2)), y, temperature=1.0, val_logits=np.zeros((1, 2, 2)), val_labels=y),
+         r"not both"),
+    ]:
+        with pytest.raises(ValueError, match=match) as ei:
+            call()
+        assert "\n" not in str(ei.value)
+
+
+def test_evaluate_with_a_given_temperature():
+    """temperature= reuses a temperature fitted elsewhere (shift evaluation: once, on clean validation data)."""
+    z, vz = _rand_logits(40, 3, 80, 4), _rand_logits(41, 3, 60, 4)
+    y, vy = _rand_labels(40, 80, 4), _rand_labels(41, 60, 4)
+    fitted = mt.evaluate(z, y, val_logits=vz, val_labels=vy)
+    given = mt.evaluate(z, y, temperature=mt.fit_temperature(vz, vy))
+    assert given == fitted
+    assert mt.shift_cell_metrics(z, y, temperature=fitted["temperature"]) == {
+        k: fitted[k] for k in mt.SHIFT_KEYS}

@@ -166,3 +166,26 @@ def test_identical_runs_keep_identical_ids_whatever_the_spelling():
                          "nesterov": True, "lr": 0.1})
     assert a.effective_recipe == b.effective_recipe and a.run_id() == b.run_id()
     assert math.isclose(a.effective_recipe["lr"], 0.1)
+
+
+def test_a_plain_stage_trained_by_another_run_is_reused_bitwise(tmp_path, capsys):
+    """DE-2 after `single` of the same seed reuses member 0 (the single model) instead of training it; its
+    record equals that of a DE-2 trained from scratch, and says which stage it reused."""
+    out, fresh = tmp_path / "runs", tmp_path / "fresh"
+    run_cli(["run", "--method", "single", *T, "--epochs", "2", "--out", str(out)], capsys)
+    de = ["run", "--method", "deep_ensemble", *T, "--epochs", "2", "--set", "num_members=2"]
+    a = run_cli([*de, "--out", str(out)], capsys)
+    b = run_cli([*de, "--out", str(fresh)], capsys)
+    ra = json.loads((out / f"{a['run_id']}.json").read_text())
+    rb = json.loads((fresh / f"{b['run_id']}.json").read_text())
+    assert a["run_id"] == b["run_id"]
+    assert list(ra["training"]["reused_stages"]) == ["member0"] and rb["training"]["reused_stages"] == {}
+    assert ra["training"]["reused_stages"]["member0"].startswith("single-")
+    assert ra["metrics"] == rb["metrics"]
+    def untimed(curve):
+        return [{k: v for k, v in e.items() if not k.endswith("_s")} for e in curve]
+
+    assert untimed(ra["training"]["stages"]["member0"]["curve"]) == untimed(rb["training"]["stages"]["member0"]["curve"])
+    # a changed recipe makes every stage another one: nothing reused
+    c = run_cli([*de, "--out", str(out), "--weight-decay", "1e-4"], capsys)
+    assert json.loads((out / f"{c['run_id']}.json").read_text())["training"]["reused_stages"] == {}
