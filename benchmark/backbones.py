@@ -223,8 +223,9 @@ def build_backbone(name: str, num_classes: int, in_channels: int = 3, layers: La
 
         try:
             return timm.create_model(name[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels)
-        except RuntimeError as e:
-            raise UsageError(f"timm cannot build {name[5:]!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:   # unknown name, offline hub download, bad arguments: one line
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UsageError(f"timm cannot build {name[5:]!r}: {first}") from None
     if name in FIXED:
         return FIXED[name](num_classes, in_channels, L)
     m = _CIFAR_RE.match(name)

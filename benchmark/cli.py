@@ -15,6 +15,19 @@ QUICKSTART_EPOCHS = 15
 QUICKSTART_LR = 0.05
 
 
+def check_output_path(folder: Path, flag: str) -> None:
+    """An output folder that is (or can be made) a writable folder: bad input before any work."""
+    import os
+
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{flag} {folder}: {p} is a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {folder}: {p} is not writable")
+            return
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + error by default)
         raise UsageError(message)
@@ -129,11 +142,22 @@ def cmd_cost(args) -> int:
 
     if args.num_classes < 2:
         raise UsageError(f"--num-classes must be >= 2; got {args.num_classes}")
+    for flag, v in (("--image-size", args.image_size), ("--in-channels", args.in_channels), ("--runs", args.runs)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1; got {v}")
     device = resolve_device(args.device)
-    model = build_for_cost(args.method, args.backbone, args.num_classes, args.in_channels, args.image_size,
-                           parse_assignments(args.sets), device)
-    res = cost.measure(model, (args.in_channels, args.image_size, args.image_size), device,
-                       latency=args.latency, latency_runs=args.runs)
+    try:
+        model = build_for_cost(args.method, args.backbone, args.num_classes, args.in_channels, args.image_size,
+                               parse_assignments(args.sets), device)
+    except (RuntimeError, ValueError) as e:   # a build that runs the network (NFE's SNIP) on too small images
+        raise UsageError(f"{args.method} on {args.backbone} cannot be built for {args.in_channels}x{args.image_size}"
+                         f"x{args.image_size} images: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    try:
+        res = cost.measure(model, (args.in_channels, args.image_size, args.image_size), device,
+                           latency=args.latency, latency_runs=args.runs)
+    except (RuntimeError, ValueError) as e:   # e.g. images too small for the backbone's downsampling
+        raise UsageError(f"{args.backbone} cannot run on {args.in_channels}x{args.image_size}x{args.image_size} "
+                         f"images: {str(e).splitlines()[0][:200]}") from None
     res.pop("per_layer", None)
     res["num_members"] = model.num_members
     print(json.dumps(res, indent=1))
@@ -143,14 +167,17 @@ def cmd_cost(args) -> int:
 def cmd_leaderboard(args) -> int:
     from benchmark import results
 
+    if args.output:
+        check_output_path(Path(args.output).parent, "-o")
     try:
         recs, problems = results.load_records(args.runs_dir)
     except results.RecordError as e:
         raise UsageError(str(e)) from None
+    if not recs:   # one line that says why, not a warning per file first
+        why = f" ({len(problems)} unreadable or invalid record(s); first: {problems[0]})" if problems else ""
+        raise UsageError(f"no complete run records in {args.runs_dir}{why}")
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
-    if not recs:
-        raise UsageError(f"no complete run records in {args.runs_dir}")
     df = results.leaderboard(recs)
     md = results.format_markdown(df)
     if args.output:

@@ -127,6 +127,10 @@ def _check_logits(logits: Any, name: str = "logits") -> Tensor:
         raise ValueError(f"{name} must be [M, N, C] (or [N, C] for one model); got shape {_shape(z)}")
     if min(z.shape) == 0:
         raise ValueError(f"{name} must have M, N, C >= 1; got shape {_shape(z)}")
+    if z.shape[-1] < 2:
+        raise ValueError(f"{name} must have C >= 2 classes; got shape {_shape(z)}")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
     return z
 
 
@@ -541,10 +545,19 @@ def logits_from_probs(probs: Tensor) -> Tensor:
     p = _float_tensor(probs, "probs")
     if p.dim() not in (2, 3) or p.numel() == 0:
         raise ValueError(f"probs must be [M, N, C] (or [N, C]); got shape {_shape(p)}")
+    if p.shape[-1] < 2:
+        raise ValueError(f"probs must have C >= 2 classes; got shape {_shape(p)}")
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError("probs contains NaN or infinite values")
     if bool((p < 0).any()):
         raise ValueError("probs contains negative values (were logits saved as probs?)")
-    if bool((p.sum(dim=-1) <= 0).any()):
-        raise ValueError("probs contains a row that sums to zero")
+    if bool((p > 1).any()):
+        raise ValueError("probs contains values above 1 (were logits saved as probs?)")
+    sums = p.double().sum(dim=-1)
+    tol = 1e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-3   # a float16 file rounds each entry
+    worst = float((sums - 1).abs().max())
+    if worst > tol:
+        raise ValueError(f"probs rows must sum to 1 (within {tol:g}); one sums to {float(sums.flatten()[(sums - 1).abs().argmax()]):.6g}")
     return torch.log(p.clamp_min(torch.finfo(_DTYPE).tiny))
 
 

@@ -1309,6 +1309,9 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
 
 def cli_report(args) -> int:
     """``ensemble-bench report RUNS_DIR -o OUT``."""
+    from benchmark.cli import check_output_path
+
+    check_output_path(Path(args.out), "-o")
     rep = build_report(args.runs_dir, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
     for item in rep.notes:
         if item.startswith(("FAILED", "UNREADABLE")):

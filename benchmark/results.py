@@ -217,6 +217,15 @@ def _check_record(rec: Any, where: str) -> dict:
     return rec
 
 
+def _check_complete(rec: dict, where: str) -> None:
+    """A record that counts (leaderboard, report) as complete has its config and metrics."""
+    metrics = rec.get("metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(k), (int, float)) for k in ("acc", "nll")):
+        raise RecordError(f"{where}: marked complete but has no metrics (acc, nll): not a finished result")
+    if not isinstance(rec.get("config"), dict):
+        raise RecordError(f"{where}: marked complete but has no config")
+
+
 def record_path(out_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(out_dir) / f"{run_id}.json"
 
@@ -286,6 +295,8 @@ def load_records(
     for p in _record_files(runs_dir, recursive):
         try:
             rec = read_record(p)
+            if rec["status"] == "complete":
+                _check_complete(rec, str(p))
         except RecordError as e:
             problems.append(str(e))
             continue
@@ -361,7 +372,7 @@ def save_predictions(
     ``val_logits``/``val_labels`` (only when given), ``ood_<name>`` (float16) per OOD set and
     ``combine`` (0-d string). Values beyond the float16 range are clipped to +-65504.
     """
-    _check_record({"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "complete"}, "save_predictions")
+    _check_record({"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running"}, "save_predictions")
     if combine not in ("probs", "logits"):
         raise ValueError(f"combine must be 'probs' or 'logits', got {combine!r}")
     arrays: dict[str, np.ndarray] = {}

@@ -124,12 +124,20 @@ def lock_holder(out: Path, run_id: str) -> str | None:
 
 
 def lock_is_held(out: Path, run_id: str) -> bool:
-    """Whether a live process holds the run's lock now (a killed process's lock is released)."""
+    """Whether a live process holds the run's lock now (a killed process's lock is released). A shared
+    lock probes without writing, so the holder line stays and a run starting now is never refused."""
+    import fcntl
+
     path = Path(out) / LOCK_DIR / f"{run_id}.lock"
     if not path.is_file():
         return False
-    with run_lock(Path(out), run_id) as mine:
-        return not mine
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
@@ -157,7 +165,7 @@ def _check_out_dir(out: Path) -> None:
     for p in [out, *out.parents]:
         if p.exists():
             if not p.is_dir():
-                raise UsageError(f"--out {out}: {p} is a file, not a folder")
+                raise UsageError(f"--out {out}: {p} is a file, not a directory")
             if not os.access(p, os.W_OK | os.X_OK):
                 raise UsageError(f"--out {out}: {p} is not writable")
             return

@@ -79,10 +79,14 @@ def load_checkpoint(path: Path, device: torch.device | str) -> dict:
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:   # an unpickling error names what the file tried to load
-        raise UsageError(f"refusing checkpoint {path}: not a plain-tensor checkpoint of this suite "
-                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); delete it to "
-                         f"train that stage again") from None
+    except Exception as e:   # an unpickling error names what the file tried to load (keep only that)
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        what = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+        reason = what.group(0) if what else type(e).__name__
+        raise UsageError(f"refusing checkpoint {path}: not a plain-tensor checkpoint of this suite ({reason}); "
+                         f"delete it to train that stage again") from None
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

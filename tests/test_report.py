@@ -346,7 +346,7 @@ def test_report_from_real_runs_has_every_figure_and_only_existing_references(rea
     imgs = _check_refs(out)
     base = "figures/digits_cnn_small/"
     expected = {"pareto_flops", "pareto_params", "pareto_latency_1", "reliability", "ood_hist_1_photos",
-                "size_curve", "train_cost"}
+                "size_curve", "train_cost", "learning_curves"}
     assert {Path(i).stem for i in imgs} == expected and all(i.startswith(base) for i in imgs)
     for stem in expected:
         png, svg = out / base / f"{stem}.png", out / base / f"{stem}.svg"

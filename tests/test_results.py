@@ -109,7 +109,8 @@ def _writer(args):
         # a large payload so that a non-atomic write would be visible half-done
         payload = {"proc": proc, "i": i, "blob": [proc * 1000 + i] * 20000}
         for run_id in (f"own-{proc}-{i % 5}", "shared", f"shared-{i % 3}"):
-            rec = {"schema_version": 1, "run_id": run_id, "status": "complete", "payload": payload}
+            rec = {"schema_version": 1, "run_id": run_id, "status": "complete", "payload": payload,
+                   "config": {}, "metrics": {"acc": 0.5, "nll": 1.0}}
             R.write_record(out_dir, rec)
     return proc
 
