@@ -67,12 +67,15 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--no-keep-weights", dest="keep_weights", action="store_false", default=None,
                    help="do not keep the final weights beside the record (they allow evaluating again)")
+    p.add_argument("--shift", help="after training, also evaluate on a corrupted test set read from the data folder "
+                                   "(cifar10c: DATA/CIFAR-10-C, cifar100c: DATA/CIFAR-100-C; make one with "
+                                   "`ensemble-bench corrupt`); not part of the run id")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
 
 
 RUN_KEYS = ("method", "backbone", "dataset", "data_dir", "download", "recipe", "epochs", "seed", "lr", "batch_size",
             "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "milestones", "lr_decay",
-            "val_fraction", "out", "device", "compile", "progress", "keep_weights")
+            "val_fraction", "out", "device", "compile", "progress", "keep_weights", "shift")
 
 
 def _run_config(args):
@@ -98,9 +101,23 @@ def cmd_run(args) -> int:
     rec = execute(cfg, force=args.force)
     path = Path(cfg.out) / f"{rec['run_id']}.json"
     m = rec["metrics"]
-    print(json.dumps({"run_id": rec["run_id"], "record": str(path), "acc": round(m["acc"], 6),
-                      "nll": round(m["nll"], 6), "ece": round(m["ece"], 6), "params": rec["cost"]["params"],
-                      "flops": rec["cost"]["flops"]}, indent=1))
+    summary = {"run_id": rec["run_id"], "record": str(path), "acc": round(m["acc"], 6),
+               "nll": round(m["nll"], 6), "ece": round(m["ece"], 6), "params": rec["cost"]["params"],
+               "flops": rec["cost"]["flops"]}
+    if isinstance(m.get("shift"), dict):
+        summary["shift_acc"] = round(m["shift"]["mean"]["acc"], 6)
+        summary["shift_nll"] = round(m["shift"]["mean"]["nll"], 6)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from benchmark.runner import evaluate_records
+
+    done = evaluate_records(args.target, shift=args.shift, ood=args.ood, data_dir=args.data_dir,
+                            device=args.device, progress=args.progress,
+                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(done, indent=1))
     return 0
 
 
@@ -247,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_settings(s)
     s.set_defaults(fn=cmd_run)
 
+    s = sub.add_parser("evaluate", help="add shift / OOD metrics to complete records from their kept weights "
+                                        "(no training)")
+    s.add_argument("target", metavar="RUNS_DIR_OR_RECORD", help="a folder of records or one <run_id>.json")
+    s.add_argument("--shift", help="a corrupted test set under the data folder (cifar10c, cifar100c)")
+    s.add_argument("--ood", action="append", metavar="NAME",
+                   help="an OOD set of the record's dataset to (re-)evaluate (repeatable; ensemble-bench list)")
+    s.add_argument("--data-dir", dest="data_dir",
+                   help="folder with the data (default: the record's, else $ENSEMBLE_BENCH_DATA or ./data)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--no-progress", dest="progress", action="store_false")
+    s.set_defaults(fn=cmd_evaluate)
+
     s = sub.add_parser("score", help="metrics from saved member outputs (.npz)")
     s.add_argument("file")
     s.set_defaults(fn=cmd_score)
@@ -287,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep-status", help="done / running / pending / failed counts of a sweep")
     s.add_argument("spec")
     s.set_defaults(fn=_optional_command("benchmark.sweep", "cli_status"))
+
+    from benchmark.shift import add_corrupt_parser
+
+    add_corrupt_parser(sub)   # `corrupt`: CIFAR-10-C / CIFAR-100-C style sets from the clean test split
 
     s = sub.add_parser("report", help="figures and a markdown/HTML report from run records")
     s.add_argument("runs_dir")

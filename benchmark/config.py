@@ -24,7 +24,7 @@ MAX_EPOCHS = 100_000   # per stage; far beyond any published recipe (a typo guar
 # Fields that say where things live or how a run is executed, not what is computed: they do not enter
 # the run id, so the same experiment keeps its id whatever folder or machine it is written from.
 NON_IDENTITY_FIELDS = ("out", "data_dir", "download", "device", "progress", "save_predictions",
-                       "keep_weights", "reuse_stages", "compile", "latency_runs")
+                       "keep_weights", "reuse_stages", "compile", "latency_runs", "shift")
 # The run's recipe settings and its mode enter the run id only through the effective recipe derived from
 # them (``effective_recipe``): two runs that train with the same recipe are the same experiment whatever
 # mode or spelling produced it.
@@ -69,6 +69,9 @@ class RunConfig:
     reuse_stages: bool = True    # load a plain stage another run of this folder trained identically (train.py)
     compile: bool = False
     latency_runs: int = 50
+    # a corrupted test set (benchmark.shift.SHIFT_SETS: "cifar10c", "cifar100c") evaluated after training, read
+    # from the data folder; it adds evaluations and changes nothing that is trained, so it is not in the run id
+    shift: str | None = None
     # derived by resolve() (see DERIVED_FIELDS)
     effective_recipe: dict[str, Any] | None = None
     data_id: dict[str, Any] | None = None
@@ -93,6 +96,8 @@ class RunConfig:
             raise UsageError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
         if self.latency_runs < 1:
             raise UsageError(f"latency_runs must be >= 1; got {self.latency_runs}")
+        if self.shift is not None:
+            check_shift(self.shift, self.dataset)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -285,7 +290,37 @@ def resolve(cfg: RunConfig) -> RunConfig:
     cfg.options = options_dict(opts)
     cfg.effective_recipe = method_cls.effective_recipe(cfg.run_recipe(), cfg.recipe, cfg.backbone).to_dict()
     cfg.data_id = data.identity(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    load_shift(cfg)   # a missing or bad shift set is bad input here too (a sweep refuses it before submitting)
     return cfg
+
+
+def check_shift(name: Any, dataset: str) -> None:
+    """A shift set's name is known and is the corrupted test set of ``dataset`` (no file is read)."""
+    from benchmark.shift import SHIFT_SETS
+
+    if not isinstance(name, str) or name not in SHIFT_SETS:
+        raise UsageError(f"unknown shift set {name!r}; choose from {', '.join(SHIFT_SETS)}")
+    clean = SHIFT_SETS[name][2]
+    if dataset != clean:
+        raise UsageError(f"shift set {name} is the corrupted {clean} test set; a run on {dataset!r} cannot be "
+                         f"evaluated on it (use --dataset {clean}, or leave out --shift)")
+
+
+def shift_data_dir(data_dir: Any) -> Path:
+    """The folder a shift set is read from: the run's data folder (default as for the clean data)."""
+    from benchmark import data
+
+    return Path(data_dir) if data_dir is not None else data.default_data_dir()
+
+
+def load_shift(cfg: "RunConfig"):
+    """The run's shift set (benchmark.shift.ShiftSet), loaded and checked (one UsageError line), or None."""
+    if cfg.shift is None:
+        return None
+    from benchmark.shift import load_shift_set
+
+    check_shift(cfg.shift, cfg.dataset)
+    return load_shift_set(cfg.shift, shift_data_dir(cfg.data_dir))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

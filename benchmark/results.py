@@ -65,6 +65,7 @@ __all__ = [
     "record_path",
     "predictions_path",
     "save_predictions",
+    "update_predictions",
     "load_predictions",
     "environment_info",
     "flatten_record",
@@ -138,6 +139,28 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    _remove_stale_temps(path)
+
+
+STALE_TEMP_S = 600.0   # a temporary file of a write that old was left by a killed writer
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files of ``path`` that a killed writer left behind (older than STALE_TEMP_S; a
+    concurrent writer's own temporary file is seconds old and is left alone)."""
+    import time
+
+    now = time.time()
+    for old in path.parent.glob(f".{glob_escape(path.name)}.*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > STALE_TEMP_S:
+                old.unlink()
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def _jsonable(obj: Any, where: str = "$") -> Any:
@@ -365,12 +388,17 @@ def save_predictions(
     val_labels: Any = None,
     ood: dict | None = None,
     combine: str = "probs",
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save member logits beside the record as ``<out_dir>/<run_id>.preds.npz`` (atomic).
 
     Keys: ``logits`` (float16, shape kept, normally [M, N, C]), ``labels`` (int64 [N]),
     ``val_logits``/``val_labels`` (only when given), ``ood_<name>`` (float16) per OOD set and
     ``combine`` (0-d string). Values beyond the float16 range are clipped to +-65504.
+    ``extra``: more arrays under their own names (letters, digits and ``_``; not one of the keys above),
+    e.g. the shift cells ``shift_<corruption>_<severity>`` [M, K, C] and ``shift_labels`` of
+    ``benchmark.shift.evaluate_shift(logits_out=...)``: floating-point arrays are stored as float16 like
+    the logits, integer arrays (labels) as int64.
     """
     _check_record({"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running"}, "save_predictions")
     if combine not in ("probs", "logits"):
@@ -391,12 +419,58 @@ def save_predictions(
         arrays[f"ood_{name}"] = _to_f16(z)
         _check_pair(f"ood_{name}", arrays[f"ood_{name}"], None)
     arrays["combine"] = np.array(combine)
+    arrays.update(_extra_arrays(extra, reserved=set(arrays)))
+    return _write_npz(predictions_path(out_dir, run_id), arrays)
+
+
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _extra_arrays(extra: Mapping[str, Any] | None, reserved: set) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, a in (extra or {}).items():
+        if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name):
+            raise ValueError(f"bad array name {name!r} (letters, digits and _ only)")
+        if name in reserved:
+            raise ValueError(f"array name {name!r} is taken by the standard keys")
+        arr = _as_numpy(a)
+        if arr.dtype.kind in "iub":
+            out[name] = _to_labels(arr)
+        elif arr.dtype.kind == "f":
+            out[name] = _to_f16(arr)
+        else:
+            raise ValueError(f"array {name!r} must be numeric; got dtype {arr.dtype}")
+    return out
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    path = predictions_path(out_dir, run_id)
     with _atomic_file(path) as f:
         f.write(buf.getbuffer())
     return path
+
+
+def update_predictions(
+    path: str | os.PathLike,
+    arrays: Mapping[str, Any],
+    *,
+    drop_prefixes: Sequence[str] = (),
+) -> Path:
+    """Add or replace arrays in an existing predictions file (atomic; every other array is kept as it is).
+
+    ``drop_prefixes``: arrays whose names start with one of them are removed first (e.g. ``("shift_",)``
+    when a new shift evaluation replaces the old cells). New arrays are converted as ``save_predictions``'s
+    ``extra`` (float -> float16, integers -> int64); ``ood_<name>`` arrays may be given here too.
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        kept = {k: z[k] for k in z.files if not any(k.startswith(p) for p in drop_prefixes)}
+    if not {"logits", "labels"} <= set(kept):
+        raise ValueError(f"{path}: not a predictions file (keys {sorted(kept)})")
+    reserved = {"logits", "labels", "val_logits", "val_labels", "combine"}
+    kept.update(_extra_arrays(arrays, reserved=reserved))
+    return _write_npz(path, kept)
 
 
 def load_predictions(
@@ -410,7 +484,8 @@ def load_predictions(
     ``load_predictions(out_dir, run_id)``, ``load_predictions(".../<id>.preds.npz")`` or
     ``load_predictions(".../<id>.json")`` (the record; its sibling npz is read). Returns
     ``{"logits", "labels", "val_logits" (or None), "val_labels" (or None), "ood": {name: logits},
-    "combine": str, "path"}``. Logits are cast to ``dtype`` (float32 by default; ``dtype=None``
+    "shift": {"shift_<corruption>_<severity>": logits, "shift_labels...": labels} (empty without shift
+    cells), "combine": str, "path"}``. Logits are cast to ``dtype`` (float32 by default; ``dtype=None``
     keeps the stored float16).
     """
     p = Path(path_or_record_dir)
@@ -434,6 +509,9 @@ def load_predictions(
             "val_logits": cast(z["val_logits"]) if "val_logits" in keys else None,
             "val_labels": z["val_labels"] if "val_labels" in keys else None,
             "ood": {k[len("ood_"):]: cast(z[k]) for k in sorted(keys) if k.startswith("ood_")},
+            # shift cells shift_<corruption>_<severity> (cast) and their labels shift_labels* (kept)
+            "shift": {k: (z[k] if k.startswith("shift_labels") else cast(z[k]))
+                      for k in sorted(keys) if k.startswith("shift_")},
             "combine": str(z["combine"]) if "combine" in keys else "probs",
             "path": p,
         }
@@ -550,7 +628,15 @@ def environment_info() -> dict:
 # flat rows and leaderboards
 # --------------------------------------------------------------------------------------------
 
-METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature", "member_acc", "disagreement")
+METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature", "member_acc", "disagreement",
+                  "aurc", "acc_at_95", "ece_adaptive")
+# distribution shift (metrics.shift of a run with --shift, see benchmark.shift.evaluate_shift): the mean over
+# every corruption x severity cell, and the accuracy per severity (mean over corruptions)
+SHIFT_MEAN_COLUMNS = ("acc", "nll", "ece")       # -> shift_acc, shift_nll, shift_ece
+SHIFT_SEVERITY_COLUMNS = tuple(f"shift_acc_s{s}" for s in range(1, 6))
+# mCE (Hendrycks & Dietterich 2019) of a row is relative to the single model (a size-reference record with
+# one member) of the same data and training recipe: these keys
+MCE_KEYS = ("dataset", "data_id", "backbone", "epochs", "batch_size", "lr", "recipe")
 COST_COLUMNS = (
     "params", "params_nonzero", "flops", "macs", "flops_dense",
     "latency_ms", "throughput", "peak_mem_mb", "train_s", "train_flops",
@@ -565,7 +651,7 @@ GROUP_KEYS = (
 _STR_KEYS = ("dataset", "data_id", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
 # per-record columns that are not averaged over seeds (the row says how its seeds agree instead)
 _ROW_FLAGS = ("converged", "code_id", "stage_recipes", "latency_busy")
-_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status", *_ROW_FLAGS}
+_NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status", "_shift_errors", *_ROW_FLAGS}
 # the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
 NUMERIC_RECIPE_KEYS = ("epochs", "batch_size", "lr")
 # the rest of the effective training recipe (benchmark.recipe.Recipe, as trained) and the run settings that
@@ -576,10 +662,15 @@ RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIP
 
 # Convergence rule (one rule for every row; the numbers are printed under every table): a training stage
 # that is meant to converge has converged when its validation NLL (a stage without one: its own validation
-# metric, e.g. a bridge's KL) improved by less than CONVERGENCE_TOL, relative, over the last
-# CONVERGENCE_WINDOW of its epochs (at least one epoch): (v[E-k] - min(v[E-k+1..E])) / |v[E-k]| < tol with
-# k = max(1, ceil(window * E)). A run has converged when all its stages have; a row when all its seeds have.
+# metric, e.g. a bridge's KL) was still improving by less than CONVERGENCE_TOL, relative, over the last
+# CONVERGENCE_WINDOW of its epochs. The trend, not two noisy points: the least-squares slope b of the metric
+# over the last max(3, ceil(CONVERGENCE_FIT * E)) epochs, and the improvement it projects over the last
+# max(1, CONVERGENCE_WINDOW * E) epochs, -b * that, relative to the metric's mean over the fitted epochs:
+# converged when that is below the tolerance. A run has converged when all its stages have; a row when all
+# its seeds have. (A small validation split is noisy epoch to epoch; the fit averages that out, a
+# still-falling curve shows as a slope.)
 CONVERGENCE_WINDOW = 0.10
+CONVERGENCE_FIT = 0.25
 CONVERGENCE_TOL = 0.01
 # A latency whose spread inside its own measurement, (p90 - p10) / median, exceeds this was measured on a
 # busy machine: the leaderboard marks it instead of presenting the median as a measurement.
@@ -623,11 +714,14 @@ def stage_converged(stage: Mapping) -> bool | None:
     vals = [float(e[key]) for e in curve if isinstance(e.get(key), (int, float))]
     if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
         return None
-    k = min(max(1, math.ceil(CONVERGENCE_WINDOW * len(vals))), len(vals) - 1)
-    ref = vals[-1 - k]
-    if ref == 0:
+    n = len(vals)
+    fit = np.asarray(vals[-min(n, max(3, math.ceil(CONVERGENCE_FIT * n))):], dtype=np.float64)
+    t = np.arange(len(fit), dtype=np.float64)
+    slope = float(np.polyfit(t, fit, 1)[0])
+    level = float(np.abs(fit).mean())
+    if level == 0:
         return True
-    return (ref - min(vals[-k:])) / abs(ref) < CONVERGENCE_TOL
+    return -slope * max(1.0, CONVERGENCE_WINDOW * n) / level < CONVERGENCE_TOL
 
 
 def record_converged(rec: Mapping) -> bool | None:
@@ -746,6 +840,7 @@ def flatten_record(rec: dict) -> dict:
         for score, vals in sorted(by_score.items()):
             if score != "msp":
                 row[f"auroc_{set_name}_{score}"] = _num(_dict(vals).get("auroc"))
+    row.update(_shift_columns(metrics.get("shift"), _dict(_dict(rec.get("data")).get("shift"))))
     for k in COST_COLUMNS:
         src = training if k in ("train_s", "train_flops") else cost
         row[k] = _num(src.get(k))
@@ -753,6 +848,87 @@ def flatten_record(rec: dict) -> dict:
     row["throughput_device"] = cost.get("throughput_device") or cost.get("latency_device") or cost.get("device")
     row["train_device"] = training.get("device")
     return row
+
+
+def _shift_columns(shift: Any, described: dict) -> dict:
+    """The shift columns of a record with metrics.shift (none without): shift_acc / shift_nll / shift_ece
+    (mean over all cells), shift_acc_s1..s5 (mean over corruptions at each severity; NaN for a severity the
+    set lacks) and ``_shift_errors``, the per-cell errors (1 - acc) with the set's identity as JSON text,
+    from which the leaderboard computes mCE (not aggregated itself)."""
+    if not isinstance(shift, dict):
+        return {}
+    mean, by_sev = _dict(shift.get("mean")), _dict(shift.get("by_severity"))
+    out: dict[str, Any] = {f"shift_{k}": _num(mean.get(k)) for k in SHIFT_MEAN_COLUMNS}
+    for col in SHIFT_SEVERITY_COLUMNS:
+        out[col] = _num(_dict(by_sev.get(col[len("shift_acc_s"):])).get("acc"))
+    errors = {c: {str(sev): 1.0 - _num(_dict(m).get("acc")) for sev, m in _dict(cells).items()}
+              for c, cells in _dict(shift.get("per_corruption")).items()}
+    ident = [shift.get("set"), shift.get("n_per_severity"), described.get("generator")]
+    out["_shift_errors"] = json.dumps({"set": ident, "errors": errors}, sort_keys=True)
+    return out
+
+
+def _mean_errors(texts: Sequence[Any]) -> tuple[str, dict] | None:
+    """(set identity, {corruption: {severity: mean error}}) over records' ``_shift_errors``; None when one
+    lacks them, they come from different sets or cover different cells."""
+    parsed = []
+    for t in texts:
+        if not isinstance(t, str):
+            return None
+        parsed.append(json.loads(t))
+    if not parsed:
+        return None
+    ident = json.dumps(parsed[0]["set"])
+    cells = {(c, sev) for c, by in parsed[0]["errors"].items() for sev in by}
+    for p in parsed[1:]:
+        if json.dumps(p["set"]) != ident or {(c, sev) for c, by in p["errors"].items() for sev in by} != cells:
+            return None
+    mean: dict[str, dict[str, float]] = {}
+    for c, sev in cells:
+        mean.setdefault(c, {})[sev] = math.fsum(_num(p["errors"][c][sev]) for p in parsed) / len(parsed)
+    return ident, mean
+
+
+def corruption_error(errors: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]]) -> float:
+    """mCE in percent (Hendrycks & Dietterich, ICLR 2019): for each corruption c, CE_c = sum over severities
+    of the error / the same sum for the reference (the single model); mCE = 100 x mean over corruptions.
+    Every (corruption, severity) of ``errors`` must be in ``reference`` (else NaN); NaN when a reference sum
+    is 0 or an error is missing."""
+    ces = []
+    for c, by_sev in errors.items():
+        ref = reference.get(c)
+        if not by_sev or ref is None or any(s not in ref for s in by_sev):
+            return math.nan
+        den = math.fsum(_num(ref[s]) for s in by_sev)
+        num = math.fsum(_num(v) for v in by_sev.values())
+        if not den > 0 or math.isnan(num):
+            return math.nan
+        ces.append(num / den)
+    return 100.0 * math.fsum(ces) / len(ces) if ces else math.nan
+
+
+def mce_values(groups: Sequence[Sequence[Mapping]], rows: Sequence[Mapping]) -> list[float]:
+    """mCE (percent, ``corruption_error``) of each group of flat rows (the seeds of one leaderboard row or
+    report config), from their seed-mean errors, against the single model among ``rows``: every size-reference
+    row with one member of the same MCE_KEYS whose errors come from the same shift set (all its seeds
+    pooled). NaN for a group without shift errors in every seed, or without such a reference."""
+    def key(r: Mapping) -> tuple:
+        return tuple(_num(r.get(k)) if k in NUMERIC_RECIPE_KEYS else str(r.get(k)) for k in MCE_KEYS)
+
+    refs: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        t = r.get("_shift_errors")
+        if bool(r.get("size_reference")) and _num(r.get("num_members")) == 1 and isinstance(t, str):
+            refs.setdefault(key(r), {}).setdefault(json.dumps(json.loads(t)["set"]), []).append(t)
+    out = []
+    for g in groups:
+        errs = _mean_errors([r.get("_shift_errors") for r in g]) if g else None
+        ref = None
+        if errs is not None:
+            texts = refs.get(key(g[0]), {}).get(errs[0])
+            ref = _mean_errors(texts) if texts else None
+        out.append(math.nan if ref is None else corruption_error(errs[1], ref[1]))
+    return out
 
 
 def _is_aggregated(col: str, series: Any) -> bool:
@@ -788,9 +964,12 @@ def leaderboard(records: list[dict]):
         flat[k] = flat[k].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)).astype(object)
     for k in NUMERIC_RECIPE_KEYS:
         flat[k] = pd.to_numeric(flat[k], errors="coerce")
+    has_shift = "_shift_errors" in flat.columns
+    if has_shift:
+        flat["_shift_errors"] = flat["_shift_errors"].astype(object)
     value_cols = [c for c in flat.columns if _is_aggregated(c, flat[c])]
 
-    rows = []
+    rows, groups = [], []
     for key, g in flat.groupby(list(GROUP_KEYS), dropna=False, sort=False):
         row = dict(zip(GROUP_KEYS, key))
         seeds = sorted(int(s) for s in g["seed"] if _num(s) == _num(s))
@@ -809,7 +988,10 @@ def leaderboard(records: list[dict]):
             row[f"{c}_std"] = v.std(ddof=1, skipna=False) if len(v) > 1 else math.nan
         row["run_ids"] = ",".join(sorted(str(r) for r in g["run_id"]))
         rows.append(row)
+        groups.append(g.to_dict("records") if has_shift else [])
     df = pd.DataFrame(rows)
+    if has_shift:   # mCE relative to the single model of the same data and recipe (never in the run)
+        df["mce"] = mce_values(groups, flat.to_dict("records"))
     for k in ("epochs", "batch_size", "num_members"):
         if df[k].notna().all():
             df[k] = df[k].astype("int64")
@@ -874,6 +1056,7 @@ def format_markdown(df) -> str:
     if df is None or len(df) == 0:
         return "_no results_\n"
     ood_sets = sorted(c[len("fpr95_"): -len("_mean")] for c in df.columns if c.startswith("fpr95_") and c.endswith("_mean"))
+    any_shift = "shift_acc_mean" in df.columns and df["shift_acc_mean"].map(lambda v: math.isfinite(_num(v))).any()
     parts: list[str] = []
     for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
         lat_devs = sorted({_device_name(d) for d in t["latency_device"]})
@@ -905,6 +1088,11 @@ def format_markdown(df) -> str:
             row["brier"] = g("brier", 1, 4)
             for s in ood_sets:
                 row[f"AUROC {s} (%)"] = g(f"auroc_{s}", 100)
+            if any_shift:
+                row["shift acc (%)"] = g("shift_acc", 100)
+                row["shift nll"] = g("shift_nll", 1, 3)
+                row["shift ece (%)"] = g("shift_ece", 100)
+                row["mCE (%)"] = _fmt(r.get("mce"), math.nan, 1, 1)
             row["params (M)"] = g("params", 1e-6)
             row["non-zero params (M)"] = g("params_nonzero", 1e-6)   # sparse methods' live weights
             row["GFLOPs"] = g("flops", 1e-9, 3)                        # sparse-aware (per-layer density)
@@ -927,13 +1115,19 @@ def format_markdown(df) -> str:
     note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
             "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
             "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen. "
-            f"converged: every training stage's validation NLL improved by less than {CONVERGENCE_TOL:.0%} "
-            f"(relative) over its last {CONVERGENCE_WINDOW:.0%} of epochs (at least one), in every seed; "
+            f"converged: in every seed, every training stage's validation NLL trend (least-squares slope over "
+            f"its last {CONVERGENCE_FIT:.0%} of epochs, at least 3) projects less than {CONVERGENCE_TOL:.0%} "
+            f"relative improvement over its last {CONVERGENCE_WINDOW:.0%} of epochs (at least one); "
             "**no** = still improving when it stopped, so the row is not a verdict on the method; "
             f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
             "(harness or method file hash). stage recipes: stages that a method trains with its own "
-            "recipe (part of the method, recorded per stage)._")
+            "recipe (part of the method, recorded per stage)."
+            + (" shift: mean over every corruption x severity of the corrupted test set; mCE: corruption error "
+               "relative to the single model of the same data and recipe (Hendrycks & Dietterich 2019: per "
+               "corruption, the errors summed over severities divided by the single model's, averaged over "
+               "corruptions; 100 = the single model; – without a single-model row)." if any_shift else "")
+            + "_")
     return "\n\n".join(parts) + "\n\n" + note + "\n"
 
 
@@ -972,9 +1166,10 @@ class DEE(NamedTuple):
 
 
 def higher_is_better(metric: str) -> bool:
-    """acc, member_acc, auroc*, aupr*: larger is better; every other metric (nll, nll_ts, ece, brier, fpr95):
-    smaller is better."""
-    return metric in ("acc", "member_acc") or metric.startswith(("auroc", "aupr"))
+    """acc, member_acc, acc_at_95, shift_acc* (shifted accuracy, also per severity), auroc*, aupr*: larger is
+    better; every other metric (nll, nll_ts, ece, ece_adaptive, brier, aurc, fpr95, shift_nll, shift_ece,
+    mce): smaller is better."""
+    return metric in ("acc", "member_acc", "acc_at_95") or metric.startswith(("auroc", "aupr", "shift_acc"))
 
 
 def dee_size(value: float, curve: list[tuple[float, float]], larger_better: bool) -> DEE:
@@ -1074,4 +1269,5 @@ def add_dee_columns(df, metrics: tuple[str, ...] = DEE_LEADERBOARD_METRICS):
     return df
 
 
-__all__ += ["DEE", "dee", "dee_size", "add_dee_columns", "higher_is_better", "DEE_KEYS"]
+__all__ += ["DEE", "dee", "dee_size", "add_dee_columns", "higher_is_better", "DEE_KEYS", "corruption_error",
+            "mce_values", "MCE_KEYS"]

@@ -55,10 +55,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import torch
-from scipy import ndimage as ndi
 
 from benchmark.errors import UsageError
+
+
+class _LazyModule:
+    """A module imported on first use: the CLI builds its parser (add_corrupt_parser) from this file, and
+    ``ensemble-bench --help`` or ``leaderboard`` should not pay for importing torch and scipy."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        mod = importlib.import_module(self._name)
+        self.__dict__.update(mod.__dict__)   # later look-ups find the attribute directly
+        return getattr(mod, attr)
+
+
+torch = _LazyModule("torch")
+ndi = _LazyModule("scipy.ndimage")
 
 __all__ = [
     "CORRUPTIONS",

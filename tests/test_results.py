@@ -335,3 +335,17 @@ def test_environment_info(tmp_path):
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
     assert info["git_dirty"] in (None, True, False)
     R.write_json_atomic(tmp_path / "env.json", info)  # serialisable
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    import os
+
+    R.write_record(tmp_path, make_record("a"))
+    stale = tmp_path / ".a.json.abc123.tmp"          # what a SIGKILL in the middle of a write leaves
+    fresh = tmp_path / ".a.json.def456.tmp"          # a concurrent writer's, still writing
+    stale.write_text("{half")
+    fresh.write_text("{half")
+    old = time.time() - R.STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    R.write_record(tmp_path, make_record("a"))
+    assert not stale.exists() and fresh.exists()

@@ -621,3 +621,23 @@ def test_fast_paths_equal_scipy():
     for mode in ("mirror", "reflect"):
         np.testing.assert_allclose(sh._bilinear(x, rows, cols, mode),
                                    ndi.map_coordinates(x, coords, order=1, mode=mode), atol=1e-12)
+
+
+def test_corrupt_is_a_command_of_the_cli(tmp_path, capsys):
+    """`ensemble-bench corrupt` is registered in the CLI (bad input: one line, exit 2, nothing written), and
+    building the CLI's parser does not import torch or scipy (the corruption code loads them on first use)."""
+    import subprocess
+    import sys
+
+    from benchmark.cli import build_parser, main
+
+    args = build_parser().parse_args(["corrupt", "--out", str(tmp_path / "o"), "--limit", "3"])
+    assert args.fn is sh.cli_corrupt and args.limit == 3 and args.dataset == "cifar10"
+    code = main(["corrupt", "--dataset", "digits", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "no corrupted release layout" in err
+    assert not (tmp_path / "out").exists()
+    probe = ("import sys; from benchmark.cli import build_parser; build_parser(); "
+             "print('torch' in sys.modules, 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
