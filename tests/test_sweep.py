@@ -492,7 +492,8 @@ def _write_records(out: str, worker: int, n: int) -> None:
     for i in range(n):
         rid = "shared-run" if i % 2 else f"run-{worker}-{i}"
         results.write_record(out, {"schema_version": results.SCHEMA_VERSION, "run_id": rid, "status": "complete",
-                                   "error": None, "writer": worker, "payload": "x" * (1000 + 37 * i)})
+                                   "error": None, "writer": worker, "payload": "x" * (1000 + 37 * i),
+                                   "config": {}, "metrics": {"acc": 0.5, "nll": 1.0}})
 
 
 def test_records_written_by_concurrent_jobs_are_always_whole(tmp_path):
