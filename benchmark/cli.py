@@ -16,16 +16,9 @@ QUICKSTART_LR = 0.05
 
 
 def check_output_path(folder: Path, flag: str) -> None:
-    """An output folder that is (or can be made) a writable folder: bad input before any work."""
-    import os
+    from benchmark.runner import check_output_dir
 
-    for p in [folder, *folder.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(f"{flag} {folder}: {p} is a file, not a directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise UsageError(f"{flag} {folder}: {p} is not writable")
-            return
+    check_output_dir(folder, flag)
 
 
 class _Parser(argparse.ArgumentParser):

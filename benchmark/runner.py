@@ -148,7 +148,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     complete record."""
     out = Path(cfg.out)
     run_id = cfg.run_id()
-    _check_out_dir(out)
+    check_output_dir(out)
     method = make_method(cfg)      # bad options fail here, before anything is written
     check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     shift_set = load_shift(cfg)    # --shift: a missing or bad corrupted set is refused before any work
@@ -161,14 +161,15 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
         return _execute(cfg, log=log, force=force, shift_set=shift_set)
 
 
-def _check_out_dir(out: Path) -> None:
-    """The output folder is a writable folder (or can be made one): bad input before any work."""
+def check_output_dir(out: Path, flag: str = "--out") -> None:
+    """The output folder is a writable folder (or can be made one): bad input before any work. One check
+    for every command that writes (run, sweep, leaderboard -o, report -o)."""
     for p in [out, *out.parents]:
         if p.exists():
             if not p.is_dir():
-                raise UsageError(f"--out {out}: {p} is a file, not a directory")
+                raise UsageError(f"{flag} {out}: {p} is a file, not a directory")
             if not os.access(p, os.W_OK | os.X_OK):
-                raise UsageError(f"--out {out}: {p} is not writable")
+                raise UsageError(f"{flag} {out}: {p} is not writable")
             return
 
 
