@@ -661,17 +661,21 @@ RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIP
     "val_fraction", "bf16", "channels_last")
 
 # Convergence rule (one rule for every row; the numbers are printed under every table): a training stage
-# that is meant to converge has converged when its validation NLL (a stage without one: its own validation
-# metric, e.g. a bridge's KL) was still improving by less than CONVERGENCE_TOL, relative, over the last
-# CONVERGENCE_WINDOW of its epochs. The trend, not two noisy points: the least-squares slope b of the metric
-# over the last max(3, ceil(CONVERGENCE_FIT * E)) epochs, and the improvement it projects over the last
-# max(1, CONVERGENCE_WINDOW * E) epochs, -b * that, relative to the metric's mean over the fitted epochs:
-# converged when that is below the tolerance. A run has converged when all its stages have; a row when all
-# its seeds have. (A small validation split is noisy epoch to epoch; the fit averages that out, a
-# still-falling curve shows as a slope.)
+# that is meant to converge has converged unless its validation NLL (a stage without one: its own validation
+# metric, e.g. a bridge's KL) was still falling at the end. "Still falling" = both of
+#   - the least-squares line through its last max(CONVERGENCE_MIN_EPOCHS, ceil(CONVERGENCE_WINDOW * E))
+#     epochs falls by more than CONVERGENCE_TOL of the metric's mean across those epochs, and
+#   - its slope is more than CONVERGENCE_NOISE standard errors (of the fit's residuals) below zero: a small
+#     validation split moves epoch to epoch; a drop inside that noise is not evidence of improvement.
+# A run has converged when all its stages have; a row when all its seeds have. Why the last 10 % and not a
+# longer fit: a schedule that decays to zero (cosine) makes its largest gains while it anneals; a fit that
+# reaches back into the anneal calls every finished cosine run unconverged (measured: the reference single
+# model's val NLL 0.789 -> 0.738 over epochs 23-26 of 30, then flat within 0.006 for 4 epochs). Whether the
+# budget itself is long enough is a separate question, answered by a longer run (results/reference/).
 CONVERGENCE_WINDOW = 0.10
-CONVERGENCE_FIT = 0.25
+CONVERGENCE_MIN_EPOCHS = 4
 CONVERGENCE_TOL = 0.01
+CONVERGENCE_NOISE = 1.0
 # A latency whose spread inside its own measurement, (p90 - p10) / median, exceeds this was measured on a
 # busy machine: the leaderboard marks it instead of presenting the median as a measurement.
 LATENCY_BUSY_SPREAD = 0.5
@@ -715,13 +719,17 @@ def stage_converged(stage: Mapping) -> bool | None:
     if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
         return None
     n = len(vals)
-    fit = np.asarray(vals[-min(n, max(3, math.ceil(CONVERGENCE_FIT * n))):], dtype=np.float64)
-    t = np.arange(len(fit), dtype=np.float64)
-    slope = float(np.polyfit(t, fit, 1)[0])
+    fit = np.asarray(vals[-min(n, max(CONVERGENCE_MIN_EPOCHS, math.ceil(CONVERGENCE_WINDOW * n))):],
+                     dtype=np.float64)
     level = float(np.abs(fit).mean())
-    if level == 0:
-        return True
-    return -slope * max(1.0, CONVERGENCE_WINDOW * n) / level < CONVERGENCE_TOL
+    if len(fit) < 3 or level == 0:
+        return bool(fit[-1] >= fit[0] - CONVERGENCE_TOL * level)
+    t = np.arange(len(fit), dtype=np.float64)
+    slope, intercept = np.polyfit(t, fit, 1)
+    resid = fit - (intercept + slope * t)
+    stderr = math.sqrt(float(resid @ resid) / (len(fit) - 2) / float(((t - t.mean()) ** 2).sum()))
+    falling = -slope * (len(fit) - 1) / level > CONVERGENCE_TOL and -slope > CONVERGENCE_NOISE * stderr
+    return not falling
 
 
 def record_converged(rec: Mapping) -> bool | None:
@@ -1115,9 +1123,10 @@ def format_markdown(df) -> str:
     note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
             "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
             "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen. "
-            f"converged: in every seed, every training stage's validation NLL trend (least-squares slope over "
-            f"its last {CONVERGENCE_FIT:.0%} of epochs, at least 3) projects less than {CONVERGENCE_TOL:.0%} "
-            f"relative improvement over its last {CONVERGENCE_WINDOW:.0%} of epochs (at least one); "
+            f"converged: in every seed, every training stage's validation NLL was not still falling at the end: "
+            f"**no** when the least-squares line through its last {CONVERGENCE_WINDOW:.0%} of epochs (at least "
+            f"{CONVERGENCE_MIN_EPOCHS}) falls by more than {CONVERGENCE_TOL:.0%} and its slope is more than "
+            f"{CONVERGENCE_NOISE:g} standard error below zero; "
             "**no** = still improving when it stopped, so the row is not a verdict on the method; "
             f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "

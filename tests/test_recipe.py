@@ -96,11 +96,17 @@ def _rec(curves: dict, seed=0, **kw):
 
 def test_convergence_rule():
     flat = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.01, 1.005, 1.003, 1.002]
+    noisy = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.00, 1.06, 0.99, 1.04]      # flat within noise: converged
     steep = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
     assert results.stage_converged({"curve": [{"val_nll": v} for v in flat]}) is True
     assert results.stage_converged({"curve": [{"val_nll": v} for v in steep]}) is False
     worse = flat[:-1] + [1.2]                                            # overfitting: not improving
     assert results.stage_converged({"curve": [{"val_nll": v} for v in worse]}) is True
+    assert results.stage_converged({"curve": [{"val_nll": v} for v in noisy]}) is True
+    annealed = [2.0, 1.6, 1.3, 1.1, 1.0, 0.9, 0.8, 0.79, 0.788, 0.787, 0.787, 0.786]   # cosine: drop, then flat
+    assert results.stage_converged({"curve": [{"val_nll": v} for v in annealed]}) is True
+    falling = [2.0, 1.6, 1.3, 1.1, 1.0, 0.95, 0.90, 0.86, 0.82, 0.78, 0.74, 0.70]
+    assert results.stage_converged({"curve": [{"val_nll": v} for v in falling]}) is False
     assert results.stage_converged({"curve": [{"val_nll": 1.0}]}) is None
     assert results.record_converged(_rec({"a": flat, "b": steep})) is False
     assert results.record_converged(_rec({"a": flat, "b": steep}) | {}) is False
