@@ -1,3 +1,3 @@
-from benchmark.cli import main
+from ensemble_bench.cli import main
 
 raise SystemExit(main())

@@ -94,13 +94,13 @@ class FitContext:
     """What a method gets. ``data`` and ``trainer`` are None when only the architecture is wanted
     (``build`` for the ``cost`` command)."""
 
-    config: Any                       # benchmark.config.RunConfig
+    config: Any                       # ensemble_bench.config.RunConfig
     num_classes: int
     in_channels: int
     image_size: int
     device: torch.device
-    data: Any = None                  # benchmark.data.DataBundle
-    trainer: Any = None               # benchmark.train.Trainer
+    data: Any = None                  # ensemble_bench.data.DataBundle
+    trainer: Any = None               # ensemble_bench.train.Trainer
     info: dict[str, Any] = field(default_factory=dict)   # method-specific facts for the record
 
     @property
@@ -117,8 +117,8 @@ class FitContext:
 
     @property
     def recipe(self):
-        """The run's effective recipe (``benchmark.recipe.Recipe``): what every stage starts from."""
-        from benchmark.recipe import Recipe
+        """The run's effective recipe (``ensemble_bench.recipe.Recipe``): what every stage starts from."""
+        from ensemble_bench.recipe import Recipe
 
         if getattr(self.config, "effective_recipe", None):
             return Recipe.from_dict(self.config.effective_recipe)
@@ -128,7 +128,7 @@ class FitContext:
         """Initialisation seed of member k of this run's seed; member 0 is the ``single`` model of the same
         seed, so every method that trains independent full members shares them (DE-2 inside DE-4, a
         bridge's base models, DST members)."""
-        from benchmark.train import stable_seed
+        from ensemble_bench.train import stable_seed
 
         return stable_seed(self.seed, "member", k)
 
@@ -139,7 +139,7 @@ class FitContext:
     def make_backbone(self, *, num_classes: int | None = None, in_channels: int | None = None,
                       layers: Any = None, seed: int | None = None) -> nn.Module:
         """A fresh backbone of the run. ``seed`` makes its initialisation reproducible."""
-        from benchmark.backbones import build_backbone
+        from ensemble_bench.backbones import build_backbone
 
         if seed is not None:
             torch.manual_seed(seed)
@@ -177,7 +177,7 @@ class Method:
     @classmethod
     def paper_recipe(cls, run, backbone: str):
         """The recipe of the method's paper for ``backbone``, scaled to ``run.epochs`` (a
-        ``benchmark.recipe.Recipe``), or None when the paper used the backbone's standard single-model
+        ``ensemble_bench.recipe.Recipe``), or None when the paper used the backbone's standard single-model
         recipe (then ``--recipe paper`` trains exactly as ``shared``). Override with the citation."""
         return None
 

@@ -19,8 +19,8 @@ import re
 import torch
 from torch import nn
 
-from benchmark.errors import UsageError
-from benchmark.layers import Layers
+from ensemble_bench.errors import UsageError
+from ensemble_bench.layers import Layers
 
 
 class StagedNet(nn.Module):

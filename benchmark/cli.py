@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmark.errors import TrainingDiverged, UsageError
+from ensemble_bench.errors import TrainingDiverged, UsageError
 
 QUICKSTART_OUT = "quickstart-runs"
 # The quickstart's budget on the 8x8 digits (cnn_small, CPU): chosen from the measured learning curves
@@ -16,7 +16,7 @@ QUICKSTART_LR = 0.05
 
 
 def check_output_path(folder: Path, flag: str) -> None:
-    from benchmark.runner import check_output_dir
+    from ensemble_bench.runner import check_output_dir
 
     check_output_dir(folder, flag)
 
@@ -27,8 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_settings(p: argparse.ArgumentParser) -> None:
-    from benchmark.config import RunConfig
-    from benchmark.recipe import RECIPE_MODES, SCHEDULES
+    from ensemble_bench.config import RunConfig
+    from ensemble_bench.recipe import RECIPE_MODES, SCHEDULES
 
     d = RunConfig()   # the defaults, shown in --help
     p.add_argument("--method", help="a registered method (ensemble-bench list)")
@@ -72,7 +72,7 @@ RUN_KEYS = ("method", "backbone", "dataset", "data_dir", "download", "recipe", "
 
 
 def _run_config(args):
-    from benchmark.config import make_run_config, parse_assignments, run_config_from_toml
+    from ensemble_bench.config import make_run_config, parse_assignments, run_config_from_toml
 
     given = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
     opts = parse_assignments(args.sets)
@@ -88,7 +88,7 @@ def _run_config(args):
 
 
 def cmd_run(args) -> int:
-    from benchmark.runner import execute
+    from ensemble_bench.runner import execute
 
     cfg = _run_config(args)
     rec = execute(cfg, force=args.force)
@@ -105,7 +105,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from benchmark.runner import evaluate_records
+    from ensemble_bench.runner import evaluate_records
 
     done = evaluate_records(args.target, shift=args.shift, ood=args.ood, data_dir=args.data_dir,
                             device=args.device, progress=args.progress,
@@ -115,8 +115,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import methods
-    from benchmark import backbones, data
+    import ensemble_bench.methods as methods
+    from ensemble_bench import backbones, data
 
     print("methods (options and defaults; set with --set key=value):")
     for name in methods.names():
@@ -135,7 +135,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from benchmark.metrics import score_npz
+    from ensemble_bench.metrics import score_npz
 
     try:
         scores = score_npz(args.file)
@@ -146,9 +146,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_cost(args) -> int:
-    from benchmark import cost
-    from benchmark.config import parse_assignments
-    from benchmark.runner import build_for_cost, resolve_device
+    from ensemble_bench import cost
+    from ensemble_bench.config import parse_assignments
+    from ensemble_bench.runner import build_for_cost, resolve_device
 
     if args.num_classes < 2:
         raise UsageError(f"--num-classes must be >= 2; got {args.num_classes}")
@@ -175,7 +175,7 @@ def cmd_cost(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from benchmark import results
+    from ensemble_bench import results
 
     if args.output:
         check_output_path(Path(args.output).parent, "-o")
@@ -199,10 +199,10 @@ def cmd_leaderboard(args) -> int:
 
 def cmd_quickstart(args) -> int:
     """Every registered method on the offline default (digits, cnn_small, CPU), then the leaderboard."""
-    import methods
-    from benchmark import results
-    from benchmark.config import make_run_config
-    from benchmark.runner import execute
+    import ensemble_bench.methods as methods
+    from ensemble_bench import results
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.runner import execute
 
     import time
 
@@ -304,20 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("--status", action="store_true", help="only print done/running/pending/failed counts")
     s.add_argument("--workers", type=int, default=1, help="local executor: parallel processes")
-    s.set_defaults(fn=_optional_command("benchmark.sweep", "cli_sweep"))
+    s.set_defaults(fn=_optional_command("ensemble_bench.sweep", "cli_sweep"))
 
     s = sub.add_parser("sweep-status", help="done / running / pending / failed counts of a sweep")
     s.add_argument("spec")
-    s.set_defaults(fn=_optional_command("benchmark.sweep", "cli_status"))
+    s.set_defaults(fn=_optional_command("ensemble_bench.sweep", "cli_status"))
 
-    from benchmark.shift import add_corrupt_parser
+    from ensemble_bench.shift import add_corrupt_parser
 
     add_corrupt_parser(sub)   # `corrupt`: CIFAR-10-C / CIFAR-100-C style sets from the clean test split
 
     s = sub.add_parser("report", help="figures and a markdown/HTML report from run records")
     s.add_argument("runs_dir")
     s.add_argument("-o", "--out", required=True)
-    s.set_defaults(fn=_optional_command("benchmark.report", "cli_report"))
+    s.set_defaults(fn=_optional_command("ensemble_bench.report", "cli_report"))
     return p
 
 

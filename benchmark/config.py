@@ -15,7 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from benchmark.errors import UsageError
+from ensemble_bench.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**63 - 1
@@ -69,7 +69,7 @@ class RunConfig:
     reuse_stages: bool = True    # load a plain stage another run of this folder trained identically (train.py)
     compile: bool = False
     latency_runs: int = 50
-    # a corrupted test set (benchmark.shift.SHIFT_SETS: "cifar10c", "cifar100c") evaluated after training, read
+    # a corrupted test set (ensemble_bench.shift.SHIFT_SETS: "cifar10c", "cifar100c") evaluated after training, read
     # from the data folder; it adds evaluations and changes nothing that is trained, so it is not in the run id
     shift: str | None = None
     # derived by resolve() (see DERIVED_FIELDS)
@@ -81,7 +81,7 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
-        from benchmark.recipe import RECIPE_MODES
+        from ensemble_bench.recipe import RECIPE_MODES
 
         if self.recipe not in RECIPE_MODES:
             raise UsageError(f"unknown recipe mode {self.recipe!r}; choose from {', '.join(RECIPE_MODES)}")
@@ -89,7 +89,7 @@ class RunConfig:
             raise UsageError(f"seed must be in [0, 2**63 - 1]; got {self.seed}")
         if self.epochs > MAX_EPOCHS:
             raise UsageError(f"epochs must be <= {MAX_EPOCHS:,}; got {self.epochs}")
-        self.run_recipe()   # every recipe value and combination (benchmark.recipe.Recipe.validate)
+        self.run_recipe()   # every recipe value and combination (ensemble_bench.recipe.Recipe.validate)
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -105,8 +105,8 @@ class RunConfig:
         return d
 
     def run_recipe(self):
-        """The run's own recipe (before the mode): a ``benchmark.recipe.Recipe``."""
-        from benchmark.recipe import Recipe
+        """The run's own recipe (before the mode): a ``ensemble_bench.recipe.Recipe``."""
+        from ensemble_bench.recipe import Recipe
 
         return Recipe(**{k: getattr(self, k) for k in RUN_RECIPE_FIELDS})
 
@@ -280,8 +280,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     """Check method/backbone/dataset names, fill the method's option defaults, derive the effective
     recipe (the run's recipe under its mode) and identify the data (loading it: a missing or bad data
     file is bad input here, before anything is written)."""
-    import methods
-    from benchmark import backbones, data
+    import ensemble_bench.methods as methods
+    from ensemble_bench import backbones, data
 
     method_cls = methods.get(cfg.method)
     backbones.check_name(cfg.backbone)
@@ -296,7 +296,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
 def check_shift(name: Any, dataset: str) -> None:
     """A shift set's name is known and is the corrupted test set of ``dataset`` (no file is read)."""
-    from benchmark.shift import SHIFT_SETS
+    from ensemble_bench.shift import SHIFT_SETS
 
     if not isinstance(name, str) or name not in SHIFT_SETS:
         raise UsageError(f"unknown shift set {name!r}; choose from {', '.join(SHIFT_SETS)}")
@@ -308,16 +308,16 @@ def check_shift(name: Any, dataset: str) -> None:
 
 def shift_data_dir(data_dir: Any) -> Path:
     """The folder a shift set is read from: the run's data folder (default as for the clean data)."""
-    from benchmark import data
+    from ensemble_bench import data
 
     return Path(data_dir) if data_dir is not None else data.default_data_dir()
 
 
 def load_shift(cfg: "RunConfig"):
-    """The run's shift set (benchmark.shift.ShiftSet), loaded and checked (one UsageError line), or None."""
+    """The run's shift set (ensemble_bench.shift.ShiftSet), loaded and checked (one UsageError line), or None."""
     if cfg.shift is None:
         return None
-    from benchmark.shift import load_shift_set
+    from ensemble_bench.shift import load_shift_set
 
     check_shift(cfg.shift, cfg.dataset)
     return load_shift_set(cfg.shift, shift_data_dir(cfg.data_dir))

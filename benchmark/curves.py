@@ -204,7 +204,7 @@ def train_curve(trainer: Any, curve: Curve, *, stage: str, epochs: int, seed: An
     it is done once, for the midpoint, after the stage (the method records it)."""
     if not curve.control_parameters():
         return None
-    from benchmark.train import stable_seed
+    from ensemble_bench.train import stable_seed
 
     sampler = UniformSampler(stable_seed("curve-l", seed))
     return trainer.fit(curve, stage=stage, epochs=epochs, loss_fn=curve_loss(sampler),

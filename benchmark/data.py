@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.errors import UsageError
+from ensemble_bench.errors import UsageError
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 OOD_SETS = {"digits": ("photos",), "cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10"),

@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from benchmark.errors import UsageError
+from ensemble_bench.errors import UsageError
 
 RECIPE_MODES = ("shared", "paper")
 SCHEDULES = ("cosine", "multistep", "linear", "constant", "cyclic_cosine")

@@ -19,7 +19,7 @@ Figures per section:
   ECE and OOD AUROC (msp score, one panel per OOD set) against the cost on a log axis, error bars over
   seeds, the Pareto front (:func:`pareto_front`) drawn as a step line with ringed points;
 * ``reliability``: one reliability diagram per config from the saved test predictions (15
-  equal-width bins, the ECE binning of :mod:`benchmark.metrics`; seeds pooled);
+  equal-width bins, the ECE binning of :mod:`ensemble_bench.metrics`; seeds pooled);
 * ``ood_hist_<set>``: the msp score (-max p̄) of the ID test split against each OOD set, per config;
 * ``size_curve``: metric against the number of members M for the deep-ensemble size curve (the records
   the methods mark ``method.size_reference``, see :func:`find_size_family`), the other configs of the
@@ -51,8 +51,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from benchmark import results
-from benchmark.errors import UsageError
+from ensemble_bench import results
+from ensemble_bench.errors import UsageError
 
 __all__ = [
     "pareto_front",
@@ -129,7 +129,7 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
 def reliability_bins(probs_bar: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
     """Per-bin count, accuracy and mean confidence of the top label, plus the ECE.
 
-    The binning is the one of :func:`benchmark.metrics.ece` (float32 confidences, bins [b_i, b_i+1),
+    The binning is the one of :func:`ensemble_bench.metrics.ece` (float32 confidences, bins [b_i, b_i+1),
     a confidence of exactly 1.0 in a bin of its own that the diagram draws with the last bin), so the
     returned ``ece`` equals the metric. Empty bins have NaN accuracy and confidence.
     """
@@ -638,7 +638,7 @@ def _load_preds(sec: Section, runs_dir: Path, notes: list[str]) -> dict[int, lis
 
 
 def _probs(logits: np.ndarray, combine: str) -> np.ndarray:
-    from benchmark.metrics import ensemble_probs
+    from ensemble_bench.metrics import ensemble_probs
 
     return ensemble_probs(logits, combine).numpy()
 
@@ -686,7 +686,7 @@ def _fig_reliability(sec: Section, preds: dict, out_dir: Path, base: str, notes:
 
 
 def _fig_ood(sec: Section, preds: dict, out_dir: Path, base: str) -> list[Figure]:
-    from benchmark.metrics import ood_scores
+    from ensemble_bench.metrics import ood_scores
 
     figs = []
     sets = sorted({name for ps in preds.values() for p in ps for name in p["ood"]})
@@ -915,7 +915,7 @@ def _fig_risk_coverage(sec: Section, preds: dict, out_dir: Path, base: str, note
     """Selective risk against coverage from the saved predictions, one line per config (mean over seeds):
     on the clean test split and, where the predictions hold the shift cells, on the corrupted test set (all
     corruptions and severities pooled). Part of the shift track: drawn for sections with shift evaluations."""
-    from benchmark.metrics import risk_coverage
+    from ensemble_bench.metrics import risk_coverage
 
     if not any(_shift_of(r) is not None for c in sec.configs for r in c.records):
         return []
@@ -1374,7 +1374,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
     """Build the report of every record in ``runs_dir`` into ``out_dir`` (``figures=False``: tables and
     lists only, no figures and no prediction files read).
 
-    Raises :class:`~benchmark.errors.UsageError` (one line) when ``runs_dir`` is missing, ``out_dir``
+    Raises :class:`~ensemble_bench.errors.UsageError` (one line) when ``runs_dir`` is missing, ``out_dir``
     is a file, or there is nothing to report (no records, only unreadable files, or no complete run).
     """
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
@@ -1487,7 +1487,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
 
 def cli_report(args) -> int:
     """``ensemble-bench report RUNS_DIR -o OUT``."""
-    from benchmark.cli import check_output_path
+    from ensemble_bench.cli import check_output_path
 
     check_output_path(Path(args.out), "-o")
     rep = build_report(args.runs_dir, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))

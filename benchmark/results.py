@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from benchmark import recipe as _recipe
+from ensemble_bench import recipe as _recipe
 
 SCHEMA_VERSION = 1
 STATUSES = ("complete", "failed", "running")
@@ -397,7 +397,7 @@ def save_predictions(
     ``combine`` (0-d string). Values beyond the float16 range are clipped to +-65504.
     ``extra``: more arrays under their own names (letters, digits and ``_``; not one of the keys above),
     e.g. the shift cells ``shift_<corruption>_<severity>`` [M, K, C] and ``shift_labels`` of
-    ``benchmark.shift.evaluate_shift(logits_out=...)``: floating-point arrays are stored as float16 like
+    ``ensemble_bench.shift.evaluate_shift(logits_out=...)``: floating-point arrays are stored as float16 like
     the logits, integer arrays (labels) as int64.
     """
     _check_record({"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running"}, "save_predictions")
@@ -591,7 +591,7 @@ def environment_info() -> dict:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
     try:
-        from benchmark import __version__
+        from ensemble_bench import __version__
 
         info["ensemble_bench"] = __version__
     except Exception:  # noqa: BLE001
@@ -630,7 +630,7 @@ def environment_info() -> dict:
 
 METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature", "member_acc", "disagreement",
                   "aurc", "acc_at_95", "ece_adaptive")
-# distribution shift (metrics.shift of a run with --shift, see benchmark.shift.evaluate_shift): the mean over
+# distribution shift (metrics.shift of a run with --shift, see ensemble_bench.shift.evaluate_shift): the mean over
 # every corruption x severity cell, and the accuracy per severity (mean over corruptions)
 SHIFT_MEAN_COLUMNS = ("acc", "nll", "ece")       # -> shift_acc, shift_nll, shift_ece
 SHIFT_SEVERITY_COLUMNS = tuple(f"shift_acc_s{s}" for s in range(1, 6))
@@ -654,7 +654,7 @@ _ROW_FLAGS = ("converged", "code_id", "stage_recipes", "latency_busy")
 _NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status", "_shift_errors", *_ROW_FLAGS}
 # the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
 NUMERIC_RECIPE_KEYS = ("epochs", "batch_size", "lr")
-# the rest of the effective training recipe (benchmark.recipe.Recipe, as trained) and the run settings that
+# the rest of the effective training recipe (ensemble_bench.recipe.Recipe, as trained) and the run settings that
 # change numbers: runs that differ in any of them are different experiments, never seeds of one row; the
 # leaderboard keeps them as the "recipe" column (canonical JSON) and shows only the fields that differ
 RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIPE_KEYS) + (

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-import methods
-from benchmark.api import COMBINE_RULES, EnsembleModel, FitContext
-from benchmark.config import RunConfig, build_options, load_shift
-from benchmark.errors import UsageError
+import ensemble_bench.methods as methods
+from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext
+from ensemble_bench.config import RunConfig, build_options, load_shift
+from ensemble_bench.errors import UsageError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,7 +68,7 @@ def check_buildable(method: Any, cfg: RunConfig) -> None:
     method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
     record or folder exists (and a sweep refuses it before submitting). Any other failure here is left
     for the real build inside ``fit`` to report."""
-    from benchmark.data import IMAGE_SHAPES, NUM_CLASSES
+    from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     channels, size = IMAGE_SHAPES[cfg.dataset]
     ctx = FitContext(config=cfg, num_classes=NUM_CLASSES[cfg.dataset], in_channels=channels, image_size=size,
@@ -175,12 +175,12 @@ def check_output_dir(out: Path, flag: str = "--out") -> None:
 
 def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
              shift_set: Any = None) -> dict:
-    from benchmark import cost as cost_mod
-    from benchmark import data as data_mod
-    from benchmark import metrics as metrics_mod
-    from benchmark import results
-    from benchmark.shift import evaluate_shift
-    from benchmark.train import Trainer
+    from ensemble_bench import cost as cost_mod
+    from ensemble_bench import data as data_mod
+    from ensemble_bench import metrics as metrics_mod
+    from ensemble_bench import results
+    from ensemble_bench.shift import evaluate_shift
+    from ensemble_bench.train import Trainer
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(cfg.out)
@@ -309,7 +309,7 @@ def code_identity(method_cls: type) -> dict[str, Any]:
 def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channels: int, image_size: int,
                    options: dict[str, Any], device: torch.device) -> EnsembleModel:
     """The method's deployed architecture, untrained (``cost`` without training)."""
-    from benchmark import backbones
+    from ensemble_bench import backbones
 
     backbones.check_name(backbone)
     cls = methods.get(method_name)
@@ -323,7 +323,7 @@ def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channel
 # ------------------------------------------------------------------------------------------ evaluate
 def _record_targets(target: str | os.PathLike) -> tuple[Path, list[tuple[Path, dict]], list[str]]:
     """(folder, [(record path, record)] of the complete records, problems) of a runs folder or one record."""
-    from benchmark import results
+    from ensemble_bench import results
 
     p = Path(target)
     if p.is_dir():
@@ -356,9 +356,9 @@ def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: tor
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from benchmark import results
-    from benchmark.config import make_run_config
-    from benchmark.data import IMAGE_SHAPES, NUM_CLASSES
+    from ensemble_bench import results
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     run_id = record["run_id"]
     wpath = out / f"{run_id}{results.WEIGHTS_SUFFIX}"
@@ -421,9 +421,9 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
     predictions file gets the new arrays. A record that cannot be evaluated (no weights, another dataset,
     other data) is one line on ``log`` and skipped; when none can be, UsageError (exit 2). Returns one
     summary per evaluated record."""
-    from benchmark import data as data_mod
-    from benchmark.config import check_shift, shift_data_dir
-    from benchmark.shift import SHIFT_SETS, load_shift_set
+    from ensemble_bench import data as data_mod
+    from ensemble_bench.config import check_shift, shift_data_dir
+    from ensemble_bench.shift import SHIFT_SETS, load_shift_set
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     ood = list(dict.fromkeys(ood or []))
@@ -485,11 +485,11 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
 def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, device: torch.device, sset: Any,
                   ood: list[str], progress: bool, log: Callable[[str], None]) -> dict:
     """Evaluate one rebuilt model and update its record and predictions (the caller holds the run's lock)."""
-    from benchmark import data as data_mod
-    from benchmark import metrics as metrics_mod
-    from benchmark import results
-    from benchmark.shift import evaluate_shift
-    from benchmark.train import Trainer
+    from ensemble_bench import data as data_mod
+    from ensemble_bench import metrics as metrics_mod
+    from ensemble_bench import results
+    from ensemble_bench.shift import evaluate_shift
+    from ensemble_bench.train import Trainer
 
     run_id = cfg.run_id()
     t0 = time.perf_counter()
@@ -557,6 +557,6 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
 
 
 def cost_device_name(device: torch.device) -> str:
-    from benchmark.cost import device_name
+    from ensemble_bench.cost import device_name
 
     return device_name(device)

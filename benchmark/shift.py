@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from benchmark.errors import UsageError
+from ensemble_bench.errors import UsageError
 
 
 class _LazyModule:
@@ -786,7 +786,7 @@ def _jsonable(v):
 
 
 def _version() -> str:
-    from benchmark import __version__
+    from ensemble_bench import __version__
 
     return __version__
 
@@ -947,7 +947,7 @@ def evaluate_shift(predict: Callable[[torch.Tensor], Any], shift_set: ShiftSet, 
     temperature, per_corruption {corruption: {"1": metrics, ...}}, by_corruption {corruption: mean over
     severities}, by_severity {"1": mean over corruptions, ...}, mean (over all corruption x severity cells).
     """
-    from benchmark import metrics as mt
+    from ensemble_bench import metrics as mt
 
     if not isinstance(shift_set, ShiftSet):
         raise UsageError(f"evaluate_shift needs a ShiftSet (load_shift_set); got {type(shift_set).__name__}")
@@ -994,11 +994,11 @@ def evaluate_shift(predict: Callable[[torch.Tensor], Any], shift_set: ShiftSet, 
 # ------------------------------------------------------------------------------------------ command
 def corrupt_command(dataset: str = "cifar10", data_dir=None, out=None, corruptions=None, severities=None,
                     limit: int | None = None, seed: int = 0, *, progress: bool = True, frost_dir=None) -> dict:
-    """``ensemble-bench corrupt``: corrupt the clean test split of ``dataset`` (benchmark.data.load) and write
+    """``ensemble-bench corrupt``: corrupt the clean test split of ``dataset`` (ensemble_bench.data.load) and write
     the release layout under ``out/CIFAR-10-C`` (or ``CIFAR-100-C``), so that ``--data-dir out`` finds it.
     ``corruptions`` / ``severities`` are lists or comma-separated strings; ``limit`` keeps the first N test
     images. Everything is validated before anything is written. Returns {dir, files, metadata, seconds}."""
-    from benchmark import data
+    from ensemble_bench import data
 
     if dataset not in FOLDERS:
         raise UsageError(f"corrupt: dataset {dataset!r} has no corrupted release layout; choose from "

@@ -39,7 +39,7 @@ handled whatever loop steps the optimiser. The masks and counters are state (``s
 resumed from a checkpoint continues with exactly the same topology.
 
 Dense kernels do not skip zeros: a masked network runs as fast as the dense one. Its cost in FLOPs is
-counted per layer (``layer_density``; benchmark.cost counts non-zero weights per layer).
+counted per layer (``layer_density``; ensemble_bench.cost counts non-zero weights per layer).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ A sweep spec::
     partition = "gpu"
     timeout_min = 240
 
-Every run is a :class:`~benchmark.config.RunConfig` with its stable run id; a run whose record is
+Every run is a :class:`~ensemble_bench.config.RunConfig` with its stable run id; a run whose record is
 complete is skipped, so running a sweep again runs only what is missing, failed or interrupted.
 
 On Slurm, the runs of one submission form ONE job array (``executor.batch()``); each task is a
@@ -44,9 +44,9 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from benchmark.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml, make_run_config
-from benchmark.errors import UsageError
-from benchmark.runner import run_lock  # sweep.run_lock: the one lock per run id (plain runs take it too)
+from ensemble_bench.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml, make_run_config
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import run_lock  # sweep.run_lock: the one lock per run id (plain runs take it too)
 
 SPEC_KEYS = ("name", "grid", "options", "run", "slurm")
 # the run fields a sweep requires to be spelled out (the RunConfig defaults are a CPU demo)
@@ -257,7 +257,7 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     backbones, datasets and options; values) and by the method's build (a method / backbone combination
     the method refuses fails the whole sweep before anything is submitted). Runs that resolve to the same run id appear once. ``out``
     and ``data_dir`` are made absolute (relative to the current directory), which leaves run ids alone."""
-    from benchmark.runner import check_buildable, make_method
+    from ensemble_bench.runner import check_buildable, make_method
 
     runs: list[RunConfig] = []
     seen: set[str] = set()
@@ -315,7 +315,7 @@ class RunJob(submitit.helpers.Checkpointable):
         self.requeues = 0
 
     def __call__(self) -> dict[str, Any]:
-        from benchmark.runner import execute
+        from ensemble_bench.runner import execute
 
         _limit_threads()
         cfg = make_run_config(self.config)
@@ -363,7 +363,7 @@ def read_manifest(out: Path, run_id: str) -> dict | None:
 
 
 def write_manifest(out: Path, run_id: str, entry: dict) -> None:
-    from benchmark.results import write_json_atomic
+    from ensemble_bench.results import write_json_atomic
 
     write_json_atomic(_manifest_path(out, run_id), entry)
 
@@ -417,7 +417,7 @@ def lock_owner(out: Path, run_id: str) -> tuple[bool | None, str | None]:
     """(whether a live process holds the run's lock, "pid P on host H" of the holder or last holder).
     None for the first when it cannot be told (the lock file cannot be opened, e.g. a read-only folder).
 
-    The lock (``benchmark.runner.run_lock``) is released by the kernel however its process ends, so a
+    The lock (``ensemble_bench.runner.run_lock``) is released by the kernel however its process ends, so a
     killed run's lock is free. Probing it means taking it for an instant, which a run starting at that
     very instant would take for another process's, so the probe is avoided where the answer is certain
     without it: no lock file (never locked: not held), a holder on this host whose pid is gone (killed:
@@ -425,7 +425,7 @@ def lock_owner(out: Path, run_id: str) -> tuple[bool | None, str | None]:
     is probed."""
     import socket
 
-    from benchmark.runner import LOCK_DIR, lock_holder, lock_is_held
+    from ensemble_bench.runner import LOCK_DIR, lock_holder, lock_is_held
 
     path = Path(out) / LOCK_DIR / f"{run_id}.lock"
     if not path.is_file():
@@ -459,7 +459,7 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
                queue: dict[str, tuple[str, str]] | None | str = "auto") -> tuple[list[RunState], str | None]:
     """The state of every run of the sweep, from the records and (when any run was sent to Slurm and
     squeue answers) the Slurm queue. Returns (states, a note when the queue could not be read)."""
-    from benchmark import results
+    from ensemble_bench import results
 
     runs = expand(spec) if runs is None else runs
     out = spec.out

@@ -26,10 +26,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from benchmark.api import default_loss
-from benchmark.data import DataBundle, Normalizer, Split, TensorLoader
-from benchmark.errors import TrainingDiverged
-from benchmark.recipe import Recipe, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
+from ensemble_bench.api import default_loss
+from ensemble_bench.data import DataBundle, Normalizer, Split, TensorLoader
+from ensemble_bench.errors import TrainingDiverged
+from ensemble_bench.recipe import Recipe, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
 
 
 def stable_seed(*parts: Any) -> int:
@@ -49,7 +49,7 @@ class StageResult:
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
     reused_from: str | None = None   # "<run id>/<stage>" when this stage was not trained but reused
-    recipe: dict = field(default_factory=dict)      # the stage's recipe as trained (benchmark.recipe)
+    recipe: dict = field(default_factory=dict)      # the stage's recipe as trained (ensemble_bench.recipe)
     select: str = "last"
     select_metric: str | None = None
     converges: bool = True     # meant to converge (an exploration phase is not): the convergence rule reads it
@@ -75,7 +75,7 @@ def _to_cpu(obj: Any) -> Any:
 def load_checkpoint(path: Path, device: torch.device | str) -> dict:
     """A checkpoint written by the trainer, loaded with ``weights_only=True``: tensors, numbers, strings
     and containers only, so a file planted in a results folder cannot run code."""
-    from benchmark.errors import UsageError
+    from ensemble_bench.errors import UsageError
 
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -114,7 +114,7 @@ class Trainer:
         self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
         self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
         self.stages: dict[str, StageResult] = {}
-        # the run's effective recipe: every stage's default (benchmark.recipe)
+        # the run's effective recipe: every stage's default (ensemble_bench.recipe)
         self.recipe: Recipe = (Recipe.from_dict(config.effective_recipe) if getattr(config, "effective_recipe", None)
                                else config.run_recipe())
         # (stage, its final optimiser state on the CPU) of the stage finished last, for optimizer_from
@@ -157,7 +157,7 @@ class Trainer:
 
     def val_metrics(self, model: nn.Module) -> dict[str, float]:
         """Validation accuracy and NLL of ``model`` (its members combined by its own rule)."""
-        from benchmark.metrics import accuracy, ensemble_probs, nll
+        from ensemble_bench.metrics import accuracy, ensemble_probs, nll
 
         logits = self.predict(model, self.data.val.x)
         y = self.data.val.y.cpu()
@@ -370,7 +370,7 @@ class Trainer:
         if sample_x is None:
             return None
         try:
-            from benchmark.cost import count_flops
+            from ensemble_bench.cost import count_flops
 
             return float(count_flops(model, sample_x)["flops"])
         except Exception:  # training cost is an estimate: never fail a finished stage over it
@@ -380,7 +380,7 @@ class Trainer:
         """Training cost, recipe and learning curve of every stage fitted by this trainer (for the record).
         A stage's ``recipe_changes`` lists the fields where it trained differently from the run's
         effective recipe (besides its length)."""
-        from benchmark.recipe import differences
+        from ensemble_bench.recipe import differences
 
         flops = [s.train_flops for s in self.stages.values()]
         run = self.recipe.to_dict()

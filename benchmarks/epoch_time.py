@@ -1,7 +1,7 @@
 """Epoch time of the suite's Trainer vs bare PyTorch loops, and the data path alone.
 
 Measures, side by side, on the same model and the same images:
-  suite            benchmark.train.Trainer.fit (tensor loader, batch augmentation, hooks, NaN checks)
+  suite            ensemble_bench.train.Trainer.fit (tensor loader, batch augmentation, hooks, NaN checks)
   bare_tensor      a hand-written loop over the same uint8 tensors with the same batch augmentation
   bare_dataloader  a hand-written loop with torchvision's DataLoader + per-image PIL transforms
                    (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize)
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from benchmark import data as data_mod
-from benchmark.backbones import build_backbone
-from benchmark.config import make_run_config
-from benchmark.cost import device_name
-from benchmark.train import Trainer
+from ensemble_bench import data as data_mod
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.config import make_run_config
+from ensemble_bench.cost import device_name
+from ensemble_bench.train import Trainer
 
 
 def timed(fn, repeats):

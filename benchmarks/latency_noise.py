@@ -2,7 +2,7 @@
 
 For every config (a method with its default options, or ``--set method.key=value``, on each of
 ``--backbones``; plus the plain backbone as a reference row), the deployed model is built untrained
-(``benchmark.runner.build_for_cost``) and ``benchmark.cost.measure_latency`` (batch 1, median of
+(``ensemble_bench.runner.build_for_cost``) and ``ensemble_bench.cost.measure_latency`` (batch 1, median of
 ``--runs`` timed forwards after ``--warmup``; CUDA events on GPU, perf_counter on CPU) is repeated
 ``--repeats`` times. Per config it reports the median of the repeated medians and their spread:
 
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # the shared helpers 
 
 import throughput as tp  # noqa: E402
 
-from benchmark import cost  # noqa: E402
-from benchmark.backbones import build_backbone, check_name  # noqa: E402
-from benchmark.errors import UsageError  # noqa: E402
-from benchmark.runner import build_for_cost, resolve_device  # noqa: E402
+from ensemble_bench import cost  # noqa: E402
+from ensemble_bench.backbones import build_backbone, check_name  # noqa: E402
+from ensemble_bench.errors import UsageError  # noqa: E402
+from ensemble_bench.runner import build_for_cost, resolve_device  # noqa: E402
 
 TARGET_PCT = 3.0
 
@@ -195,7 +195,7 @@ def run(args, argv_used: list[str]) -> int:
     lines = [f"# Latency noise: {args.repeats} repeated batch-1 latency measurements per config "
              f"({cost.device_name(dev)})", ""]
     lines += tp.environment_lines(dev, args, argv_used, load0)
-    lines += [f"- each measurement: benchmark.cost.measure_latency, median of {args.runs} timed forwards after "
+    lines += [f"- each measurement: ensemble_bench.cost.measure_latency, median of {args.runs} timed forwards after "
               f"{args.warmup} warm-up ({'CUDA events' if dev.type == 'cuda' else 'perf_counter'}), "
               f"{setting.label}, untrained deployed models; order {args.order}"
               + (" (fewer than the 50 runs of the metric spec: a quick check, not a recorded number)"

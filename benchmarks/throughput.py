@@ -1,15 +1,15 @@
 """Training and inference throughput of every registered method, side by side with the bare backbone.
 
 For every registered method (default options; ``--methods a,b`` for a subset, ``--set method.key=value``
-to change an option), its deployed model built untrained by ``benchmark.runner.build_for_cost`` on one
+to change an option), its deployed model built untrained by ``ensemble_bench.runner.build_for_cost`` on one
 backbone, and measured with the suite's own cost code where it has one:
 
-  params, params_nonzero   benchmark.cost.count_params
-  gflops                   inference GFLOPs per sample, whole ensemble (benchmark.cost.count_flops)
+  params, params_nonzero   ensemble_bench.cost.count_params
+  gflops                   inference GFLOPs per sample, whole ensemble (ensemble_bench.cost.count_flops)
   latency_ms               batch 1, median of --latency-runs (>= 50) timed forwards after warm-up
-                           (benchmark.cost.measure_latency; CUDA events on GPU, perf_counter on CPU)
+                           (ensemble_bench.cost.measure_latency; CUDA events on GPU, perf_counter on CPU)
   infer_img_s              images/s at --batch (256), median of --infer-runs timed forwards
-                           (benchmark.cost.measure_throughput; halves the batch on CUDA OOM)
+                           (ensemble_bench.cost.measure_throughput; halves the batch on CUDA OOM)
   train_img_s              images/s of an optimiser-step loop on one random batch of --train-batch (128):
                            forward, the default loss (cross-entropy summed over the members of model(x),
                            [M, B, C]), backward, SGD step. Median over --train-repeats windows of
@@ -19,11 +19,11 @@ backbone, and measured with the suite's own cost code where it has one:
                            structure, never from its name (e.g. a model trained on an M-slot input is
                            timed on its deployed forward, which tiles the image into the M slots)
 
-Reference rows (the plain backbone, ``benchmark.backbones.build_backbone``):
+Reference rows (the plain backbone, ``ensemble_bench.backbones.build_backbone``):
   bare fwd+bwd             forward, cross-entropy, backward, no optimiser: the reference of issue 9's GPU
                            target (suite training >= 80% of this)
   bare step                the same plus the SGD step
-  suite Trainer.fit        the suite's real training loop (benchmark.train.Trainer.fit) on the plain
+  suite Trainer.fit        the suite's real training loop (ensemble_bench.train.Trainer.fit) on the plain
                            backbone over --suite-images synthetic uint8 images on the device: batch
                            augmentation, normalisation, loss, backward, step, NaN checks; median epoch time
                            of --train-repeats epochs after a warm-up epoch (the Trainer's own epoch_s,
@@ -59,13 +59,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import methods
-from benchmark import cost
-from benchmark.api import StackedEnsemble, default_loss
-from benchmark.backbones import build_backbone, check_name
-from benchmark.config import build_options, options_dict
-from benchmark.errors import UsageError
-from benchmark.runner import build_for_cost, resolve_device
+import ensemble_bench.methods as methods
+from ensemble_bench import cost
+from ensemble_bench.api import StackedEnsemble, default_loss
+from ensemble_bench.backbones import build_backbone, check_name
+from ensemble_bench.config import build_options, options_dict
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import build_for_cost, resolve_device
 
 
 # ------------------------------------------------------------------------------------ shared helpers
@@ -365,7 +365,7 @@ def measure_training(model: nn.Module, loss_fn: Callable, x1: torch.Tensor, dev:
 
 
 def synthetic_bundle(n: int, num_classes: int, in_channels: int, image_size: int):
-    from benchmark.data import DataBundle, Split
+    from ensemble_bench.data import DataBundle, Split
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, in_channels, image_size, image_size), dtype=torch.uint8, generator=g)
@@ -377,8 +377,8 @@ def synthetic_bundle(n: int, num_classes: int, in_channels: int, image_size: int
 
 def measure_suite_fit(args, dev: torch.device, setting: Setting, row: dict, errors: list[str]) -> None:
     """The suite's own loop, Trainer.fit, on the plain backbone; images/s from its per-epoch times."""
-    from benchmark.config import make_run_config
-    from benchmark.train import Trainer
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.train import Trainer
 
     try:
         epochs = args.train_repeats + 1
@@ -445,7 +445,7 @@ def bench_reference(args, dev: torch.device, setting: Setting) -> list[dict]:
         t0 = time.perf_counter()
         suite_row = {"row": "suite Trainer.fit", "method": "(bare backbone)", "setting": setting.label,
                      "status": "ok", "num_members": 1, "options": "", **keep,
-                     "train_note": (f"benchmark.train.Trainer.fit over {args.suite_images} synthetic uint8 images on "
+                     "train_note": (f"ensemble_bench.train.Trainer.fit over {args.suite_images} synthetic uint8 images on "
                                     f"the device (batch augmentation, normalisation, SGD step, NaN checks); "
                                     f"the Trainer's own epoch times")}
         errors = []
@@ -509,7 +509,7 @@ def markdown(rows: list[dict], args, dev: torch.device, argv: list[str], load0, 
     lines = [f"# Throughput of every method: {args.backbone}, {args.image_size}x{args.image_size}x{args.in_channels}, "
              f"{args.num_classes} classes ({cost.device_name(dev)})", ""]
     lines += environment_lines(dev, args, argv, load0)
-    lines += [f"- untrained deployed models (benchmark.runner.build_for_cost), default options unless listed; "
+    lines += [f"- untrained deployed models (ensemble_bench.runner.build_for_cost), default options unless listed; "
               f"latency: batch 1, median of {args.latency_runs} runs after {args.latency_warmup} warm-up"
               + (" (below the 50 runs of the metric spec: a quick check, not a recorded number)"
                  if args.latency_runs < 50 else "")

@@ -1,13 +1,13 @@
 """The method registry: every module in this package registers its methods on import.
 
-A new method is one file here with ``@register("name")`` on a ``benchmark.api.Method`` subclass."""
+A new method is one file here with ``@register("name")`` on a ``ensemble_bench.api.Method`` subclass."""
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from benchmark.api import Method
-from benchmark.errors import UsageError
+from ensemble_bench.api import Method
+from ensemble_bench.errors import UsageError
 
 _REGISTRY: dict[str, type[Method]] = {}
 _loaded = False
@@ -18,7 +18,7 @@ def register(name: str):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise RuntimeError(f"method {name!r} is registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
         if not issubclass(cls, Method):
-            raise TypeError(f"{cls.__name__} must subclass benchmark.api.Method")
+            raise TypeError(f"{cls.__name__} must subclass ensemble_bench.api.Method")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -11,7 +11,7 @@ statistics, computed over the whole tiled batch), as in the released WRN (``wide
 builds plain ``BatchNormalization``).
 
 Built for every suite backbone (each ``StagedNet``) through ``BatchEnsembleLayers``, a subclass of the
-layer factory ``benchmark.layers.Layers`` that every backbone is written against, so no backbone is
+layer factory ``ensemble_bench.layers.Layers`` that every backbone is written against, so no backbone is
 copied: the factory wraps each conv it builds (stem, block convs, projection shortcuts) and the head.
 timm backbones are plain modules that are not built from the factory: ``UsageError``.
 
@@ -69,12 +69,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark.api import EnsembleModel, FitContext, Method, member_cross_entropy
-from benchmark.backbones import EXAMPLES, is_staged
-from benchmark.errors import UsageError
-from benchmark.layers import Layers
-from benchmark.train import stable_seed
-from methods import register
+from ensemble_bench.api import EnsembleModel, FitContext, Method, member_cross_entropy
+from ensemble_bench.backbones import EXAMPLES, is_staged
+from ensemble_bench.errors import UsageError
+from ensemble_bench.layers import Layers
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
 
 SUITE_BACKBONES = [n for n in EXAMPLES if not n.startswith("timm")]
 

@@ -72,14 +72,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from benchmark.api import EnsembleModel, FitContext, Method
-from benchmark.backbones import StagedNet, is_staged
-from benchmark.curves import CURVES, Curve, train_curve
-from benchmark.errors import UsageError
-from benchmark.layers import Layers
-from benchmark.train import stable_seed
-from methods import register
-from methods.single import member_seed
+from ensemble_bench.api import EnsembleModel, FitContext, Method
+from ensemble_bench.backbones import StagedNet, is_staged
+from ensemble_bench.curves import CURVES, Curve, train_curve
+from ensemble_bench.errors import UsageError
+from ensemble_bench.layers import Layers
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
+from ensemble_bench.methods.single import member_seed
 
 SLIM_WIDTH = 0.5
 
@@ -499,7 +499,7 @@ class Bridge(Method):
 
 
 def _flops(module: nn.Module, x: torch.Tensor) -> float:
-    from benchmark.cost import count_flops
+    from ensemble_bench.cost import count_flops
 
     return float(count_flops(module, x)["flops"])
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.api import (EnsembleModel, FitContext, GroupedOutput, Method, SlotInputs, StackedEnsemble,
+from ensemble_bench.api import (EnsembleModel, FitContext, GroupedOutput, Method, SlotInputs, StackedEnsemble,
                            default_loss)
-from benchmark.backbones import is_staged
-from benchmark.errors import UsageError
-from benchmark.layers import GroupedLayers, load_members_into_grouped
-from benchmark.train import stable_seed
-from methods import register
-from methods.single import member_seed
+from ensemble_bench.backbones import is_staged
+from ensemble_bench.errors import UsageError
+from ensemble_bench.layers import GroupedLayers, load_members_into_grouped
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
+from ensemble_bench.methods.single import member_seed
 
 
 def batched_layers(m: int) -> GroupedLayers:

@@ -22,7 +22,7 @@ Released-code behaviour kept as the defaults (each an option):
     code (``True`` zeroes them).
 
 Cost, honestly:
-  * params_nonzero / FLOPs come from the non-zero weights of each layer (benchmark.cost): per-layer
+  * params_nonzero / FLOPs come from the non-zero weights of each layer (ensemble_bench.cost): per-layer
     density x dense FLOPs of that layer, which with ERK is well above global density x dense FLOPs.
   * training FLOPs: the harness counts 3 x sparse forward FLOPs per sample seen; every topology update
     (and jump) additionally needs the dense weight gradient of one minibatch, instead of the sparse one:
@@ -40,11 +40,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from benchmark.api import EnsembleModel, FitContext, Method, StackedEnsemble
-from benchmark.sparse import DynamicSparsity
-from benchmark.train import stable_seed
-from methods import register
-from methods.single import member_seed
+from ensemble_bench.api import EnsembleModel, FitContext, Method, StackedEnsemble
+from ensemble_bench.sparse import DynamicSparsity
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
+from ensemble_bench.methods.single import member_seed
 
 EXPLORE_RATIO = 0.6   # of the base epochs E (150 of 250 in the paper)
 WINDOW_RATIO = 0.4    # of E per refinement window (100 of 250)
@@ -108,7 +108,7 @@ def sparse_net(ctx: FitContext, options, k: int) -> tuple[nn.Module, DynamicSpar
 def update_flops(ctx: FitContext, net: nn.Module, sparsity: DynamicSparsity, samples_per_step: float) -> float:
     """Extra training FLOPs of the topology updates of ``net``: per update, one minibatch's dense weight
     gradient instead of the sparse one = batch x (dense - sparse forward FLOPs per sample)."""
-    from benchmark.cost import count_flops
+    from ensemble_bench.cost import count_flops
 
     n = sparsity.num_updates()
     if n == 0:

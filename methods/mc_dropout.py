@@ -59,11 +59,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmark.api import EnsembleModel, FitContext, Method
-from benchmark.backbones import EXAMPLES, is_staged
-from benchmark.errors import UsageError
-from benchmark.train import stable_seed
-from methods import register
+from ensemble_bench.api import EnsembleModel, FitContext, Method
+from ensemble_bench.backbones import EXAMPLES, is_staged
+from ensemble_bench.errors import UsageError
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
 
 SUITE_BACKBONES = [n for n in EXAMPLES if not n.startswith("timm")]
 

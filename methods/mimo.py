@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark.api import EnsembleModel, FitContext, GroupedOutput, Method, SlotInputs, member_cross_entropy
-from benchmark.train import stable_seed
-from methods import register
+from ensemble_bench.api import EnsembleModel, FitContext, GroupedOutput, Method, SlotInputs, member_cross_entropy
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
 
 
 class SlotBatches:

@@ -58,11 +58,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmark.api import COMBINE_RULES, EnsembleModel, FitContext, Method, member_cross_entropy
-from benchmark.backbones import StagedNet, is_staged
-from benchmark.errors import UsageError
-from benchmark.train import stable_seed
-from methods import register
+from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext, Method, member_cross_entropy
+from ensemble_bench.backbones import StagedNet, is_staged
+from ensemble_bench.errors import UsageError
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
 
 SNIP_BATCH = 512        # images of the one SNIP batch (the paper's)
 COST_SNIP_BATCH = 16    # synthetic images when the model is built without data (``cost``)
@@ -353,7 +353,7 @@ class NetworkFissionEnsembles(Method):
             "snip_batch": n_snip, "checkpoint": "last",
         })
         try:   # SNIP's one forward/backward of the dense single network, for the training cost
-            from benchmark.cost import count_flops
+            from ensemble_bench.cost import count_flops
 
             probe = ctx.trainer.normalizer(ctx.trainer.data.train.x[:1].to(ctx.trainer.device))
             dense = count_flops(net.to(ctx.trainer.device), probe)["flops_dense"]

@@ -9,7 +9,7 @@ them all:
     M * gamma groups, with the reference 64-channel rule lowering gamma (down to 1) where a group would
     get fewer than ``min_group_channels`` input channels or the channels do not divide;
   * the head is a grouped linear (M groups) to M * num_classes outputs, read as member logits [M, B, C].
-``benchmark.layers.GroupedLayers`` implements those layers for every suite backbone (the StagedNets);
+``ensemble_bench.layers.GroupedLayers`` implements those layers for every suite backbone (the StagedNets);
 this file picks the configuration, records the effective gamma of every conv, and trains.
 
 Training: the targets are repeated for every member and ONE cross-entropy is averaged over all member
@@ -24,12 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from benchmark.api import EnsembleModel, FitContext, GroupedOutput, Method, member_cross_entropy
-from benchmark.backbones import EXAMPLES, is_staged
-from benchmark.errors import UsageError
-from benchmark.layers import GroupedLayers
-from benchmark.train import stable_seed
-from methods import register
+from ensemble_bench.api import EnsembleModel, FitContext, GroupedOutput, Method, member_cross_entropy
+from ensemble_bench.backbones import EXAMPLES, is_staged
+from ensemble_bench.errors import UsageError
+from ensemble_bench.layers import GroupedLayers
+from ensemble_bench.train import stable_seed
+from ensemble_bench.methods import register
 
 SUITE_BACKBONES = [n for n in EXAMPLES if not n.startswith("timm")]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.api import EnsembleModel, FitContext, Method, StackedEnsemble
-from methods import register
+from ensemble_bench.api import EnsembleModel, FitContext, Method, StackedEnsemble
+from ensemble_bench.methods import register
 
 
 def member_seed(ctx: FitContext, k: int) -> int:

@@ -8,7 +8,7 @@ and the M snapshots are the members (``StackedEnsemble``, probabilities averaged
 model; inference costs M.
 
 * The cyclic schedule is part of the method: the stage trains with
-  ``ctx.recipe.replace(schedule="cyclic_cosine", cycles=M)`` (``benchmark.recipe``: M equal cycles of E/M
+  ``ctx.recipe.replace(schedule="cyclic_cosine", cycles=M)`` (``ensemble_bench.recipe``: M equal cycles of E/M
   epochs, lr(t) = lr/2 * (1 + cos(pi * (t mod E/M) / (E/M))) at fractional epoch t, updated every step as
   the released ``learningRateCosine`` does), and the trainer records that as the stage's recipe. Every
   other field (lr, momentum, weight decay, batch size, ...) is the run's.
@@ -44,15 +44,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmark.api import EnsembleModel, FitContext, Method, StackedEnsemble
-from benchmark.errors import UsageError
-from benchmark.recipe import Recipe
-from methods import register
+from ensemble_bench.api import EnsembleModel, FitContext, Method, StackedEnsemble
+from ensemble_bench.errors import UsageError
+from ensemble_bench.recipe import Recipe
+from ensemble_bench.methods import register
 
 
 def cycle_index(recipe: Recipe, t: float) -> int:
     """The cosine cycle that fractional epoch ``t`` falls in, with the arithmetic of
-    ``benchmark.recipe.lr_factor`` (``min(t, E - 1e-9) % (E / cycles)``): the index changes exactly where the
+    ``ensemble_bench.recipe.lr_factor`` (``min(t, E - 1e-9) % (E / cycles)``): the index changes exactly where the
     scheduled lr restarts."""
     cycle = recipe.epochs / recipe.cycles
     return int(min(t, recipe.epochs - 1e-9) // cycle)

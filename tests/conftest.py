@@ -26,7 +26,7 @@ def shared_data() -> Path:
 
 def subsample(bundle, n_train: int, n_test: int, n_val: int | None = None, n_ood: int = 500):
     """A smaller bundle of the same data: the first rows of every split (fixed, not seeded)."""
-    from benchmark.data import DataBundle, Split
+    from ensemble_bench.data import DataBundle, Split
 
     def cut(s, n):
         return Split(s.x[:n].clone(), s.y[:n].clone()) if s is not None else None
@@ -39,7 +39,7 @@ def subsample(bundle, n_train: int, n_test: int, n_val: int | None = None, n_ood
 
 def half_resolution(bundle):
     """The same real images at 16x16 (2x2 average pooling): a quarter of the CPU cost per epoch."""
-    from benchmark.data import Augment, DataBundle, Split
+    from ensemble_bench.data import Augment, DataBundle, Split
 
     def pool(x):
         return torch.nn.functional.avg_pool2d(x.float(), 2).round().to(torch.uint8)
@@ -55,14 +55,14 @@ def half_resolution(bundle):
 @pytest.fixture(scope="session")
 def cifar10_small(shared_data):
     """Real CIFAR-10 (JPEG-decoded development copy): 3,000 train, 300 val, 1,000 test, OOD sets."""
-    from benchmark import data
+    from ensemble_bench import data
 
     return subsample(data.load("cifar10", shared_data), 3000, 1000, 300)
 
 
 @pytest.fixture(scope="session")
 def digits():
-    from benchmark import data
+    from ensemble_bench import data
 
     return data.load("digits")
 
@@ -70,10 +70,10 @@ def digits():
 def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int = 3, seed: int = 0,
                options: dict | None = None, ckpt_dir=None, **run):
     """Fit ``method`` through the real harness on ``bundle``; returns (model, trainer, ctx)."""
-    import methods
-    from benchmark.api import FitContext
-    from benchmark.config import build_options, make_run_config
-    from benchmark.train import Trainer
+    import ensemble_bench.methods as methods
+    from ensemble_bench.api import FitContext
+    from ensemble_bench.config import build_options, make_run_config
+    from ensemble_bench.train import Trainer
 
     torch.manual_seed(seed)
     if bundle.name != "digits":   # the run's data identity is read from the development copies
@@ -90,7 +90,7 @@ def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int 
 
 def ensemble_vs_members(model, trainer, split=None):
     """(ensemble NLL, mean member NLL, ensemble acc) on the bundle's test split."""
-    from benchmark.metrics import nll
+    from ensemble_bench.metrics import nll
 
     split = split or trainer.data.test
     logits = trainer.predict(model, split.x)
@@ -110,7 +110,7 @@ def kill_at(stage: str, epoch: int, exc: type[BaseException] = Killed):
     """While open, ``Trainer.fit`` of stage ``stage`` raises ``exc`` at the end of epoch ``epoch``: after the
     stage's own ``on_epoch_end`` hook, before that epoch's checkpoint, so a run killed there resumes after
     epoch ``epoch - 1``."""
-    import benchmark.train as train_mod
+    import ensemble_bench.train as train_mod
 
     orig = train_mod.Trainer.fit
 
@@ -137,7 +137,7 @@ def growing_val_nll(monkeypatch) -> None:
     keeps its first epoch whichever of the two it selects on."""
     import itertools
 
-    from benchmark.train import Trainer
+    from ensemble_bench.train import Trainer
 
     calls = itertools.count()
 

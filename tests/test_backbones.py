@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from benchmark.backbones import StagedNet, build_backbone, check_name
-from benchmark.errors import UsageError
+from ensemble_bench.backbones import StagedNet, build_backbone, check_name
+from ensemble_bench.errors import UsageError
 
 
 def n_params(m):
@@ -44,7 +44,7 @@ def test_forward_until_from_compose_exactly():
 
 
 def test_wrn28_10_macs_match_the_paper():
-    from benchmark.cost import count_flops
+    from ensemble_bench.cost import count_flops
     macs = count_flops(build_backbone("wrn28_10", 10), torch.randn(1, 3, 32, 32))["macs"]
     assert abs(macs / 5.24e9 - 1) < 0.005, macs
 

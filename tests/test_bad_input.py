@@ -5,7 +5,7 @@ is refused without running it, two processes of the same run id (the second exit
 holder; the first's complete record survives), a killed local run shown as interrupted by
 ``sweep-status`` (not running forever) and resumed by the sweep, with its progress line.
 
-Each case runs ``benchmark.cli.main`` in a fresh tmp folder (the current directory), with
+Each case runs ``ensemble_bench.cli.main`` in a fresh tmp folder (the current directory), with
 ``$T = --backbone cnn_small --dataset digits --epochs 1`` and ``--out out`` where the issue says so,
 and bad data files made from small generated arrays."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark.cli import main
+from ensemble_bench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 T = ["--backbone", "cnn_small", "--dataset", "digits", "--epochs", "1", "--no-progress"]
@@ -333,7 +333,7 @@ def test_sweep_spec_control_characters_are_refused(field, tmp_path, capsys, monk
 def test_slurm_setup_stays_shell_by_design(tmp_path, capsys, monkeypatch):
     """``[slurm] setup`` lines are shell commands written into the sbatch script as they are (by
     design); they are not refused."""
-    from benchmark import sweep
+    from ensemble_bench import sweep
 
     monkeypatch.chdir(tmp_path)
     spec = _spec(tmp_path, SPEC.format(out="runs") + '[slurm]\nsetup = ["module load cuda", "export A=1\\nexport B=2"]\n')
@@ -346,7 +346,7 @@ def test_slurm_setup_stays_shell_by_design(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- not writable folders
 _CASES_SCRIPT = """
 import contextlib, io, json, sys, traceback
-from benchmark.cli import main
+from ensemble_bench.cli import main
 res = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
@@ -435,9 +435,9 @@ class _Planted:
 def test_planted_pickle_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
     import torch
 
-    from benchmark.config import make_run_config
-    from benchmark.errors import UsageError
-    from benchmark.train import load_checkpoint
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.errors import UsageError
+    from ensemble_bench.train import load_checkpoint
 
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "PWNED"
@@ -462,14 +462,14 @@ def test_planted_pickle_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------- two processes, one run id
 def _start_run(cfg: Path, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "benchmark", "run", "--config", str(cfg)], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "ensemble_bench", "run", "--config", str(cfg)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until_running(proc: subprocess.Popen, out: Path, rid: str, timeout: float = 240) -> None:
     """Until ``proc`` holds the run's lock (its pid in the lock file) and its "running" record stands.
     Read only: the lock itself is not probed (a probe would take it for an instant)."""
-    from benchmark import results
+    from ensemble_bench import results
 
     lock = out / ".submitit" / "locks" / f"{rid}.lock"
     t0 = time.time()
@@ -487,7 +487,7 @@ def _wait_until_running(proc: subprocess.Popen, out: Path, rid: str, timeout: fl
 
 
 def _tiny(tmp: Path, epochs: int = 1) -> tuple[Path, Path, str]:
-    from benchmark.config import run_config_from_toml
+    from ensemble_bench.config import run_config_from_toml
 
     out = tmp / "out"
     cfg = tmp / "run.toml"
@@ -499,7 +499,7 @@ def test_same_run_id_twice_at_once(tmp_path, capsys, monkeypatch):
     """While process A trains a run, process B of the same run id exits 2 with one line naming A;
     A's complete record survives, and ``sweep-status`` shows A as running meanwhile. (A is held
     stopped (SIGSTOP) while B tries, so the overlap does not depend on timing.)"""
-    from benchmark import results
+    from ensemble_bench import results
 
     monkeypatch.chdir(tmp_path)
     cfg, out, rid = _tiny(tmp_path)
@@ -531,7 +531,7 @@ def test_killed_local_run_is_interrupted_not_running_and_resumes(tmp_path, capsy
     """``sweep-status`` shows a killed local run as interrupted (no live process holds its lock), not
     running forever; the sweep then runs it to completion and prints "[i/n] run_id done in Xs (status);
     ~Y left"."""
-    from benchmark import results
+    from ensemble_bench import results
 
     monkeypatch.chdir(tmp_path)
     cfg, out, rid = _tiny(tmp_path)
@@ -557,7 +557,7 @@ def test_killed_local_run_is_interrupted_not_running_and_resumes(tmp_path, capsy
 
 
 def test_progress_line_and_eta():
-    from benchmark.sweep import LocalOutcome, progress_line
+    from ensemble_bench.sweep import LocalOutcome, progress_line
 
     o = LocalOutcome("single-abc", "complete", seconds=12.0)
     assert progress_line(1, 5, o, [12.0], 1) == "[1/5] single-abc done in 12.0s (complete); ~48.0s left"

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-import methods
-from benchmark.api import FitContext
-from benchmark.backbones import build_backbone
-from benchmark.config import RunConfig, build_options
-from benchmark.cost import count_flops, count_params
-from benchmark.errors import UsageError
-from benchmark.runner import build_for_cost
+import ensemble_bench.methods as methods
+from ensemble_bench.api import FitContext
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.config import RunConfig, build_options
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import build_for_cost
 from conftest import fit_method, subsample
-from methods.batch_ensemble import BatchEnsembleConv2d, be_layers, init_fast_weights, parameter_groups
+from ensemble_bench.methods.batch_ensemble import BatchEnsembleConv2d, be_layers, init_fast_weights, parameter_groups
 
 BE = methods.get("batch_ensemble")
 
@@ -179,7 +179,7 @@ def test_training_on_digits_lr_scale_weight_decay_and_batch(digits, monkeypatch)
 
 
 def test_paper_recipe_is_the_released_script_scaled_to_the_run():
-    from benchmark.recipe import Recipe
+    from ensemble_bench.recipe import Recipe
 
     r = BE.paper_recipe(Recipe(epochs=250, batch_size=128), "wrn28_10")
     assert (r.lr, r.momentum, r.nesterov, r.weight_decay) == (0.1, 0.9, True, 6e-4)
@@ -188,7 +188,7 @@ def test_paper_recipe_is_the_released_script_scaled_to_the_run():
 
 
 def test_cli_cost_and_list(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     assert main(["cost", "--method", "batch_ensemble", "--backbone", "resnet20", "--num-classes", "10"]) == 0
     res = json.loads(capsys.readouterr()[0])

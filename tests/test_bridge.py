@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import methods
-from benchmark.api import FitContext
-from benchmark.backbones import build_backbone
-from benchmark.config import build_options, make_run_config
-from benchmark.cost import count_flops, count_params
-from benchmark.curves import Curve
-from benchmark.errors import UsageError
-from benchmark.runner import build_for_cost
-from benchmark.train import Trainer
-from methods.bridge import default_feature_block, kl_to_teacher
+import ensemble_bench.methods as methods
+from ensemble_bench.api import FitContext
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.config import build_options, make_run_config
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.curves import Curve
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import build_for_cost
+from ensemble_bench.train import Trainer
+from ensemble_bench.methods.bridge import default_feature_block, kl_to_teacher
 from conftest import fit_method, growing_val_nll, shared_data_dir, subsample
 
 CPU = torch.device("cpu")
@@ -164,7 +164,7 @@ def test_bridge_flops_are_the_expected_fraction_of_resnet32():
 
 
 def test_cost_command_measures_bridge_without_training(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     base_hand, t1_hand, t2_hand, _ = _resnet32_hand_counts()
     assert main(["cost", "--method", "bridge", "--backbone", "resnet32", "--num-classes", "10"]) == 0
@@ -320,8 +320,8 @@ def test_real_data_bridge_approximates_the_midpoint_and_helps_the_base(cifar10_s
     modes to make a midpoint as good as the ends, which the paper's 200-epoch recipe gives anyway.
     ResNet-20 (the paper's family; its bridge is the last block, fed by block 8 of 9): measured on this
     project's CPU with torch 2.14, KL ratio 0.57, NLL gain 0.018 raw and 0.017 temperature-scaled."""
-    from benchmark.data import Augment, DataBundle, Split
-    from benchmark.metrics import fit_temperature, nll
+    from ensemble_bench.data import Augment, DataBundle, Split
+    from ensemble_bench.metrics import fit_temperature, nll
 
     def down(s):
         return Split(F.interpolate(s.x.float(), size=(16, 16), mode="area").round().to(torch.uint8), s.y)

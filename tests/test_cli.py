@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmark.cli import main
+from ensemble_bench.cli import main
 
 TINY = ["--backbone", "cnn_small", "--dataset", "digits", "--epochs", "2", "--no-progress"]
 
@@ -34,7 +34,7 @@ def test_run_writes_a_complete_record_and_leaderboard(tmp_path, capsys):
         assert np.isfinite(rec["metrics"][k]), k
     assert set(rec["metrics"]["ood"]["photos"]) == {"msp", "entropy", "mi"}
     c = rec["cost"]
-    from benchmark.backbones import build_backbone
+    from ensemble_bench.backbones import build_backbone
     one = sum(p.numel() for p in build_backbone("cnn_small", 10, in_channels=1).parameters())
     assert c["params"] == 2 * one and c["flops"] > 0 and c["latency_ms"] > 0 and "cpu" in c["latency_device"]
     assert rec["training"]["epochs_run"] == {"member0": 2, "member1": 2}
@@ -109,6 +109,6 @@ def test_cost_without_training(capsys):
 
 
 def test_console_script_and_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "benchmark", "run", "--method", "nope", *TINY],
+    r = subprocess.run([sys.executable, "-m", "ensemble_bench", "run", "--method", "nope", *TINY],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

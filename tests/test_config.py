@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from benchmark.config import make_run_config, run_config_from_toml
-from benchmark.errors import UsageError
+from ensemble_bench.config import make_run_config, run_config_from_toml
+from ensemble_bench.errors import UsageError
 
 BASE = {"method": "deep_ensemble", "backbone": "cnn_small", "dataset": "digits", "epochs": 3, "seed": 1}
 
@@ -16,7 +16,7 @@ def test_run_id_pinned_stable_literal():
 
 
 def test_run_id_stable_across_processes():
-    code = ("from benchmark.config import make_run_config;"
+    code = ("from ensemble_bench.config import make_run_config;"
             f"print(make_run_config({dict(BASE, options={'num_members': 2})!r}).run_id())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == PINNED

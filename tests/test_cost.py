@@ -1,4 +1,4 @@
-"""benchmark.cost: params, FLOPs (sparsity-aware, per sample, whole ensemble), latency and throughput.
+"""ensemble_bench.cost: params, FLOPs (sparsity-aware, per sample, whole ensemble), latency and throughput.
 
 No test asserts a timing: only structure and sanity."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark import cost
-from benchmark.api import EnsembleModel, StackedEnsemble
+from ensemble_bench import cost
+from ensemble_bench.api import EnsembleModel, StackedEnsemble
 
 
 def tiny_net(cin=3, cout=8, hw=8, classes=5):
@@ -25,7 +25,7 @@ def tiny_flops(cin=3, cout=8, hw=8, classes=5, k=3):
 
 
 def test_resnet18_params_and_macs():
-    from benchmark.backbones import build_backbone
+    from ensemble_bench.backbones import build_backbone
 
     torch.manual_seed(0)
     model = build_backbone("resnet18", 10)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import data
-from benchmark.errors import UsageError
+from ensemble_bench import data
+from ensemble_bench.errors import UsageError
 
 
 def test_digits_offline_default(digits):

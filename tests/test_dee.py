@@ -1,11 +1,11 @@
-"""Deep-ensemble-equivalent size (benchmark.results.dee / add_dee_columns) on hand-made records."""
+"""Deep-ensemble-equivalent size (ensemble_bench.results.dee / add_dee_columns) on hand-made records."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from benchmark import results as R
+from ensemble_bench import results as R
 
 # the DE curve used throughout: size -> (nll_ts, acc)
 CURVE = {1: (0.30, 0.90), 2: (0.24, 0.92), 3: (0.22, 0.93), 4: (0.21, 0.935)}

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import methods
-from benchmark.layers import copy_grouped_into_members
+import ensemble_bench.methods as methods
+from ensemble_bench.layers import copy_grouped_into_members
 from conftest import ensemble_vs_members, fit_method
 
 
@@ -12,7 +12,7 @@ def test_registry():
         @methods.register("single")
         class Another(methods.Method):
             pass
-    from benchmark.errors import UsageError
+    from ensemble_bench.errors import UsageError
     with pytest.raises(UsageError, match="choose from"):
         methods.get("nope")
 
@@ -29,9 +29,9 @@ def test_members_have_own_init_and_single_is_member_zero(digits):
 
 def _relative_update_error(digits, batched_loss=None):
     """max over members and tensors of |delta_batched - delta_separate| / |delta_separate| after one epoch."""
-    import methods.deep_ensemble as de_mod
-    from benchmark.backbones import build_backbone
-    from methods.single import member_seed
+    import ensemble_bench.methods.deep_ensemble as de_mod
+    from ensemble_bench.backbones import build_backbone
+    from ensemble_bench.methods.single import member_seed
 
     sep, _, ctx = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 3})
     orig = de_mod.default_loss
@@ -71,7 +71,7 @@ def test_batched_training_cost_is_counted(digits):
 
 def test_batched_scaling_would_be_detected(digits):
     """Control: averaging member losses (gradients scaled by 1/M) is caught by the same measure."""
-    from benchmark.api import member_cross_entropy
+    from ensemble_bench.api import member_cross_entropy
 
     worst, _, _ = _relative_update_error(digits, lambda model, x, y: member_cross_entropy(model(x), y, "mean"))
     assert worst > 0.2, worst
@@ -88,7 +88,7 @@ def test_real_data_ensemble_beats_its_members(cifar10_small):
 def test_members_have_own_data_order_in_both_paths(digits, monkeypatch):
     """Member k sees its own shuffle (and augmentation), and the same one whether the members train
     one after the other or batched: the first minibatch's labels per member, recorded in both paths."""
-    from benchmark.train import Trainer
+    from ensemble_bench.train import Trainer
 
     orig = Trainer.fit
     first: dict[str, torch.Tensor] = {}

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark import results as R
-from benchmark.cli import main
+from ensemble_bench import results as R
+from ensemble_bench.cli import main
 
 CORRUPTIONS = ("gaussian_noise", "contrast")
 
@@ -57,7 +57,7 @@ def _one_line_exit_2(capsys, *argv) -> str:
 def cifar_dir(shared_data, tmp_path_factory) -> Path:
     """A data folder: the first 2,000 training / 500 test / 300 OOD images of the development copies and
     CIFAR-10-C made from its test split by `corrupt` (2 corruptions x 5 severities x 50 images)."""
-    from benchmark.shift import corrupt_command
+    from ensemble_bench.shift import corrupt_command
 
     d = tmp_path_factory.mktemp("cifar_data")
     with np.load(shared_data / "cifar10_train.npz") as z:
@@ -100,7 +100,7 @@ def test_run_with_shift_writes_shift_metrics_and_predictions(cifar_run, cifar_di
     assert rec["data"]["shift"]["generator"] == "ensemble-bench"
     assert rec["timings"]["shift_eval_s"] > 0
     # --shift is not part of the experiment: the same run id as without it
-    from benchmark.config import make_run_config
+    from ensemble_bench.config import make_run_config
 
     values = {k: v for k, v in rec["config"].items() if k != "shift"}
     assert make_run_config(values).run_id() == rid
@@ -140,8 +140,8 @@ def test_shift_bad_input_is_refused_before_any_work(cifar_dir, tmp_path, capsys)
         assert msg in line, line
         assert not out.exists()
     # a sweep takes `shift` in [run] (refusing a missing set before anything runs), never in [grid]
-    from benchmark import sweep
-    from benchmark.errors import UsageError
+    from ensemble_bench import sweep
+    from ensemble_bench.errors import UsageError
 
     def spec(text: str) -> Path:
         p = tmp_path / "spec.toml"
@@ -269,11 +269,11 @@ def test_every_method_rebuilds_from_its_weights(tmp_path, capsys):
     ``rebuild`` makes from the record (method.build + strict load of the kept weights) predicts what the run
     saved, to the float16 the predictions are stored in; `evaluate --ood photos` then recomputes the run's
     OOD metrics and changes nothing else; `--shift cifar10c` is refused for digits records."""
-    import methods
-    from benchmark import data
-    from benchmark.config import make_run_config
-    from benchmark.runner import execute, rebuild
-    from benchmark.train import Trainer
+    import ensemble_bench.methods as methods
+    from ensemble_bench import data
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.runner import execute, rebuild
+    from ensemble_bench.train import Trainer
 
     out = tmp_path / "runs"
     # two members where a method has a size (the architecture is what is checked), one snapshot per epoch
@@ -393,13 +393,13 @@ def test_corruption_error_edge_cases():
 # ------------------------------------------------------------------------------------------ report
 @pytest.mark.slow
 def test_report_has_severity_and_risk_coverage_figures(cifar_run, tmp_path):
-    from benchmark.report import build_report, shift_curve
+    from ensemble_bench.report import build_report, shift_curve
 
     out, rec = cifar_run
     rep = build_report(out, tmp_path / "report")
     stems = {Path(f.stem).name for f in rep.figures}
     assert {"shift_severity", "risk_coverage"} <= stems
-    from benchmark.report import _shift_pool
+    from ensemble_bench.report import _shift_pool
 
     pooled = _shift_pool(R.load_predictions(out, rec["run_id"]))     # the risk-coverage of the shifted panel
     assert pooled is not None and pooled[0].shape == (2 * 5 * 50, 10) and pooled[1].shape == (500,)

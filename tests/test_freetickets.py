@@ -5,18 +5,18 @@ import pytest
 import torch
 from torch import nn
 
-import methods
-from benchmark.api import StackedEnsemble
-from benchmark.cost import count_flops, count_params
-from benchmark.sparse import DynamicSparsity, erk_densities, maskable_layers
+import ensemble_bench.methods as methods
+from ensemble_bench.api import StackedEnsemble
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.sparse import DynamicSparsity, erk_densities, maskable_layers
 from conftest import Killed, ensemble_vs_members, fit_method, growing_val_nll, kill_at
-from benchmark.recipe import Recipe
-from methods.freetickets import edst_stage_epochs, explore_recipe, window_recipe
+from ensemble_bench.recipe import Recipe
+from ensemble_bench.methods.freetickets import edst_stage_epochs, explore_recipe, window_recipe
 
 
 def test_registered_with_paper_defaults_and_checked_options():
-    from benchmark.config import build_options
-    from benchmark.errors import UsageError
+    from ensemble_bench.config import build_options
+    from ensemble_bench.errors import UsageError
 
     dst, edst = methods.get("dst_ensemble"), methods.get("edst_ensemble")
     released = {"select_on": "acc", "zero_momentum": False}    # the released code's behaviour
@@ -63,7 +63,7 @@ def test_sparse_flops_are_per_layer_density_times_a_hand_count():
 
 
 def test_wrn28_10_member_at_erk_density_02():
-    from benchmark.runner import build_for_cost
+    from ensemble_bench.runner import build_for_cost
 
     model = build_for_cost("dst_ensemble", "wrn28_10", 10, 3, 32, {"num_members": 1}, torch.device("cpu"))
     member = model.members[0]
@@ -87,8 +87,8 @@ def test_wrn28_10_member_at_erk_density_02():
 
 
 def test_cost_command_builds_erk_members_without_training(capsys):
-    from benchmark.backbones import build_backbone
-    from benchmark.cli import main
+    from ensemble_bench.backbones import build_backbone
+    from ensemble_bench.cli import main
 
     for method, members in (("dst_ensemble", 3), ("edst_ensemble", 2)):
         argv = ["cost", "--method", method, "--backbone", "cnn_small", "--num-classes", "10"]
@@ -231,7 +231,7 @@ def test_dst_finished_member_resumes_to_its_best_epoch(digits, tmp_path, monkeyp
 
 
 def test_edst_windows_go_on_with_the_previous_stage_momentum(digits, monkeypatch):
-    import benchmark.train as train_mod
+    import ensemble_bench.train as train_mod
 
     calls = {}
     orig = train_mod.Trainer.fit

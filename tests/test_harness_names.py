@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-import methods
+import ensemble_bench.methods as methods
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmark"
 

@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-import methods
-from benchmark.api import FitContext
-from benchmark.backbones import build_backbone
-from benchmark.config import RunConfig, build_options
-from benchmark.cost import count_flops, count_params
-from benchmark.errors import UsageError
-from benchmark.runner import build_for_cost
+import ensemble_bench.methods as methods
+from ensemble_bench.api import FitContext
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.config import RunConfig, build_options
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import build_for_cost
 from conftest import fit_method, subsample
-from methods.mc_dropout import InputDropoutConv2d, MCDropout
+from ensemble_bench.methods.mc_dropout import InputDropoutConv2d, MCDropout
 
 MC = methods.get("mc_dropout")
 
@@ -112,7 +112,7 @@ def test_rate_zero_passes_are_the_deterministic_network():
 
 
 def test_cost_is_m_passes(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     plain = build_backbone("resnet20", 10, 3).eval()
     single = count_flops(plain, torch.randn(1, 3, 32, 32))["flops"]
@@ -146,7 +146,7 @@ def test_training_on_digits_and_rate_zero_is_the_single_model(digits):
 
 
 def test_paper_recipe_is_the_reference_script_scaled_to_the_run():
-    from benchmark.recipe import Recipe
+    from ensemble_bench.recipe import Recipe
 
     r = MC.paper_recipe(Recipe(epochs=200, batch_size=128), "wrn28_10")
     assert (r.lr, r.nesterov, r.weight_decay, r.schedule) == (0.05, True, 6e-4, "multistep")

@@ -1,4 +1,4 @@
-"""Tests of benchmark.metrics against hand-computed cases and independent references
+"""Tests of ensemble_bench.metrics against hand-computed cases and independent references
 (torchmetrics for ECE, scikit-learn / brute force for the OOD metrics and the temperature)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import metrics as mt
+from ensemble_bench import metrics as mt
 
 
 def _log(p):

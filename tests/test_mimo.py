@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import methods
-from benchmark.config import build_options
-from benchmark.cost import count_flops, count_params
-from benchmark.errors import UsageError
-from benchmark.runner import build_for_cost
+import ensemble_bench.methods as methods
+from ensemble_bench.config import build_options
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import build_for_cost
 from conftest import ensemble_vs_members, fit_method, half_resolution
-from methods.mimo import SlotBatches, SlotInputs, mimo_loss
+from ensemble_bench.methods.mimo import SlotBatches, SlotInputs, mimo_loss
 
 
 def id_batch(n, c=2):
@@ -158,7 +158,7 @@ def test_defaults():
 
 
 def test_paper_recipe_is_the_published_one_scaled_to_the_run():
-    from benchmark.recipe import Recipe
+    from ensemble_bench.recipe import Recipe
 
     run = Recipe(epochs=250)
     paper = methods.get("mimo").effective_recipe(run, "paper", "wrn28_10")
@@ -173,7 +173,7 @@ def test_paper_recipe_is_the_published_one_scaled_to_the_run():
 # ------------------------------------------------------------------------------------ training, record
 @pytest.mark.parametrize("mode,wd", [("shared", 5e-4), ("paper", 6e-4)])
 def test_fit_trains_on_slot_batches_with_the_recipe_weight_decay(digits, monkeypatch, mode, wd):
-    from benchmark.train import Trainer
+    from ensemble_bench.train import Trainer
 
     calls = []
     orig = Trainer.fit
@@ -206,7 +206,7 @@ def test_lr_is_the_run_lr_for_the_unique_batch(digits):
 
 
 def test_cli_run_writes_a_complete_record_with_the_b_x_cost(tmp_path, capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     out = tmp_path / "runs"
     code = main(["run", "--method", "mimo", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "2",

@@ -10,11 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-import methods
-from benchmark.backbones import build_backbone
-from benchmark.errors import UsageError
+import ensemble_bench.methods as methods
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.errors import UsageError
 from conftest import ensemble_vs_members, fit_method
-from methods.nfe import (MASK, FissionNet, branch_points, fission, global_top_masks, nfe_loss, snip_masks)
+from ensemble_bench.methods.nfe import (MASK, FissionNet, branch_points, fission, global_top_masks, nfe_loss, snip_masks)
 
 
 def _tiny_net() -> nn.Module:
@@ -26,7 +26,7 @@ def _tiny_net() -> nn.Module:
 
 
 def _hand_saliency(net: nn.Module, x, y) -> dict:
-    """|w * dL/dw| of each conv weight, computed directly on a copy (not through methods.nfe)."""
+    """|w * dL/dw| of each conv weight, computed directly on a copy (not through ensemble_bench.methods.nfe)."""
     work = copy.deepcopy(net).train()
     loss = F.cross_entropy(work(x), y)
     names = [n for n, m in work.named_modules() if isinstance(m, nn.Conv2d)]
@@ -151,11 +151,11 @@ def test_split_masks_are_disjoint_and_cover_the_survivors(backbone, exits):
 
 
 def test_timm_backbone_and_bad_options_are_usage_errors(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     assert main(["cost", "--method", "nfe", "--backbone", "timm:resnet18", "--num-classes", "10"]) == 2
     assert "nfe needs a suite backbone" in capsys.readouterr().err
-    from benchmark.config import build_options
+    from ensemble_bench.config import build_options
     cls = methods.get("nfe")
     for bad in ({"exits": 4}, {"sparsity": 1.0}, {"temperature": 0}, {"combine": "median"}):
         with pytest.raises(UsageError):
@@ -181,8 +181,8 @@ def test_shared_recipe_trains_like_single_and_paper_recipe_is_the_released_sched
     """--recipe shared: NFE's per-epoch learning rates (and optimiser) are exactly the single model's.
     --recipe paper: lr 0.1 constant for the first half, linear to 0.01x between 50% and 90%, then 0.01x,
     Nesterov; the record's recipe says so and the run id differs."""
-    from benchmark.config import make_run_config
-    from benchmark.recipe import lr_factor
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.recipe import lr_factor
 
     captured = []
     orig = torch.optim.SGD.__init__
@@ -220,8 +220,8 @@ def test_shared_recipe_trains_like_single_and_paper_recipe_is_the_released_sched
 def test_gradient_mask_keeps_momentum_from_resurrecting_weights(digits):
     """With only the gradient mask (no re-masking of weights), nesterov SGD with momentum and weight
     decay leaves pruned weights at zero; without it the gradients make them non-zero at once."""
-    from benchmark.api import FitContext
-    from benchmark.config import make_run_config
+    from ensemble_bench.api import FitContext
+    from ensemble_bench.config import make_run_config
 
     cfg = make_run_config({"method": "nfe", "backbone": "cnn_small", "dataset": "digits", "epochs": 1})
     ctx = FitContext(config=cfg, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"))
@@ -314,9 +314,9 @@ def test_loss_is_ce_plus_t2_kl_with_detached_teacher(exits):
 def test_combine_rules_give_the_documented_predictions(digits, tmp_path):
     """Through the real runner: the record's metrics use the model's ``combine`` (the option), which is
     the mean of exit probabilities ("probs") or the softmax of the mean exit logits ("logits")."""
-    from benchmark.config import make_run_config
-    from benchmark.metrics import nll
-    from benchmark.runner import execute
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.metrics import nll
+    from ensemble_bench.runner import execute
 
     for rule in ("probs", "logits"):
         cfg = make_run_config({"method": "nfe", "backbone": "cnn_small", "dataset": "digits", "epochs": 3,
@@ -339,7 +339,7 @@ def test_combine_rules_give_the_documented_predictions(digits, tmp_path):
 
 # ------------------------------------------------------------------------------------------- cost
 def test_cost_command_wrn28_10_without_training(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     assert main(["cost", "--method", "nfe", "--backbone", "wrn28_10", "--num-classes", "100"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -363,7 +363,7 @@ def test_cost_command_wrn28_10_without_training(capsys):
     # counted by params_nonzero: a handful at most in 18M)
     assert 0 <= round(0.5 * conv) + nz_single + nz_branch - res["params_nonzero"] <= 5
     assert abs(res["params_nonzero"] / (0.5 * conv) - 1) < 0.01          # about (1 - s) x single
-    from benchmark.cost import count_flops
+    from ensemble_bench.cost import count_flops
     counted = count_flops(single, torch.randn(1, 3, 32, 32))
     branch_flops = sum(v["flops_dense"] for k, v in counted["per_layer"].items()
                        if k.startswith(("stages.1.", "stages.2.", "final.", "head")))

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-import methods
-from benchmark.backbones import build_backbone
-from benchmark.config import build_options
-from benchmark.cost import count_flops, count_params
-from benchmark.errors import UsageError
-from benchmark.runner import build_for_cost
+import ensemble_bench.methods as methods
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.config import build_options
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.errors import UsageError
+from ensemble_bench.runner import build_for_cost
 from conftest import ensemble_vs_members, fit_method, half_resolution
-from methods.packed import PackedEnsembles, packed_loss
+from ensemble_bench.methods.packed import PackedEnsembles, packed_loss
 
 
 def pe(backbone, alpha, m, gamma, num_classes=10, in_channels=3, image_size=32, **extra):
@@ -65,8 +65,8 @@ def test_64_channel_rule_is_applied_and_recorded():
     """PE-(2,4,2) ResNet-18: each of 4*2 = 8 groups needs >= 64 input channels, so gamma drops to 1 for the
     convs reading the first two stages' 128 / 256 widened channels and stays 2 where they read 512 or 1024;
     without the rule the count differs."""
-    from benchmark.api import FitContext
-    from benchmark.config import RunConfig
+    from ensemble_bench.api import FitContext
+    from ensemble_bench.config import RunConfig
 
     ctx = FitContext(config=RunConfig(method="packed", backbone="resnet18"), num_classes=10, in_channels=3,
                      image_size=32, device=torch.device("cpu"))
@@ -103,7 +103,7 @@ def test_other_suite_backbones_build_with_member_logits():
 
 
 def test_cli_cost_and_list(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     assert main(["cost", "--method", "packed", "--backbone", "resnet18", "--num-classes", "10"]) == 0
     res = json.loads(capsys.readouterr()[0])
@@ -231,7 +231,7 @@ def test_fit_uses_the_single_model_lr_and_records_gamma(digits):
 
 
 def test_cli_run_writes_a_complete_record(tmp_path, capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     out = tmp_path / "runs"
     code = main(["run", "--method", "packed", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "2",

@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from benchmark import results
-from benchmark.cli import main
-from benchmark.config import make_run_config
-from benchmark.errors import UsageError
-from benchmark.recipe import Recipe, lr_factor
+from ensemble_bench import results
+from ensemble_bench.cli import main
+from ensemble_bench.config import make_run_config
+from ensemble_bench.errors import UsageError
+from ensemble_bench.recipe import Recipe, lr_factor
 
 T = ["--backbone", "cnn_small", "--dataset", "digits", "--no-progress", "--device", "cpu"]
 

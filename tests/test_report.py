@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark import report
-from benchmark.cli import main
-from benchmark import results
-from benchmark.report import pareto_front
+from ensemble_bench import report
+from ensemble_bench.cli import main
+from ensemble_bench import results
+from ensemble_bench.report import pareto_front
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_dee_text_and_guards():
 
 
 def test_reliability_bins_reproduce_the_ece_metric():
-    from benchmark.metrics import ece
+    from ensemble_bench.metrics import ece
 
     rng = np.random.default_rng(1)
     z = rng.normal(size=(500, 10)) * 3
@@ -94,7 +94,7 @@ def test_reliability_bins_reproduce_the_ece_metric():
 
 
 # --------------------------------------------------------------------------------------------
-# hand-made records (schema of benchmark.results)
+# hand-made records (schema of ensemble_bench.results)
 # --------------------------------------------------------------------------------------------
 DEV_A, DEV_B = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
 
@@ -406,7 +406,7 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     assert single_row[head.index("seeds")] == "2"          # the failed/running seeds are not aggregated
     assert sorted(r[0] for r in rows) == ["deep_ensemble", "single"]
     # the CLI also names failures and unreadable files on stderr, one line each
-    from benchmark.report import cli_report
+    from ensemble_bench.report import cli_report
 
     class Args:
         runs_dir, out = str(runs), str(tmp_path / "again")

@@ -1,4 +1,4 @@
-"""Tests for benchmark.results: atomic writes, loading, predictions, leaderboard aggregation."""
+"""Tests for ensemble_bench.results: atomic writes, loading, predictions, leaderboard aggregation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark import results as R
+from ensemble_bench import results as R
 
 
 def make_record(run_id="r0", *, method="deep_ensemble", options=None, seed=0, acc=0.9, nll=0.3, ece=0.02,

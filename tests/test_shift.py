@@ -1,4 +1,4 @@
-"""Tests of benchmark.shift: the 15 corruptions with the constants of the CIFAR generator of Hendrycks &
+"""Tests of ensemble_bench.shift: the 15 corruptions with the constants of the CIFAR generator of Hendrycks &
 Dietterich (ICLR 2019), the CIFAR-10-C release layout, the ``corrupt`` command, shift evaluation and shift
 arrays in score files. Small subsets only (the whole file runs in well under a minute on 2 cores)."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark import metrics as mt
-from benchmark import shift as sh
-from benchmark.errors import UsageError
+from ensemble_bench import metrics as mt
+from ensemble_bench import shift as sh
+from ensemble_bench.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -629,7 +629,7 @@ def test_corrupt_is_a_command_of_the_cli(tmp_path, capsys):
     import subprocess
     import sys
 
-    from benchmark.cli import build_parser, main
+    from ensemble_bench.cli import build_parser, main
 
     args = build_parser().parse_args(["corrupt", "--out", str(tmp_path / "o"), "--limit", "3"])
     assert args.fn is sh.cli_corrupt and args.limit == 3 and args.dataset == "cifar10"
@@ -637,7 +637,7 @@ def test_corrupt_is_a_command_of_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "no corrupted release layout" in err
     assert not (tmp_path / "out").exists()
-    probe = ("import sys; from benchmark.cli import build_parser; build_parser(); "
+    probe = ("import sys; from ensemble_bench.cli import build_parser; build_parser(); "
              "print('torch' in sys.modules, 'scipy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

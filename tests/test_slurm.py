@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import results, sweep
-from benchmark.cli import main
+from ensemble_bench import results, sweep
+from ensemble_bench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "localcluster.sh"
@@ -237,8 +237,8 @@ def test_a_failing_job_is_recorded_with_its_error_and_the_others_finish(cluster,
 def epoch_seconds(out: Path) -> float:
     """Seconds per epoch of the requeue tests' run (single, cnn_small, digits, batch 16) here and now:
     the median of the epochs after the first of a short run."""
-    from benchmark.config import make_run_config
-    from benchmark.runner import execute
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.runner import execute
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 4,
                            "batch_size": 16, "lr": 0.02, "device": "cpu", "out": str(out), "latency_runs": 1,

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-import benchmark.train as train_mod
-import methods
-from benchmark.backbones import build_backbone
-from benchmark.config import build_options
-from benchmark.cost import count_flops, count_params
-from benchmark.errors import UsageError
-from benchmark.recipe import Recipe
+import ensemble_bench.train as train_mod
+import ensemble_bench.methods as methods
+from ensemble_bench.backbones import build_backbone
+from ensemble_bench.config import build_options
+from ensemble_bench.cost import count_flops, count_params
+from ensemble_bench.errors import UsageError
+from ensemble_bench.recipe import Recipe
 from conftest import Killed, fit_method, kill_at, subsample
-from methods.snapshot import snapshot_steps, step_time
+from ensemble_bench.methods.snapshot import snapshot_steps, step_time
 
 SN = methods.get("snapshot")
 
@@ -127,7 +127,7 @@ def test_a_killed_run_resumes_with_its_earlier_snapshots(resume_reference, tmp_p
 
 
 def test_fewer_epochs_than_cycles_is_one_line_and_nothing_written(tmp_path, capsys, monkeypatch):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     monkeypatch.chdir(tmp_path)
     code = main(["run", "--method", "snapshot", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "2",
@@ -139,7 +139,7 @@ def test_fewer_epochs_than_cycles_is_one_line_and_nothing_written(tmp_path, caps
 
 
 def test_cost_is_m_copies_of_the_backbone(capsys):
-    from benchmark.cli import main
+    from ensemble_bench.cli import main
 
     plain = build_backbone("resnet20", 10, 3).eval()
     assert main(["cost", "--method", "snapshot", "--backbone", "resnet20", "--num-classes", "10"]) == 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.sparse import DynamicSparsity, erk_densities, maskable_layers
+from ensemble_bench.sparse import DynamicSparsity, erk_densities, maskable_layers
 
 
 def small_net():
@@ -53,7 +53,7 @@ def test_erk_layers_above_one_become_dense_and_eps_is_resolved():
 
 
 def test_masks_cover_every_conv_and_linear_but_no_bias_or_norm():
-    from benchmark.backbones import build_backbone
+    from ensemble_bench.backbones import build_backbone
 
     net = build_backbone("resnet20", 10)          # has 1x1 projection shortcuts
     names = set(maskable_layers(net))
@@ -151,8 +151,8 @@ def test_drop_smallest_grow_largest_gradient_grown_at_zero_with_zero_momentum(ze
 
 
 def _digits_trainer(bundle, **run):
-    from benchmark.config import make_run_config
-    from benchmark.train import Trainer
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.train import Trainer
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 2,
                            "progress": False, "lr": 0.05, **run})
@@ -160,7 +160,7 @@ def _digits_trainer(bundle, **run):
 
 
 def test_pruned_weights_zero_after_every_step_and_growth_sees_the_dense_gradient(digits):
-    from benchmark.backbones import build_backbone
+    from ensemble_bench.backbones import build_backbone
 
     trainer, _ = _digits_trainer(digits)
     torch.manual_seed(0)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import results, sweep
-from benchmark.cli import main
-from benchmark.config import DERIVED_FIELDS, RUN_FIELDS, NON_IDENTITY_FIELDS, make_run_config
-from benchmark.errors import UsageError
+from ensemble_bench import results, sweep
+from ensemble_bench.cli import main
+from ensemble_bench.config import DERIVED_FIELDS, RUN_FIELDS, NON_IDENTITY_FIELDS, make_run_config
+from ensemble_bench.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_run_ids_pinned(tmp_path):
 
 def test_run_ids_stable_across_processes(tmp_path):
     spec = write(tmp_path, PINNED_SPEC)
-    code = ("import json, sys; from benchmark import sweep; "
+    code = ("import json, sys; from ensemble_bench import sweep; "
             "print(json.dumps([r.run_id() for r in sweep.expand(sweep.load_spec(sys.argv[1]))]))")
     outs = []
     for seed in ("0", "12345"):   # a different str hash seed in each process
@@ -461,8 +461,8 @@ def test_local_process_pool_gives_the_same_records(tmp_path, capsys):
 def test_example_specs_cover_the_paper_grid(monkeypatch):
     import dataclasses
 
-    import methods
-    from benchmark import data
+    import ensemble_bench.methods as methods
+    from ensemble_bench import data
 
     # the paper specs read CIFAR from data/ (fetched before submitting): identify it without the files
     monkeypatch.setattr(data, "identity", lambda name, *a, **k: {"name": name, "sha256": "not-loaded"})

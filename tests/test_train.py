@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from benchmark.errors import TrainingDiverged
-from benchmark.train import lr_factor
+from ensemble_bench.errors import TrainingDiverged
+from ensemble_bench.train import lr_factor
 from conftest import Killed, fit_method, kill_at
 
 
@@ -64,10 +64,10 @@ def test_finished_stage_is_not_trained_again(digits, tmp_path):
 
 
 def test_best_val_selection_keeps_the_best_epoch(digits):
-    import methods
-    from benchmark.api import FitContext
-    from benchmark.config import make_run_config
-    from benchmark.train import Trainer
+    import ensemble_bench.methods as methods
+    from ensemble_bench.api import FitContext
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.train import Trainer
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 4, "progress": False})
     tr = Trainer(digits, cfg, "cpu", log=lambda s: None)
@@ -102,9 +102,9 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     same metrics and predictions, the same epochs run; the checkpoints are gone afterwards."""
     import json
 
-    from benchmark import results
-    from benchmark.config import make_run_config
-    from benchmark.runner import execute
+    from ensemble_bench import results
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.runner import execute
 
     def cfg(out):
         return make_run_config({"method": "deep_ensemble", "backbone": "cnn_small", "dataset": "digits",
@@ -136,9 +136,9 @@ def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
     with (and keeps its own lr / weight decay); without it a stage starts from zero momentum."""
     import copy
 
-    from benchmark.backbones import build_backbone
-    from benchmark.config import make_run_config
-    from benchmark.train import Trainer
+    from ensemble_bench.backbones import build_backbone
+    from ensemble_bench.config import make_run_config
+    from ensemble_bench.train import Trainer
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 1,
                            "progress": False})
