@@ -101,7 +101,10 @@ class FitContext:
     device: torch.device
     data: Any = None                  # ensemble_bench.data.DataBundle
     trainer: Any = None               # ensemble_bench.train.Trainer
-    info: dict[str, Any] = field(default_factory=dict)   # method-specific facts for the record
+    info: dict[str, Any] = field(default_factory=dict)   # method-specific facts for the record (method.info)
+    # training work outside ``trainer.fit`` (``add_training_cost``), added to the record's totals
+    extra_train_flops: float = 0.0
+    extra_train_s: float = 0.0
 
     @property
     def backbone_name(self) -> str:
@@ -124,6 +127,13 @@ class FitContext:
             return Recipe.from_dict(self.config.effective_recipe)
         return self.config.run_recipe()
 
+    def add_training_cost(self, *, flops: float = 0.0, seconds: float = 0.0) -> None:
+        """Training work the trainer does not see (mask updates, a search, batch-norm passes, a
+        calibration fit): ``flops`` join the record's ``train_flops``, ``seconds`` its ``train_s`` (and
+        ``train_s_extra``). Calls add up."""
+        self.extra_train_flops += float(flops)
+        self.extra_train_s += float(seconds)
+
     def member_seed(self, k: int) -> int:
         """Initialisation seed of member k of this run's seed; member 0 is the ``single`` model of the same
         seed, so every method that trains independent full members shares them (DE-2 inside DE-4, a
@@ -136,6 +146,10 @@ class FitContext:
         """Data-order seed of member k's training stage (the ``seed`` argument of ``Trainer.fit``)."""
         return ("member", self.seed, k)
 
+    def require_staged_backbone(self, why: str) -> None:
+        """For a choice that needs a staged backbone only under some options (e.g. a batched layout)."""
+        require_staged(getattr(self.config, "method", "this method"), self.backbone_name, why)
+
     def make_backbone(self, *, num_classes: int | None = None, in_channels: int | None = None,
                       layers: Any = None, seed: int | None = None) -> nn.Module:
         """A fresh backbone of the run. ``seed`` makes its initialisation reproducible."""
@@ -145,6 +159,15 @@ class FitContext:
             torch.manual_seed(seed)
         return build_backbone(self.config.backbone, num_classes=num_classes or self.num_classes,
                               in_channels=in_channels or self.in_channels, layers=layers)
+
+
+def require_staged(method: str, backbone: str, why: str) -> None:
+    from ensemble_bench import backbones
+    from ensemble_bench.errors import UsageError
+
+    if not backbones.is_staged_name(backbone):
+        raise UsageError(f"{method} needs a staged backbone ({why}); {backbone!r} is not one: use one of "
+                         f"{', '.join(backbones.staged_names())}")
 
 
 class Method:
@@ -160,6 +183,18 @@ class Method:
     # options the quickstart (a few epochs on 8x8 digits) uses instead of the defaults, where the paper's
     # value only makes sense at its own scale (e.g. FreeTickets' update frequency in steps)
     quickstart_options: ClassVar[dict] = {}
+    # Non-empty when the method only works on a *staged* backbone (a StagedNet built from the suite's
+    # layer factory: every suite backbone, a plugin registered with staged=True; not timm models): why,
+    # in a few words. Checked by name before any data is loaded or anything is built (``check_backbone``).
+    staged_backbone: ClassVar[str] = ""
+    # How one training step of the method differs from a plain forward/backward of its deployed model,
+    # when it does (benchmarks/throughput.py prints it beside the measured training throughput).
+    train_note: ClassVar[str] = ""
+    # True when (some of) the method's members are independent trainings that ``fit_member(ctx, k)`` trains
+    # one at a time exactly as ``fit`` trains them (same stage name, seed, recipe, selection): they can then
+    # run as separate jobs (``run --members-parallel``, a sweep's ``members_parallel``), and ``fit``, run
+    # after them, finds each finished (its checkpoint or the stage store) instead of training it again.
+    independent_members: ClassVar[bool] = False
 
     @dataclass
     class Config:
@@ -172,6 +207,14 @@ class Method:
         raise NotImplementedError
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
+        raise NotImplementedError
+
+    def member_tasks(self) -> int:
+        """How many members ``fit_member`` trains apart with these options (0: the method trains as one job)."""
+        return 0
+
+    def fit_member(self, ctx: FitContext, k: int) -> None:
+        """Train member ``k`` alone, exactly as ``fit`` trains it (``independent_members`` methods)."""
         raise NotImplementedError
 
     @classmethod
@@ -187,6 +230,12 @@ class Method:
         if mode == "paper":
             return cls.paper_recipe(run, backbone) or run
         return run
+
+    @classmethod
+    def check_backbone(cls, backbone: str) -> None:
+        """One ``UsageError`` line when this method cannot use ``backbone`` (see ``staged_backbone``)."""
+        if cls.staged_backbone:
+            require_staged(cls.name, backbone, cls.staged_backbone)
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

@@ -11,16 +11,24 @@ Names (``ensemble-bench list``):
   wrn<depth>_<width>       pre-activation Wide ResNet (wrn28_10: 36.5M params)
   cnn_small                three conv blocks, for CPU demos
   timm:<name>              any timm model (random init; in_chans and num_classes set by the suite)
+  <plugin name>            a user's backbone (``register_backbone``); staged only if it says so
+
+A *staged* backbone is a ``StagedNet`` built from the ``Layers`` factory it is given: every suite family
+is; timm models are not. Methods that rebuild layers or cut the network (``Method.staged_backbone``)
+accept only staged backbones, checked by name before anything is built (``is_staged_name``).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ensemble_bench.errors import UsageError
 from ensemble_bench.layers import Layers
+from ensemble_bench.registry import Registry
 
 
 class StagedNet(nn.Module):
@@ -193,28 +201,85 @@ FIXED = {
 }
 _CIFAR_RE = re.compile(r"^resnet(\d+)(?:x(\d+))?$")
 _WRN_RE = re.compile(r"^wrn(\d+)_(\d+)$")
-EXAMPLES = ["resnet18", "resnet50", "resnet20", "resnet32", "resnet56", "resnet32x2", "resnet32x4",
+EXAMPLES = ["resnet8", "resnet20", "resnet32", "resnet56", "resnet<6n+2>[x<width>]", "resnet18", "resnet50",
             "wrn28_10", "wrn<depth>_<width>", "cnn_small", "timm:<name>"]
 
 
-def check_name(name: str) -> None:
-    if name in FIXED or name.startswith("timm:"):
-        if name.startswith("timm:") and not name[5:]:
-            raise UsageError("timm backbone needs a model name: timm:<name> (e.g. timm:resnet18)")
-        return
+@dataclass(frozen=True)
+class PluginBackbone:
+    """A user's backbone: ``factory(num_classes, in_channels, layers) -> nn.Module``. ``staged``: it
+    returns a ``StagedNet`` built from the ``layers`` factory it is given (then every method accepts it)."""
+
+    factory: Callable[..., nn.Module]
+    staged: bool = False
+    summary: str = ""
+
+
+PLUGINS = Registry("backbone")
+
+
+def register_backbone(name: str, *, staged: bool = False, summary: str = ""):
+    """Decorator for a plugin's backbone factory ``fn(num_classes, in_channels, layers) -> nn.Module``.
+
+    ``staged=False`` (a plain module, like a timm model): methods that treat the backbone as a black box
+    use it, ``layers`` is always the plain factory. ``staged=True``: the factory builds a ``StagedNet``
+    from ``layers`` (as every suite backbone does), so grouped, rank-1 and staged methods work too."""
+    if check_name_builtin(name):
+        raise UsageError(f"backbone {name!r} is a suite backbone name; a plugin backbone needs another name")
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        PLUGINS.add(name, PluginBackbone(fn, bool(staged), summary or (fn.__doc__ or "").strip().split("\n")[0]),
+                    source=f"{fn.__module__} ({getattr(fn, '__code__', None) and fn.__code__.co_filename})")
+        return fn
+    return deco
+
+
+def check_name_builtin(name: str) -> bool:
+    """True when ``name`` is a suite backbone (a family name with valid numbers, or ``timm:<model>``)."""
+    if name in FIXED or (name.startswith("timm:") and name[5:]):
+        return True
     m = _CIFAR_RE.match(name)
-    if m and int(m.group(1)) not in (18, 50):
-        if (int(m.group(1)) - 2) % 6 == 0 and (m.group(2) is None or int(m.group(2)) >= 1):
-            return
+    if m and int(m.group(1)) not in (18, 50) and (int(m.group(1)) - 2) % 6 == 0 \
+            and (m.group(2) is None or int(m.group(2)) >= 1):
+        return True
     m = _WRN_RE.match(name)
-    if m and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(2)) >= 1:
+    return bool(m and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(2)) >= 1)
+
+
+def is_staged_name(name: str) -> bool:
+    """Whether the backbone of this (valid) name is a ``StagedNet`` built from its ``Layers`` factory."""
+    if name in PLUGINS:
+        return PLUGINS.get(name).staged
+    return not name.startswith("timm:")
+
+
+def staged_names() -> list[str]:
+    return [n for n in EXAMPLES if not n.startswith("timm")] + [n for n in PLUGINS.names() if PLUGINS.get(n).staged]
+
+
+def check_name(name: str) -> None:
+    if name in PLUGINS or check_name_builtin(name):
         return
-    raise UsageError(f"unknown backbone {name!r}; choose from {', '.join(EXAMPLES)}")
+    if name == "timm:":
+        raise UsageError("timm backbone needs a model name: timm:<name> (e.g. timm:resnet18)")
+    raise UsageError(f"unknown backbone {name!r}; choose from {', '.join(EXAMPLES + PLUGINS.names())}")
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int = 3, layers: Layers | None = None) -> nn.Module:
     check_name(name)
     L = layers or Layers()
+    if name in PLUGINS:
+        spec = PLUGINS.get(name)
+        if not spec.staged and layers is not None and type(layers) is not Layers:
+            raise UsageError(f"backbone {name!r} is not staged (register_backbone(staged=False)) and cannot be "
+                             f"rebuilt with another layer factory; staged backbones: {', '.join(staged_names())}")
+        net = spec.factory(num_classes, in_channels, L if spec.staged else Layers())
+        if spec.staged and not isinstance(net, StagedNet):
+            raise UsageError(f"backbone {name!r} is registered as staged but its factory returned a "
+                             f"{type(net).__name__}, not a StagedNet ({PLUGINS.source(name)})")
+        if not isinstance(net, nn.Module):
+            raise UsageError(f"backbone {name!r}: the factory returned {type(net).__name__}, not an nn.Module")
+        return net
     if name.startswith("timm:"):
         if layers is not None and type(layers) is not Layers:
             raise UsageError(f"backbone {name!r} is a timm model and cannot be rebuilt with grouped layers; "

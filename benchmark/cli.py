@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ensemble_bench import report
 from ensemble_bench.errors import TrainingDiverged, UsageError
 
 QUICKSTART_OUT = "quickstart-runs"
@@ -26,6 +27,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", dest="plugins", action="append", metavar="FILE.py|MODULE",
+                   help="import your own methods, backbones or datasets first (repeatable; ensemble_bench.plugins)")
+
+
 def _add_run_settings(p: argparse.ArgumentParser) -> None:
     from ensemble_bench.config import RunConfig
     from ensemble_bench.recipe import RECIPE_MODES, SCHEDULES
@@ -33,7 +39,7 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
     d = RunConfig()   # the defaults, shown in --help
     p.add_argument("--method", help="a registered method (ensemble-bench list)")
     p.add_argument("--backbone", help=f"a suite backbone or timm:<name> (default {d.backbone})")
-    p.add_argument("--dataset", help=f"dataset name (default {d.dataset})")
+    p.add_argument("--dataset", help=f"dataset name, or your own dataset's FILE.toml (default {d.dataset})")
     p.add_argument("--data-dir", dest="data_dir", help="folder with the data files (default $ENSEMBLE_BENCH_DATA or ./data)")
     p.add_argument("--download", action="store_true", default=None, help="fetch the dataset with torchvision")
     p.add_argument("--recipe", choices=RECIPE_MODES,
@@ -64,11 +70,16 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
                                    "(cifar10c: DATA/CIFAR-10-C, cifar100c: DATA/CIFAR-100-C; make one with "
                                    "`ensemble-bench corrupt`); not part of the run id")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    _add_plugin_arg(p)
+    p.add_argument("--members-parallel", dest="members_parallel", action="store_true", default=None,
+                   help="train the independent members of the method (deep ensemble, bridge bases) as parallel "
+                        "processes, then assemble: the same record (not part of the run id)")
 
 
 RUN_KEYS = ("method", "backbone", "dataset", "data_dir", "download", "recipe", "epochs", "seed", "lr", "batch_size",
             "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "milestones", "lr_decay",
-            "val_fraction", "out", "device", "compile", "progress", "keep_weights", "shift")
+            "val_fraction", "out", "device", "compile", "progress", "keep_weights", "shift",
+            "members_parallel", "plugins")
 
 
 def _run_config(args):
@@ -126,11 +137,23 @@ def cmd_list(args) -> int:
         print(f"  {name:<15} {opts}")
         if cls.summary:
             print(f"  {'':<15} {cls.summary}")
-    print("backbones:")
-    print("  " + ", ".join(backbones.EXAMPLES))
+        if cls.staged_backbone:
+            print(f"  {'':<15} backbones: staged only ({cls.staged_backbone})")
+        if not methods.source(name).startswith(methods.__name__ + "."):
+            print(f"  {'':<15} from {methods.source(name)}")
+    for where, err in methods.load_errors().items():
+        print(f"  failed to import {where}: {err}")
+    print("backbones (staged: built from the suite's layer factory, so every method takes them):")
+    print("  staged: " + ", ".join(n for n in backbones.EXAMPLES if not n.startswith("timm:")))
+    print("  plain (methods without 'staged only'): timm:<name>")
+    for name in backbones.PLUGINS.names():
+        spec = backbones.PLUGINS.get(name)
+        print(f"  {name:<15} {'staged' if spec.staged else 'plain'}, from {backbones.PLUGINS.source(name)}"
+              + (f": {spec.summary}" if spec.summary else ""))
     print("datasets (OOD sets):")
-    for d in data.DATASETS:
+    for d in data.names():
         print(f"  {d:<9} ({', '.join(data.OOD_SETS[d])})" + ("  offline default, ships with scikit-learn" if d == "digits" else ""))
+    print("  FILE.toml your own dataset (README: Your own dataset)")
     return 0
 
 
@@ -150,6 +173,18 @@ def cmd_cost(args) -> int:
     from ensemble_bench.config import parse_assignments
     from ensemble_bench.runner import build_for_cost, resolve_device
 
+    if args.dataset is not None:   # the dataset's declared shape (ensemble_bench.data), flags given win
+        from ensemble_bench import data
+
+        ds = data.check_name(args.dataset)
+        channels, size = data.IMAGE_SHAPES[ds]
+        args.num_classes = data.NUM_CLASSES[ds] if args.num_classes is None else args.num_classes
+        args.in_channels = channels if args.in_channels is None else args.in_channels
+        args.image_size = size if args.image_size is None else args.image_size
+    if args.num_classes is None:
+        raise UsageError("cost needs --num-classes (or --dataset NAME|FILE.toml)")
+    args.in_channels = 3 if args.in_channels is None else args.in_channels
+    args.image_size = 32 if args.image_size is None else args.image_size
     if args.num_classes < 2:
         raise UsageError(f"--num-classes must be >= 2; got {args.num_classes}")
     for flag, v in (("--image-size", args.image_size), ("--in-channels", args.in_channels), ("--runs", args.runs)):
@@ -159,6 +194,8 @@ def cmd_cost(args) -> int:
     try:
         model = build_for_cost(args.method, args.backbone, args.num_classes, args.in_channels, args.image_size,
                                parse_assignments(args.sets), device)
+    except UsageError:
+        raise
     except (RuntimeError, ValueError) as e:   # a build that runs the network (NFE's SNIP) on too small images
         raise UsageError(f"{args.method} on {args.backbone} cannot be built for {args.in_channels}x{args.image_size}"
                          f"x{args.image_size} images: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
@@ -175,24 +212,24 @@ def cmd_cost(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from ensemble_bench import results
+    from ensemble_bench import formatting, leaderboard, records
 
     if args.output:
         check_output_path(Path(args.output).parent, "-o")
     try:
-        recs, problems = results.load_records(args.runs_dir)
-    except results.RecordError as e:
+        recs, problems = records.load_records(args.runs_dir)
+    except records.RecordError as e:
         raise UsageError(str(e)) from None
     if not recs:   # one line that says why, not a warning per file first
         why = f" ({len(problems)} unreadable or invalid record(s); first: {problems[0]})" if problems else ""
         raise UsageError(f"no complete run records in {args.runs_dir}{why}")
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
-    df = results.leaderboard(recs)
-    md = results.format_markdown(df)
+    df = leaderboard.leaderboard(recs)
+    md = formatting.format_markdown(df)
     if args.output:
         out = Path(args.output)
-        results.write_leaderboard(df, csv_path=out, md_path=out.with_suffix(".md"))
+        leaderboard.write_leaderboard(df, csv_path=out, md_path=out.with_suffix(".md"))
     print(md)
     return 0
 
@@ -200,7 +237,7 @@ def cmd_leaderboard(args) -> int:
 def cmd_quickstart(args) -> int:
     """Every registered method on the offline default (digits, cnn_small, CPU), then the leaderboard."""
     import ensemble_bench.methods as methods
-    from ensemble_bench import results
+    from ensemble_bench import columns, formatting, leaderboard, records
     from ensemble_bench.config import make_run_config
     from ensemble_bench.runner import execute
 
@@ -211,8 +248,9 @@ def cmd_quickstart(args) -> int:
     for name in names:   # every name and option checked before anything trains
         cls = methods.get(name)
         cfgs.append(make_run_config({
-            "method": name, "backbone": "cnn_small", "dataset": "digits", "epochs": args.epochs,
+            "method": name, "backbone": "cnn_small", "dataset": args.dataset, "epochs": args.epochs,
             "seed": args.seed, "out": args.out, "device": "cpu", "lr": QUICKSTART_LR, "progress": False,
+            "plugins": args.plugins or (),
             "options": dict(cls.quickstart_options)}))
     t0 = time.perf_counter()
     for i, cfg in enumerate(cfgs):
@@ -223,15 +261,15 @@ def cmd_quickstart(args) -> int:
         else:
             print(f"[1/{len(cfgs)}] {cfg.method}", file=sys.stderr, flush=True)
         rec = execute(cfg, log=lambda s: None if args.quiet else print(s, file=sys.stderr, flush=True))
-        conv = results.record_converged(rec)
+        conv = columns.record_converged(rec)
         print(f"{cfg.method:<15} acc {rec['metrics']['acc']:.4f}  nll {rec['metrics']['nll']:.4f}  "
               f"train {rec['training']['train_s']:.1f}s  converged {'?' if conv is None else ('yes' if conv else 'NO')}",
               flush=True)
-    recs, _ = results.load_records(args.out)
-    df = results.leaderboard(recs)
-    results.write_leaderboard(df, csv_path=Path(args.out) / "leaderboard.csv", md_path=Path(args.out) / "leaderboard.md")
+    recs, _ = records.load_records(args.out)
+    df = leaderboard.leaderboard(recs)
+    leaderboard.write_leaderboard(df, csv_path=Path(args.out) / "leaderboard.csv", md_path=Path(args.out) / "leaderboard.md")
     print()
-    print(results.format_markdown(df))
+    print(formatting.format_markdown(df))
     print(f"\nrecords and leaderboard.csv in {args.out}/")
     return 0
 
@@ -249,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     s = sub.add_parser("list", help="methods with their options, backbones, datasets")
+    _add_plugin_arg(s)
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("run", help="train one method and write its result record")
@@ -267,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the data (default: the record's, else $ENSEMBLE_BENCH_DATA or ./data)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_plugin_arg(s)
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("score", help="metrics from saved member outputs (.npz)")
@@ -276,13 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cost", help="params, FLOPs (and latency) of a method without training")
     s.add_argument("--method", required=True)
     s.add_argument("--backbone", required=True)
-    s.add_argument("--num-classes", dest="num_classes", type=int, required=True)
-    s.add_argument("--in-channels", dest="in_channels", type=int, default=3)
-    s.add_argument("--image-size", dest="image_size", type=int, default=32)
+    s.add_argument("--dataset", help="take classes, channels and image size from a dataset (a name or a .toml; "
+                                     "no array is read); the three flags below override it")
+    s.add_argument("--num-classes", dest="num_classes", type=int, help="(required without --dataset)")
+    s.add_argument("--in-channels", dest="in_channels", type=int, help="(default 3)")
+    s.add_argument("--image-size", dest="image_size", type=int, help="(default 32)")
     s.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE")
     s.add_argument("--latency", action="store_true", help="also time batch-1 latency and throughput")
     s.add_argument("--runs", type=int, default=50)
     s.add_argument("--device", default="cpu")
+    _add_plugin_arg(s)
     s.set_defaults(fn=cmd_cost)
 
     s = sub.add_parser("leaderboard", help="aggregate run records: mean and std over seeds")
@@ -295,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=QUICKSTART_EPOCHS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--methods", help="comma-separated subset")
+    s.add_argument("--dataset", default="digits",
+                   help="a dataset name or your own dataset's .toml (README: Your own dataset); default digits")
     s.add_argument("--quiet", action="store_true")
+    _add_plugin_arg(s)
     s.set_defaults(fn=cmd_quickstart)
 
     s = sub.add_parser("sweep", help="run a grid of runs locally or on Slurm (submitit)")
@@ -304,10 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("--status", action="store_true", help="only print done/running/pending/failed counts")
     s.add_argument("--workers", type=int, default=1, help="local executor: parallel processes")
+    _add_plugin_arg(s)
     s.set_defaults(fn=_optional_command("ensemble_bench.sweep", "cli_sweep"))
 
     s = sub.add_parser("sweep-status", help="done / running / pending / failed counts of a sweep")
     s.add_argument("spec")
+    _add_plugin_arg(s)
     s.set_defaults(fn=_optional_command("ensemble_bench.sweep", "cli_status"))
 
     from ensemble_bench.shift import add_corrupt_parser
@@ -317,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="figures and a markdown/HTML report from run records")
     s.add_argument("runs_dir")
     s.add_argument("-o", "--out", required=True)
-    s.set_defaults(fn=_optional_command("ensemble_bench.report", "cli_report"))
+    s.set_defaults(fn=report.cli_report)
     return p
 
 
@@ -327,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "fn", None):
             build_parser().print_help()
             return 2
+        if getattr(args, "plugins", None):
+            from ensemble_bench import plugins
+
+            plugins.load_all(args.plugins)   # before any name is looked up; a broken plugin: one line
         return int(args.fn(args) or 0)
     except UsageError as e:
         print(f"ensemble-bench: error: {e}", file=sys.stderr)

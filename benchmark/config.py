@@ -16,6 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ensemble_bench.errors import UsageError
+from ensemble_bench.recipe import RECIPE_FIELDS as _RECIPE_FIELDS
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**63 - 1
@@ -24,15 +25,13 @@ MAX_EPOCHS = 100_000   # per stage; far beyond any published recipe (a typo guar
 # Fields that say where things live or how a run is executed, not what is computed: they do not enter
 # the run id, so the same experiment keeps its id whatever folder or machine it is written from.
 NON_IDENTITY_FIELDS = ("out", "data_dir", "download", "device", "progress", "save_predictions",
-                       "keep_weights", "reuse_stages", "compile", "latency_runs", "shift")
-# The run's recipe settings and its mode enter the run id only through the effective recipe derived from
-# them (``effective_recipe``): two runs that train with the same recipe are the same experiment whatever
-# mode or spelling produced it.
-RUN_RECIPE_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                     "warmup_epochs", "milestones", "lr_decay")
+                       "keep_weights", "reuse_stages", "compile", "latency_runs", "shift", "plugins",
+                       "members_parallel")
 # Derived by ``resolve`` (never typed by a user): the effective recipe as trained and the identity of the
 # data actually loaded. Both are in the run id and the record.
 DERIVED_FIELDS = ("effective_recipe", "data_id")
+# What a run is, besides its recipe and settings: the leaderboard's own row keys (and the seed).
+EXPERIMENT_FIELDS = ("method", "options", "backbone", "dataset", "seed")
 
 
 @dataclass
@@ -67,17 +66,29 @@ class RunConfig:
     save_predictions: bool = True
     keep_weights: bool = True    # the final weights beside the record (<run_id>.weights.safetensors)
     reuse_stages: bool = True    # load a plain stage another run of this folder trained identically (train.py)
+    # train the members of a method with independent members (Method.independent_members) as separate jobs
+    # (local processes, or a Slurm array whose dependent task assembles): the same record, in less wall time
+    members_parallel: bool = False
     compile: bool = False
     latency_runs: int = 50
     # a corrupted test set (ensemble_bench.shift.SHIFT_SETS: "cifar10c", "cifar100c") evaluated after training, read
     # from the data folder; it adds evaluations and changes nothing that is trained, so it is not in the run id
     shift: str | None = None
+    # the user's code to import first (ensemble_bench.plugins): .py files (kept as absolute paths, so a
+    # sweep's jobs import the same files) or module names. Where a method comes from is in the record's
+    # `code` (with a hash of its file), not in the run id: moving a plugin file keeps its runs.
+    plugins: tuple[str, ...] = ()
     # derived by resolve() (see DERIVED_FIELDS)
     effective_recipe: dict[str, Any] | None = None
     data_id: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        from ensemble_bench.plugins import normalise
+
         self.milestones = tuple(float(m) for m in self.milestones)
+        if isinstance(self.plugins, str):
+            self.plugins = (self.plugins,)
+        self.plugins = tuple(dict.fromkeys(normalise(p) for p in self.plugins))
         self.validate()
 
     def validate(self) -> None:
@@ -102,6 +113,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        d["plugins"] = list(self.plugins)
         return d
 
     def run_recipe(self):
@@ -118,6 +130,9 @@ class RunConfig:
         d = self.to_dict()
         for k in (*NON_IDENTITY_FIELDS, *RUN_RECIPE_FIELDS, "recipe"):
             d.pop(k, None)
+        from ensemble_bench.data import identity_name
+
+        d["dataset"] = identity_name(self.dataset, self.data_id)   # a dataset TOML: its name, not its path
         return d
 
     def run_id(self) -> str:
@@ -128,6 +143,16 @@ class RunConfig:
         changes.setdefault("effective_recipe", None)
         changes.setdefault("data_id", None)
         return dataclasses.replace(self, **changes)
+
+
+# The run's recipe settings (the RunConfig fields that are ``Recipe`` fields) and its mode enter the run id
+# only through the effective recipe derived from them (``effective_recipe``): two runs that train with the
+# same recipe are the same experiment whatever mode or spelling produced it.
+RUN_RECIPE_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name in _RECIPE_FIELDS)
+# The run settings that change what is computed besides the recipe (val_fraction, bf16, ...): every other
+# field in the run id. The leaderboard keeps them in its "recipe" column (ensemble_bench.columns).
+RUN_SETTING_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name not in (
+    *EXPERIMENT_FIELDS, "recipe", *RUN_RECIPE_FIELDS, *NON_IDENTITY_FIELDS, *DERIVED_FIELDS))
 
 
 def canonical_json(obj: Any) -> str:
@@ -281,14 +306,19 @@ def resolve(cfg: RunConfig) -> RunConfig:
     recipe (the run's recipe under its mode) and identify the data (loading it: a missing or bad data
     file is bad input here, before anything is written)."""
     import ensemble_bench.methods as methods
-    from ensemble_bench import backbones, data
+    from ensemble_bench import backbones, data, plugins
 
+    plugins.load_all(cfg.plugins)       # the user's methods, backbones and datasets register themselves
     method_cls = methods.get(cfg.method)
     backbones.check_name(cfg.backbone)
-    data.check_name(cfg.dataset)
+    method_cls.check_backbone(cfg.backbone)   # e.g. a staged-only method on a timm model: one line, here
+    cfg.dataset = data.check_name(cfg.dataset)   # a dataset TOML: its absolute path (data.check_name says why)
     opts = build_options(method_cls.Config, dict(cfg.options or {}), cfg.method)
     cfg.options = options_dict(opts)
     cfg.effective_recipe = method_cls.effective_recipe(cfg.run_recipe(), cfg.recipe, cfg.backbone).to_dict()
+    from ensemble_bench.distributed import recipe_fields
+
+    cfg.effective_recipe.update(recipe_fields())   # data-parallel ranks: the world size (nothing on one process)
     cfg.data_id = data.identity(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     load_shift(cfg)   # a missing or bad shift set is bad input here too (a sweep refuses it before submitting)
     return cfg
@@ -346,6 +376,9 @@ def run_config_from_toml(path: str | Path, overrides: dict[str, Any] | None = No
     for k, v in (overrides or {}).items():
         if k == "options":
             values["options"].update(v)
+        elif k == "plugins":   # --plugin adds to the file's plugins
+            have = values.get("plugins") or []
+            values["plugins"] = [*([have] if isinstance(have, str) else have), *v]
         else:
             values[k] = v
     return make_run_config(values)

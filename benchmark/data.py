@@ -10,27 +10,61 @@ set ``photos`` is 8x8 grey patches of the two photographs scikit-learn ships (ch
 The test split is always the dataset's own test split (digits: a fixed 20% stratified hold-out that
 does not depend on the run seed); validation is the LAST ``val_fraction`` of the training set (the
 45k/5k CIFAR split of FreeTickets and the bridge paper).
+
+Your own data: wherever a dataset name is accepted, a ``.toml`` path or a name a plugin registered
+works too (``ensemble_bench.userdata``); ``load``, ``identity`` and the per-dataset tables answer for it.
+Files are read by ``ensemble_bench.datafiles``; batches are made by ``ensemble_bench.loader``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ensemble_bench.datafiles import read_npz
 from ensemble_bench.errors import UsageError
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn")
-OOD_SETS = {"digits": ("photos",), "cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10"),
-            "svhn": ("cifar10", "cifar100")}
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
-IMAGE_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn": (3, 32)}   # (channels, size)
+DATASETS = ("digits", "cifar10", "cifar100", "svhn")   # the built-in names (user datasets: names())
+
+
+class _PerDataset(dict):
+    """A table keyed by dataset name that holds the built-in datasets and answers for a user dataset (a
+    registered name or a ``.toml`` path) from its spec, without loading any array: the harness indexes
+    ``NUM_CLASSES[cfg.dataset]`` and ``IMAGE_SHAPES[cfg.dataset]`` whatever the dataset is. An unknown
+    name is a KeyError as for a plain dict; a bad TOML file is the UsageError of ``load_spec``."""
+
+    def __init__(self, builtin: dict, of_spec):
+        super().__init__(builtin)
+        self._of_spec = of_spec
+
+    def __missing__(self, key):
+        from ensemble_bench.userdata import user_spec
+
+        spec = user_spec(key) if isinstance(key, (str, os.PathLike)) else None
+        if spec is None:
+            raise KeyError(key)
+        return self._of_spec(spec)
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+OOD_SETS = _PerDataset({"digits": ("photos",), "cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10"),
+                        "svhn": ("cifar10", "cifar100")}, lambda spec: tuple(spec.ood))
+NUM_CLASSES = _PerDataset({"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}, lambda spec: spec.num_classes)
+IMAGE_SHAPES = _PerDataset({"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn": (3, 32)},
+                           lambda spec: (spec.channels, spec.image_size))   # (channels, size)
 NPZ_FILES = {"cifar10_train": "cifar10_train.npz", "cifar10_test": "cifar10_test.npz",
              "svhn": "svhn.npz", "cifar100_test": "cifar100_test.npz"}
 
@@ -65,6 +99,9 @@ class DataBundle:
     std: tuple[float, ...]
     augment: Augment = field(default_factory=Augment)
     source: str = ""
+    # a user dataset's declared settings (DatasetSpec.identity()); None for the built-in ones, whose
+    # settings are fixed by their name. fingerprint() hashes it with the arrays.
+    spec_id: dict | None = None
 
     @property
     def in_channels(self) -> int:
@@ -84,13 +121,19 @@ class DataBundle:
         return DataBundle(self.name, self.num_classes, self.train.to(device),
                           self.val.to(device) if self.val is not None else None, self.test.to(device),
                           {k: v.to(device) for k, v in self.ood.items()}, self.mean, self.std, self.augment,
-                          self.source)
+                          self.source, self.spec_id)
 
 
 def fingerprint(bundle: DataBundle) -> dict:
     """The identity of the data a run trains and is scored on: the dataset's name, its split sizes and
     a sha256 of every array actually loaded (images and labels of train, val, test, and the OOD sets), so
-    a subset, another copy or another validation split is another experiment."""
+    a subset, another copy or another validation split is another experiment.
+
+    A user dataset (``bundle.spec_id`` set) also hashes its declared settings (normalisation, augmentation,
+    image size, classes, split rule, OOD names: ``DatasetSpec.identity``) into the same ``sha256``, and
+    adds ``spec_sha256``: the same arrays with another augmentation train another model, and ``sha256``
+    is what the trainer's stage reuse is keyed on. Built-in datasets hash exactly as before (their run
+    ids do not change)."""
     h = hashlib.sha256()
     parts = [("train", bundle.train), ("val", bundle.val), ("test", bundle.test)]
     for name, split in parts:
@@ -103,9 +146,18 @@ def fingerprint(bundle: DataBundle) -> dict:
         t = bundle.ood[name]
         h.update(name.encode() + str(tuple(t.shape)).encode())
         h.update(t.contiguous().cpu().numpy().tobytes())
-    return {"name": bundle.name, "n_train": len(bundle.train), "n_val": len(bundle.val) if bundle.val is not None else 0,
-            "n_test": len(bundle.test), "ood": {k: int(v.shape[0]) for k, v in sorted(bundle.ood.items())},
-            "sha256": h.hexdigest()[:16]}
+    if bundle.spec_id is not None:
+        h.update(b"spec" + _canonical(bundle.spec_id).encode())
+    out = {"name": bundle.name, "n_train": len(bundle.train), "n_val": len(bundle.val) if bundle.val is not None else 0,
+           "n_test": len(bundle.test), "ood": {k: int(v.shape[0]) for k, v in sorted(bundle.ood.items())},
+           "sha256": h.hexdigest()[:16]}
+    if bundle.spec_id is not None:
+        out["spec_sha256"] = hashlib.sha256(_canonical(bundle.spec_id).encode()).hexdigest()[:16]
+    return out
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -116,7 +168,14 @@ def _identity(name: str, root: str | None, download: bool, val_fraction: float, 
 def identity(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
              val_fraction: float = 0.1) -> dict:
     """``fingerprint`` of the dataset as ``load`` would give it (cached per process while the data
-    folder's files keep their sizes and modification times)."""
+    folder's files keep their sizes and modification times; for a user dataset: its TOML file and every
+    file or folder it names)."""
+    from ensemble_bench.userdata import spec_stamp, user_spec
+
+    key = check_name(name)
+    spec = user_spec(key)
+    if spec is not None:   # data_dir and download do not apply: the TOML names its own files
+        return dict(_identity(key, None, False, float(val_fraction), spec_stamp(key, spec)))
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.glob("*") if p.is_file())) \
         if root.is_dir() else ()
@@ -124,9 +183,52 @@ def identity(name: str, data_dir: str | os.PathLike | None = None, download: boo
                           float(val_fraction), stamp))
 
 
-def check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+def names() -> tuple[str, ...]:
+    """Every dataset name: the built-in ones, then those registered by plugins (``register_dataset``).
+    A path ending in ``.toml`` is accepted besides these (``userdata.load_spec``)."""
+    from ensemble_bench.userdata import registered_names
+
+    return DATASETS + registered_names()
+
+
+def is_toml_path(name: Any) -> bool:
+    """A dataset given as a TOML file: any string (or path) ending in ``.toml``."""
+    return isinstance(name, (str, os.PathLike)) and os.fspath(name).lower().endswith(".toml")
+
+
+def check_name(name: str) -> str:
+    """The dataset's canonical name: a built-in or registered name as given, a TOML file as its absolute
+    path (parsed and checked: one UsageError line for any bad field or missing file). The absolute path
+    lets a sweep's Slurm job and ``evaluate`` find the file from any folder and makes two spellings of
+    one file one leaderboard row; the run id holds the dataset's declared name instead of the path
+    (``identity_name``), so moving the files keeps the id."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise UsageError(f"dataset must be a name or a .toml file; got {name!r}")
+    from ensemble_bench.userdata import load_spec, registered_names
+
+    if name in DATASETS or name in registered_names():
+        return name
+    if is_toml_path(name):
+        return str(load_spec(name).file)
+    from ensemble_bench.config import did_you_mean
+
+    raise UsageError(f"unknown dataset {name!r}{did_you_mean(name, list(names()))}; choose from {', '.join(names())}, "
+                     f"or a dataset described in a .toml file (README: Your own dataset)")
+
+
+def identity_name(dataset: str, data_id: dict | None = None) -> str:
+    """What a run id holds for ``dataset``: the name itself, or for a TOML file the ``name`` it declares
+    (from ``data_id`` when given, else from the file), never its path: the data themselves are in the
+    run id through ``data_id``."""
+    if not is_toml_path(dataset):
+        return dataset
+    if data_id and data_id.get("name"):
+        return str(data_id["name"])
+    from ensemble_bench.userdata import load_spec
+
+    return load_spec(dataset).name
 
 
 def default_data_dir() -> Path:
@@ -139,8 +241,14 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
     """The dataset as uint8 tensors. Every array is checked before anything else happens (shape, dtype
     and size per dataset, label type and range, matching counts, non-empty training split after the
     validation split is taken, non-empty test split): a bad data file is one :class:`UsageError` line
-    naming the file."""
-    check_name(name)
+    naming the file. A user dataset (a ``.toml`` path or a registered name) loads through
+    ``userdata.load_user`` with the same checks against its declared image size, channels and classes."""
+    from ensemble_bench.userdata import load_user, user_spec
+
+    name = check_name(name)
+    spec = user_spec(name)
+    if spec is not None:
+        return load_user(spec, val_fraction)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     if name == "digits":
         (xtr, ytr), (xte, yte), ood, source = _digits()
@@ -153,6 +261,14 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
         augment = Augment(crop_pad=4, flip=name != "svhn")
     _check_split(name, where_tr, "training", xtr, ytr)
     _check_split(name, where_te, "test", xte, yte)
+    return _bundle(name, NUM_CLASSES[name], (xtr, ytr), (xte, yte), ood, augment, source, where_tr, val_fraction)
+
+
+def _bundle(name: str, num_classes: int, train, test, ood: dict, augment: Augment, source: str, where_tr,
+            val_fraction: float, mean=None, std=None, spec_id: dict | None = None) -> DataBundle:
+    """Checked arrays ([N, C, H, W] uint8, int64 labels) -> DataBundle: validation is the LAST
+    ``val_fraction`` of the training set; mean and std (unless given) are measured on what trains."""
+    (xtr, ytr), (xte, yte) = train, test
     n_val = int(round(len(xtr) * val_fraction))
     if len(xtr) - n_val < 1:
         raise UsageError(f"--val-fraction {val_fraction} leaves no training images: the validation split takes "
@@ -160,14 +276,16 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
                          f"fraction (default 0.1)")
     xtr, ytr, xte, yte = map(torch.from_numpy, (xtr, ytr, xte, yte))
     if n_val > 0:
-        train, val = Split(xtr[:-n_val], ytr[:-n_val]), Split(xtr[-n_val:], ytr[-n_val:])
+        train_s, val = Split(xtr[:-n_val], ytr[:-n_val]), Split(xtr[-n_val:], ytr[-n_val:])
     else:
-        train, val = Split(xtr, ytr), None
-    xf = train.x.float().div_(255)
-    mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(xf.std(dim=(0, 2, 3)).nan_to_num(1.0).clamp_min(1e-3).tolist())   # std of 1 image: nan
-    return DataBundle(name, NUM_CLASSES[name], train, val, Split(xte, yte),
-                      {k: torch.from_numpy(v) for k, v in ood.items()}, mean, std, augment, source)
+        train_s, val = Split(xtr, ytr), None
+    if mean is None or std is None:
+        xf = train_s.x.float().div_(255)
+        mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(xf.std(dim=(0, 2, 3)).nan_to_num(1.0).clamp_min(1e-3).tolist())   # std of 1 image: nan
+    return DataBundle(name, num_classes, train_s, val, Split(xte, yte),
+                      {k: torch.from_numpy(v) for k, v in ood.items()}, tuple(mean), tuple(std), augment, source,
+                      spec_id)
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -188,8 +306,8 @@ def _check_images(where, x, name: str, what: str, layout: str = "NHWC") -> None:
         raise UsageError(f"{where}: {what} images must be uint8 {expected} for {name}; got {dtype} {_shape_text(shape)}")
 
 
-def _check_labels(where, y, n: int, name: str, what: str) -> None:
-    k = NUM_CLASSES[name]
+def _check_labels(where, y, n: int, name: str, what: str, k: int | None = None) -> None:
+    k = NUM_CLASSES[name] if k is None else k
     if not (np.issubdtype(y.dtype, np.integer) and y.dtype != np.bool_):
         raise UsageError(f"{where}: {what} labels must be integers; got {y.dtype}")
     if y.ndim > 2 or y.size != n:
@@ -224,51 +342,13 @@ def _npz_path(root: Path, key: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def _read_npz(path: str | Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-    p = Path(path)
-    try:
-        st = p.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
-    except OSError:
-        stamp = None
-    return _read_npz_cached(str(p), keys, stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_npz_cached(path: str, keys: tuple[str, ...], stamp) -> tuple[np.ndarray, ...]:
-    """The arrays ``keys`` of one .npz file (cached while the file keeps its size and mtime). Never
-    unpickles; a file that is no .npz (random bytes, a pickle, a truncated archive) is one line that
-    says so, without numpy's advice to load it with pickles allowed."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):    # a bare .npy array, not an archive of named arrays
-                raise UsageError(f"cannot read data file {path}: not a valid .npz data file (a single array, "
-                                 f"expected an archive with {', '.join(keys)})")
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise UsageError(f"{path} is not a valid data file: missing {', '.join(missing)}")
-            return tuple(z[k] for k in keys)
-    except UsageError:
-        raise
-    except OSError as e:
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise UsageError(f"cannot read data file {path}: {e.strerror or type(e).__name__}") from None
-        raise UsageError(f"cannot read data file {path}: not a valid .npz data file") from None
-    except Exception as e:   # BadZipFile, a pickle or random bytes (ValueError), a corrupt member (zlib, lzma), ...
-        detail = str(e).splitlines()[0] if str(e) else ""
-        if "pickle" in detail.lower() or len(detail) > 120:   # numpy suggests loading pickles: never repeat that
-            detail = ""
-        raise UsageError(f"cannot read data file {path}: not a valid .npz data file"
-                         + (f" ({detail})" if detail else "")) from None
-
-
 def _load_id(name: str, root: Path, download: bool):
     """((x_train, y_train), (x_test, y_test), (where_train, where_test)); x as uint8 [N, C, H, W]."""
     if name == "cifar10":
         tr, te = _npz_path(root, "cifar10_train"), _npz_path(root, "cifar10_test")
         if tr and te:
-            xtr, ytr = _read_npz(tr, ("x_train", "y_train"))
-            xte, yte = _read_npz(te, ("x_test", "y_test"))
+            xtr, ytr = read_npz(tr, ("x_train", "y_train"))
+            xte, yte = read_npz(te, ("x_test", "y_test"))
             for p, x, y, what in ((tr, xtr, ytr, "training"), (te, xte, yte, "test")):
                 _check_images(p, x, name, what)
                 if len(x) == 0:
@@ -288,11 +368,11 @@ def _load_id(name: str, root: Path, download: bool):
 def _load_ood(name: str, root: Path, download: bool) -> np.ndarray:
     key = {"svhn": "svhn", "cifar100": "cifar100_test"}.get(name)
     if key and (p := _npz_path(root, key)):
-        (x,) = _read_npz(p, ("x",))
+        (x,) = read_npz(p, ("x",))
         _check_images(p, x, name, f"OOD ({name})")
         return _chw(x)
     if name == "cifar10" and (p := _npz_path(root, "cifar10_test")):
-        (x,) = _read_npz(p, ("x_test",))
+        (x,) = read_npz(p, ("x_test",))
         _check_images(p, x, name, "OOD (cifar10)")
         return _chw(x)
     x = _torchvision(name, root, download, train=False)[0]
@@ -374,69 +454,3 @@ def _digits():
     ood = {"photos": np.stack(photos)[:, None]}
     source = "scikit-learn handwritten digits (1,797 8x8 images; fixed 20% test split); OOD: 600 8x8 patches of scikit-learn's sample photos"
     return (x[order], y[order]), (x[is_test], y[is_test]), ood, source
-
-
-# ------------------------------------------------------------------------------------ batch loading
-def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (zero padding ``aug.crop_pad``) then random horizontal flip of a whole batch
-    [B, C, H, W] (uint8 or float), as tensor ops on x's device: one gather of a flat index that encodes
-    each image's offset and flip; no per-image Python. Random numbers come from ``generator`` (CPU)."""
-    b, c, h, w = x.shape
-    p = aug.crop_pad
-    if p <= 0 and not aug.flip:
-        return x
-    dev = x.device
-    hp, wp = h + 2 * p, w + 2 * p
-    padded = F.pad(x, (p, p, p, p)) if p > 0 else x
-    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
-    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
-    j = torch.arange(w).expand(b, w)
-    if aug.flip:
-        flip = torch.rand(b, 1, generator=generator) < 0.5
-        j = torch.where(flip, (w - 1) - j, j)      # crop, then mirror the crop
-    rows = (dy + torch.arange(h)) * wp              # [B, H]
-    cols = dx + j                                   # [B, W]
-    idx = (rows[:, :, None] + cols[:, None, :]).view(b, 1, h * w).to(dev).expand(b, c, h * w)
-    return padded.reshape(b, c, hp * wp).gather(2, idx).view(b, c, h, w)
-
-
-class Normalizer:
-    """uint8 -> float, (x/255 - mean) / std, on the batch's device."""
-
-    def __init__(self, mean, std, device, channels_last: bool = False):
-        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
-        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
-        self.channels_last = channels_last
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.addcmul(self.shift, x.float(), self.scale)
-        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
-
-
-class TensorLoader:
-    """Batches of a Split already on the device: one randperm per epoch (own generator, so the data
-    order is reproducible and resumable), gather, augment, normalise. Nothing waits, so nothing needs
-    worker processes or prefetching."""
-
-    def __init__(self, split: Split, batch_size: int, normalizer: Normalizer, *, shuffle: bool = True,
-                 augment: Augment | None = None, generator: torch.Generator | None = None, drop_last: bool = False):
-        self.split, self.batch_size, self.normalizer = split, batch_size, normalizer
-        self.shuffle, self.augment, self.generator, self.drop_last = shuffle, augment, generator, drop_last
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.split)
-        dev = self.split.x.device
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator, device="cpu").to(dev)
-        else:
-            order = torch.arange(n, device=dev)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.split.x[idx]
-            if self.augment is not None:
-                x = augment_batch(x, self.augment, self.generator)
-            yield self.normalizer(x), self.split.y[idx]

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ensemble_bench.api import COMBINE_RULES
+
 __all__ = [
     "member_probs",
     "ensemble_probs",
@@ -69,11 +71,9 @@ __all__ = [
     "shift_cell_metrics",
     "shift_summary",
     "score_shift_arrays",
-    "COMBINE_MODES",
     "OOD_SCORES",
 ]
 
-COMBINE_MODES = ("probs", "logits")
 OOD_SCORES = ("msp", "entropy", "mi")
 
 # Search range of the temperature (log-space), see fit_temperature.
@@ -165,8 +165,8 @@ def _check_labels(labels: Any, n: int, c: int, name: str = "labels") -> Tensor:
 
 
 def _check_combine(combine: Any) -> str:
-    if combine not in COMBINE_MODES:
-        raise ValueError(f"combine must be one of {COMBINE_MODES}; got {combine!r}")
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}; got {combine!r}")
     return combine
 
 
@@ -621,8 +621,8 @@ def score_npz(path) -> dict:
         if c.ndim != 0 or c.dtype.kind not in "US":
             raise ValueError(f"{p}: 'combine' must be a 0-d string array ('probs' or 'logits')")
         combine = str(c.item().decode() if isinstance(c.item(), bytes) else c.item())
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"{p}: combine must be one of {COMBINE_MODES}; got {combine!r}")
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"{p}: combine must be one of {COMBINE_RULES}; got {combine!r}")
 
     logits = as_logits("probs" if from_probs else "logits", from_probs)
     labels = arrays["labels"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ensemble_bench.errors import UsageError
@@ -42,11 +42,16 @@ RECIPE_MODES = ("shared", "paper")
 SCHEDULES = ("cosine", "multistep", "linear", "constant", "cyclic_cosine")
 
 
+# metadata of the recipe fields the leaderboard keeps as numeric columns of their own (group keys); the
+# other fields share its "recipe" column (ensemble_bench.columns.RECIPE_FIELDS)
+OWN_COLUMN = {"own_column": True}
+
+
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
+    epochs: int = field(default=10, metadata=OWN_COLUMN)
+    batch_size: int = field(default=128, metadata=OWN_COLUMN)
+    lr: float = field(default=0.1, metadata=OWN_COLUMN)
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     milestones: tuple[float, ...] = (0.5, 0.75)
@@ -149,6 +154,7 @@ def lr_factor(schedule: str, t: float, epochs: float, warmup: float = 0.0,
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+OWN_COLUMN_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.metadata.get("own_column"))
 
 
 def differences(recipe: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:

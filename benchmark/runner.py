@@ -152,6 +152,14 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     method = make_method(cfg)      # bad options fail here, before anything is written
     check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     shift_set = load_shift(cfg)    # --shift: a missing or bad corrupted set is refused before any work
+    from ensemble_bench import distributed
+
+    if distributed.rank() > 0:     # torchrun: rank 0 holds the lock and writes; the others train beside it
+        return distributed.follow(cfg, log=log)
+    if cfg.members_parallel and not locked:   # the members as parallel processes; the run below assembles
+        from ensemble_bench.sweep import train_members_local
+
+        train_members_local(cfg, log=log, force=force)
     if locked:
         return _execute(cfg, log=log, force=force, shift_set=shift_set)
     with run_lock(out, run_id) as mine:
@@ -173,21 +181,109 @@ def check_output_dir(out: Path, flag: str = "--out") -> None:
             return
 
 
+def make_trainer(cfg: RunConfig, bundle: Any, device: torch.device, code: dict, log: Callable[[str], None]):
+    """The run's Trainer: checkpoints in ``<out>/.ckpt/<run_id>/``, finished plain stages shared through
+    ``<out>/.members/`` (keys salted with the harness's code and the data), so a member task and the run
+    that assembles its members find the same stages."""
+    from ensemble_bench.train import Trainer
+
+    out = Path(cfg.out)
+    return Trainer(bundle, cfg, device, ckpt_dir=out / ".ckpt" / cfg.run_id(), log=log,
+                   share_dir=out / ".members" if cfg.reuse_stages else None,
+                   share_salt=f"{code['harness_sha256']}/{cfg.data_id['sha256']}/{cfg.val_fraction}")
+
+
+def member_task_count(method: Any) -> int:
+    """How many member tasks the method's members split into (0: not a method with independent members)."""
+    if not getattr(type(method), "independent_members", False):
+        return 0
+    return int(method.member_tasks())
+
+
+MEMBER_TASKS_DIR = "member_tasks"   # <out>/.ckpt/<run_id>/member_tasks/<k>.json: what each member task did
+
+
+def execute_member(cfg: RunConfig, k: int, *, log: Callable[[str], None] | None = None,
+                   force: bool = False) -> dict:
+    """Member task ``k`` of a run (``--members-parallel``): train member k alone with the method's
+    ``fit_member``, exactly as the run's ``fit`` trains it (same stage, seed, recipe, checkpoints in the
+    run's checkpoint folder, the stage stored in ``<out>/.members/``); the run, started after its member
+    tasks, assembles, evaluates and writes the record. Returns what the task did (also written to
+    ``<out>/.ckpt/<run_id>/member_tasks/<k>.json`` for the record)."""
+    from ensemble_bench import data as data_mod
+    from ensemble_bench import records
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(cfg.out)
+    run_id = cfg.run_id()
+    check_output_dir(out)
+    method = make_method(cfg)
+    n = member_task_count(method)
+    if not 0 <= k < n:
+        raise UsageError(f"{cfg.method}: no member task {k} (this run has {n} member tasks)")
+    if not force and records.record_status(out, run_id) == "complete":
+        log(f"{run_id}: complete record exists; member task {k} skipped")
+        return {"run_id": run_id, "member": k, "status": "skipped"}
+    with run_lock(out, f"{run_id}.member{k}") as mine:
+        if not mine:
+            log(f"{run_id}: member task {k} is being run by another process; left to that one")
+            return {"run_id": run_id, "member": k, "status": "busy"}
+        t0 = time.perf_counter()
+        started = _now()
+        device = resolve_device(cfg.device)
+        bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+        seed_everything(cfg.seed)
+        trainer = make_trainer(cfg, bundle, device, code_identity(methods.get(cfg.method), cfg.plugins), log)
+        ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+                         image_size=bundle.image_size, device=device, data=bundle, trainer=trainer)
+        log(f"{run_id}: member task {k}/{n} of {cfg.method}, seed {cfg.seed}, {device}")
+        method.fit_member(ctx, k)
+        info = {"run_id": run_id, "member": k, "status": "complete", "host": socket.gethostname(),
+                "pid": os.getpid(), "device": cost_device_name(device), "started": started, "finished": _now(),
+                "wall_s": time.perf_counter() - t0,
+                "stages": {name: {"train_s": st.train_s, "reused_from": st.reused_from,
+                                  "resumed_from_epoch": st.resumed_from_epoch}
+                           for name, st in trainer.stages.items()}}
+        if trainer.is_writer:
+            records.write_json_atomic(out / ".ckpt" / run_id / MEMBER_TASKS_DIR / f"{k}.json", info)
+        return info
+
+
+def read_member_tasks(out: Path, run_id: str, training: dict) -> dict[str, dict]:
+    """For the record: per stage trained by a member task of this run, which task, where, its wall time
+    and whether it trained the stage or reused it (``reused_from``: another run's stage of the store)."""
+    import json
+
+    folder = Path(out) / ".ckpt" / run_id / MEMBER_TASKS_DIR
+    tasks: dict[str, dict] = {}
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            t = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        for stage, st in (t.get("stages") or {}).items():
+            if stage not in training.get("stages", {}):
+                continue
+            tasks[stage] = {"task": t.get("member"), "host": t.get("host"), "device": t.get("device"),
+                            "wall_s": t.get("wall_s"), "train_s": st.get("train_s"),
+                            "trained": st.get("reused_from") is None, "reused_from": st.get("reused_from")}
+    return tasks
+
+
 def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
              shift_set: Any = None) -> dict:
     from ensemble_bench import cost as cost_mod
     from ensemble_bench import data as data_mod
     from ensemble_bench import metrics as metrics_mod
-    from ensemble_bench import results
+    from ensemble_bench import environment, predictions, records
     from ensemble_bench.shift import evaluate_shift
-    from ensemble_bench.train import Trainer
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(cfg.out)
     run_id = cfg.run_id()
-    code = code_identity(methods.get(cfg.method))
-    if not force and results.record_status(out, run_id) == "complete":
-        rec = results.read_record(out / f"{run_id}.json")
+    code = code_identity(methods.get(cfg.method), cfg.plugins)
+    if not force and records.record_status(out, run_id) == "complete":
+        rec = records.read_record(out / f"{run_id}.json")
         changed = [k for k, v in code.items() if k.endswith("sha256") and (rec.get("code") or {}).get(k) != v]
         if changed:
             log(f"{run_id}: a complete record exists, made by other code ({', '.join(changed)} differ): skipped; "
@@ -203,23 +299,21 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     device = resolve_device(cfg.device)
     bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
     record: dict[str, Any] = {
-        "schema_version": results.SCHEMA_VERSION, "run_id": run_id, "status": "running",
+        "schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": "running",
         "config": cfg.to_dict(),
         "method": {"name": cfg.method, "options": dict(cfg.options),
                    "size_reference": bool(getattr(type(method), "size_reference", False))},
         "data": bundle.describe(),
         "code": code,
-        "env": results.environment_info(),
+        "env": environment.environment_info(),
         "timings": {"started": _now()}, "error": None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    results.write_record(out, record)
+    records.write_record(out, record)
     t_start = time.perf_counter()
     try:
         seed_everything(cfg.seed)
-        trainer = Trainer(bundle, cfg, device, ckpt_dir=out / ".ckpt" / run_id, log=log,
-                          share_dir=out / ".members" if cfg.reuse_stages else None,
-                          share_salt=f"{code['harness_sha256']}/{cfg.data_id['sha256']}/{cfg.val_fraction}")
+        trainer = make_trainer(cfg, bundle, device, code, log)
         ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                          image_size=bundle.image_size, device=device, data=bundle, trainer=trainer)
         log(f"{run_id}: {cfg.method} on {cfg.backbone} / {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}, {device}")
@@ -251,27 +345,32 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
                                 bf16=trainer.bf16, channels_last=trainer.channels_last)
         training = trainer.summary()
         # work a method does outside Trainer.fit (e.g. mask updates, batch-norm passes) joins the totals
-        extra = ctx.info.pop("train_flops_extra", None)
-        if extra is not None and training["train_flops"] is not None:
-            training["train_flops"] += float(extra)
-        extra_s = ctx.info.pop("train_s_extra", None)
-        if extra_s is not None:
-            training["train_s"] += float(extra_s)
-            training["train_s_extra"] = float(extra_s)
+        if ctx.extra_train_flops and training["train_flops"] is not None:
+            training["train_flops"] += ctx.extra_train_flops
+        if ctx.extra_train_s:
+            training["train_s"] += ctx.extra_train_s
+            training["train_s_extra"] = ctx.extra_train_s
         training["device"] = cost_mod.device_name(device)
+        training.update(trainer.scale_out_summary())   # world size (DDP): per device and in total
+        tasks = read_member_tasks(out, run_id, training)   # members trained by member tasks (--members-parallel)
+        if tasks:
+            training["member_tasks"] = tasks
         training["reused_stages"] = {k: s["reused_from"] for k, s in training["stages"].items() if s.get("reused_from")}
-        results.write_curves(out, run_id, training["stages"])
+        records.write_curves(out, run_id, training["stages"])
         if cfg.keep_weights:      # evaluate again later (new shift or OOD sets) without training again
-            record["weights"] = results.save_weights(out, run_id, model).name
+            record["weights"] = records.save_weights(out, run_id, model).name
         if cfg.save_predictions:
-            results.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,
+            predictions.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,
                                      val_labels=val_labels, ood=ood, combine=model.combine, extra=shift_logits)
         record["method"].update({"combine": model.combine, "num_members": model.num_members, "info": ctx.info})
         record.update(status="complete", metrics=metrics, cost=cost, training=training)
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start, eval_s=eval_s)
         if shift_s is not None:
             record["timings"]["shift_eval_s"] = shift_s
-        results.write_record(out, record)
+        if tasks:   # the wall time of the critical path: the slowest member task, then this assembly
+            record["timings"]["critical_path_s"] = (max(t.get("wall_s") or 0.0 for t in tasks.values())
+                                                    + record["timings"]["wall_s"])
+        records.write_record(out, record)
         shutil.rmtree(out / ".ckpt" / run_id, ignore_errors=True)
         with contextlib.suppress(OSError):
             (out / ".ckpt").rmdir()          # only when no other run's checkpoints are left
@@ -282,12 +381,13 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         record.update(status="failed", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc(limit=20))
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start)
-        if results.record_status(out, run_id) != "complete":   # never over a finished result
-            results.write_record(out, record)
+        if records.record_status(out, run_id) != "complete":   # never over a finished result
+            records.write_record(out, record)
         raise
 
 
 HARNESS_DIR = Path(__file__).resolve().parent
+METHODS_DIR = Path(methods.__file__).resolve().parent
 
 
 def _sha256_files(paths: list[Path], root: Path) -> str:
@@ -297,13 +397,20 @@ def _sha256_files(paths: list[Path], root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def code_identity(method_cls: type) -> dict[str, Any]:
+def code_identity(method_cls: type, plugin_specs: tuple[str, ...] = ()) -> dict[str, Any]:
     """Which code made a record: a hash of the harness (benchmark/*.py) and of the method's source file,
     with the method's module and file, so a leaderboard row traces to the code that made it."""
+    from ensemble_bench import plugins
+
     src = Path(inspect.getsourcefile(method_cls) or "")
-    return {"harness_sha256": _sha256_files(list(HARNESS_DIR.glob("*.py")), HARNESS_DIR),
+    code = {"harness_sha256": _sha256_files(list(HARNESS_DIR.glob("*.py")), HARNESS_DIR),
             "method_module": method_cls.__module__, "method_file": src.name,
             "method_sha256": _sha256_files([src], src.parent) if src.is_file() else None}
+    if src.parent.resolve() != METHODS_DIR:   # a plugin's method: where its file is, and every plugin loaded
+        code["method_path"] = str(src.resolve())
+    if plugin_specs:   # the run's plugins (a method, backbone or dataset may come from any of them)
+        code["plugins"] = [{k: p[k] for k in ("spec", "module", "sha256")} for p in plugins.load_all(plugin_specs)]
+    return code
 
 
 def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channels: int, image_size: int,
@@ -313,6 +420,7 @@ def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channel
 
     backbones.check_name(backbone)
     cls = methods.get(method_name)
+    cls.check_backbone(backbone)
     opts = build_options(cls.Config, options, method_name)
     cfg = RunConfig(method=method_name, backbone=backbone, dataset="digits", options=dict(vars(opts)))
     ctx = FitContext(config=cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
@@ -323,18 +431,18 @@ def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channel
 # ------------------------------------------------------------------------------------------ evaluate
 def _record_targets(target: str | os.PathLike) -> tuple[Path, list[tuple[Path, dict]], list[str]]:
     """(folder, [(record path, record)] of the complete records, problems) of a runs folder or one record."""
-    from ensemble_bench import results
+    from ensemble_bench import records
 
     p = Path(target)
     if p.is_dir():
-        recs, problems = results.load_records(p)
-        return p, [(results.record_path(p, r["run_id"]), r) for r in recs], problems
+        recs, problems = records.load_records(p)
+        return p, [(records.record_path(p, r["run_id"]), r) for r in recs], problems
     if p.is_file() and p.name.endswith(".json"):
         try:
-            rec = results.read_record(p)
+            rec = records.read_record(p)
             if rec["status"] == "complete":
-                results._check_complete(rec, str(p))
-        except results.RecordError as e:
+                records._check_complete(rec, str(p))
+        except records.RecordError as e:
             raise UsageError(str(e)) from None
         if rec["status"] != "complete":
             raise UsageError(f"{p}: status {rec['status']!r}; only complete runs can be evaluated again")
@@ -356,12 +464,12 @@ def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: tor
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ensemble_bench import results
+    from ensemble_bench import records
     from ensemble_bench.config import make_run_config
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     run_id = record["run_id"]
-    wpath = out / f"{run_id}{results.WEIGHTS_SUFFIX}"
+    wpath = out / f"{run_id}{records.WEIGHTS_SUFFIX}"
     if not wpath.is_file():
         raise UsageError(f"{run_id}: no kept weights ({wpath.name} is missing): the run was made with "
                          f"--no-keep-weights or before weights were kept; skipped")
@@ -431,16 +539,18 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
         raise UsageError("evaluate needs --shift NAME and/or --ood NAME (what to add to the records)")
     if shift is not None and shift not in SHIFT_SETS:
         raise UsageError(f"unknown shift set {shift!r}; choose from {', '.join(SHIFT_SETS)}")
-    known_ood = sorted({o for sets in data_mod.OOD_SETS.values() for o in sets})
-    bad = [o for o in ood if o not in known_ood]
-    if bad:
-        raise UsageError(f"unknown OOD set {bad[0]!r}; choose from {', '.join(known_ood)}")
     dev = resolve_device(device)
     out, targets, problems = _record_targets(target)
     for p in problems:
         log(f"warning: {p}")
     if not targets:
         raise UsageError(f"no complete run records in {target}")
+    # the OOD sets of the built-in datasets and of every dataset (a user's TOML too) of these records
+    known_ood = sorted({o for sets in data_mod.OOD_SETS.values() for o in sets}
+                       | {o for _, rec in targets for o in data_mod.OOD_SETS.get((rec.get("config") or {}).get("dataset"), ())})
+    bad = [o for o in ood if o not in known_ood]
+    if bad:
+        raise UsageError(f"unknown OOD set {bad[0]!r}; choose from {', '.join(known_ood)}")
     shift_sets: dict[str, Any] = {}
 
     def shift_set_for(cfg_data_dir) -> Any:   # one load per data folder (checked before any record is touched)
@@ -487,7 +597,7 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
     """Evaluate one rebuilt model and update its record and predictions (the caller holds the run's lock)."""
     from ensemble_bench import data as data_mod
     from ensemble_bench import metrics as metrics_mod
-    from ensemble_bench import results
+    from ensemble_bench import predictions, records
     from ensemble_bench.shift import evaluate_shift
     from ensemble_bench.train import Trainer
 
@@ -501,12 +611,12 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
     val_logits = trainer.predict(model, trainer.data.val.x) if trainer.data.val is not None else None
     val_labels = trainer.data.val.y.cpu() if val_logits is not None else None
     entry: dict[str, Any] = {"at": _now(), "device": cost_device_name(device),
-                             "code": code_identity(methods.get(cfg.method))}
-    ppath = results.predictions_path(out, run_id)
+                             "code": code_identity(methods.get(cfg.method), cfg.plugins)}
+    ppath = records.predictions_path(out, run_id)
     saved = None
     if ppath.is_file():
         try:
-            saved = results.load_predictions(ppath)
+            saved = predictions.load_predictions(ppath)
         except (OSError, ValueError) as e:
             log(f"warning: {run_id}: saved predictions unreadable ({' '.join(str(e).split())[:200]}); not updated")
     if saved is not None:   # the rebuilt model gives the run's predictions (to the float16 they were saved in)
@@ -532,7 +642,7 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
         arrays.update(shift_logits)
         entry.update(shift=sset.name, shift_eval_s=shift_s)
     # the record is read again under the lock: what another evaluation added meanwhile is kept
-    rec = results.read_record(path)
+    rec = records.read_record(path)
     metrics = rec.setdefault("metrics", {})
     if new_ood:
         metrics.setdefault("ood", {}).update(new_ood)
@@ -543,8 +653,8 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
     entry["eval_s"] = time.perf_counter() - t0
     rec.setdefault("evaluations", []).append(entry)
     if saved is not None:
-        results.update_predictions(ppath, arrays, drop_prefixes=("shift_",) if sset is not None else ())
-    results.write_record(out, rec)
+        predictions.update_predictions(ppath, arrays, drop_prefixes=("shift_",) if sset is not None else ())
+    records.write_record(out, rec)
     summary: dict[str, Any] = {"run_id": run_id, "record": str(path)}
     if new_shift is not None:
         m = new_shift["mean"]

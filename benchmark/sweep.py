@@ -72,6 +72,8 @@ SLURM_KEYS: dict[str, tuple[type, str | None]] = {
     "comment": (str, "comment"),
     "srun_args": (list, "srun_args"),
     "use_srun": (bool, "use_srun"),
+    "tasks_per_node": (int, "ntasks_per_node"),   # DDP: one rank per task (ensemble_bench.distributed)
+    "nodes": (int, "nodes"),
     "max_num_timeout": (int, None),   # how many time-limit requeues before a run gives up
     "python": (str, None),            # the python command on the nodes (default: this interpreter)
 }
@@ -152,7 +154,7 @@ def _check_slurm(where: str, table: Any) -> dict[str, Any]:
             bad = [kk for kk, vv in v.items() if not isinstance(vv, (str, int, float, bool))]
             if bad:
                 raise UsageError(f"{where}: [slurm] additional_parameters.{bad[0]} must be a string, number or boolean")
-        if k in ("timeout_min", "cpus_per_task", "array_parallelism") and v < 1:
+        if k in ("timeout_min", "cpus_per_task", "array_parallelism", "tasks_per_node", "nodes") and v < 1:
             raise UsageError(f"{where}: [slurm] {k} must be >= 1; got {v}")
         if k in ("gpus_per_node", "signal_delay_s", "max_num_timeout") and v < 0:
             raise UsageError(f"{where}: [slurm] {k} must be >= 0; got {v}")
@@ -259,6 +261,9 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     and ``data_dir`` are made absolute (relative to the current directory), which leaves run ids alone."""
     from ensemble_bench.runner import check_buildable, make_method
 
+    from ensemble_bench import distributed
+
+    ranks = int(spec.slurm.get("tasks_per_node", 1)) * int(spec.slurm.get("nodes", 1))
     runs: list[RunConfig] = []
     seen: set[str] = set()
     buildable: set[str] = set()   # (method, backbone, dataset, options) already built: seeds etc. share it
@@ -271,7 +276,8 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
         for opts in _product(spec.options.get(method, {})):
             values = {**fixed, **point, "options": opts}
             try:
-                cfg = make_run_config(values)
+                with distributed.assume_world_size(ranks):   # [slurm] tasks_per_node x nodes: DDP ranks
+                    cfg = make_run_config(values)
                 arch = canonical_json([cfg.method, cfg.backbone, cfg.dataset, cfg.options])
                 if arch not in buildable:
                     check_buildable(make_method(cfg), cfg)
@@ -317,7 +323,10 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         from ensemble_bench.runner import execute
 
+        from ensemble_bench import distributed
+
         _limit_threads()
+        distributed.export_slurm_env()   # a job of several tasks ([slurm] tasks_per_node / nodes): one rank each
         cfg = make_run_config(self.config)
         if cfg.run_id() != self.run_id:
             raise RuntimeError(f"run {self.run_id}: this code gives the config the id {cfg.run_id()} (a method's "
@@ -330,6 +339,8 @@ class RunJob(submitit.helpers.Checkpointable):
                 print(s, file=sys.stderr, flush=True)
         if self.requeues:
             log(f"{self.run_id}: attempt {self.requeues + 1} (requeued {self.requeues}x); resuming from checkpoints")
+        if distributed.rank() > 0:   # rank 0 holds the lock and writes the record
+            return execute(cfg, log=log, locked=True)
         with run_lock(Path(cfg.out), self.run_id) as mine:
             if not mine:
                 log(f"{self.run_id}: another process is running it; left to that one")
@@ -344,6 +355,79 @@ class RunJob(submitit.helpers.Checkpointable):
         print(f"{self.run_id}: interrupted; requeue {self.requeues} resumes after the last finished epoch",
               file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class MemberJob(submitit.helpers.Checkpointable):
+    """Member task ``k`` of a run (``members_parallel``): trains that member alone
+    (``ensemble_bench.runner.execute_member``); the run's own job, started after all its member tasks,
+    assembles the ensemble, evaluates it and writes the record. Requeued like a RunJob; the member resumes
+    from its per-epoch checkpoint."""
+
+    def __init__(self, config: dict[str, Any], run_id: str, k: int, force: bool = False, prefix_logs: bool = False):
+        self.config = dict(config)
+        self.run_id = run_id
+        self.k = int(k)
+        self.force = force
+        self.prefix_logs = prefix_logs
+        self.requeues = 0
+
+    def __call__(self) -> dict[str, Any]:
+        from ensemble_bench.runner import execute_member
+
+        _limit_threads()
+        cfg = make_run_config(self.config)
+        if cfg.run_id() != self.run_id:
+            raise RuntimeError(f"run {self.run_id}: this code gives the config the id {cfg.run_id()}; submit again")
+        tag = f"{self.run_id}.member{self.k}"
+
+        def log(s: str) -> None:
+            print(f"{tag}: {s}" if self.prefix_logs else s, file=sys.stderr, flush=True)
+        info = execute_member(cfg, self.k, log=log, force=self.force)
+        return {"run_id": tag, "status": info["status"], "wall_s": info.get("wall_s"), "requeues": self.requeues}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def member_jobs(cfg: RunConfig, force: bool = False, prefix_logs: bool = False) -> list[MemberJob]:
+    """The member tasks of a run with ``members_parallel`` (none when its method, with these options,
+    has no independent members: it then trains as one job)."""
+    from ensemble_bench.runner import make_method, member_task_count
+
+    if not getattr(cfg, "members_parallel", False):
+        return []
+    n = member_task_count(make_method(cfg))
+    return [MemberJob(cfg.to_dict(), cfg.run_id(), k, force, prefix_logs) for k in range(n)]
+
+
+def train_members_local(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
+                        workers: int | None = None) -> list[dict]:
+    """``run --members-parallel``: the run's member tasks as parallel processes on this machine (one per
+    member, at most ``workers``; each with its share of the CPU threads), before the run assembles them.
+    A member task that fails is reported; the assembling run then trains that member itself."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from ensemble_bench import records
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not force and records.record_status(Path(cfg.out), cfg.run_id()) == "complete":
+        return []
+    jobs = member_jobs(cfg, force=force, prefix_logs=True)
+    if not jobs:
+        log(f"{cfg.run_id()}: {cfg.method} has no independent members with these options: trained as one job")
+        return []
+    n = min(len(jobs), workers or len(jobs))
+    log(f"{cfg.run_id()}: {len(jobs)} member tasks in {n} parallel processes")
+    done = []
+    with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_pool_init, initargs=(max(1, (os.cpu_count() or 1) // n),)) as pool:
+        for summary in pool.map(_pool_run, jobs):
+            if summary.get("error"):
+                log(f"{summary['run_id']}: member task failed ({summary['error']}); the run trains it itself")
+            done.append(summary)
+    return done
 
 
 # ----------------------------------------------------------------------------- queue and state
@@ -363,7 +447,7 @@ def read_manifest(out: Path, run_id: str) -> dict | None:
 
 
 def write_manifest(out: Path, run_id: str, entry: dict) -> None:
-    from ensemble_bench.results import write_json_atomic
+    from ensemble_bench.records import write_json_atomic
 
     write_json_atomic(_manifest_path(out, run_id), entry)
 
@@ -459,7 +543,7 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
                queue: dict[str, tuple[str, str]] | None | str = "auto") -> tuple[list[RunState], str | None]:
     """The state of every run of the sweep, from the records and (when any run was sent to Slurm and
     squeue answers) the Slurm queue. Returns (states, a note when the queue could not be read)."""
-    from ensemble_bench import results
+    from ensemble_bench import records
 
     runs = expand(spec) if runs is None else runs
     out = spec.out
@@ -481,11 +565,11 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
         rid = cfg.run_id()
         entry = entries[rid]
         rec = None
-        path = results.record_path(out, rid)
+        path = records.record_path(out, rid)
         if path.is_file():
             try:
-                rec = results.read_record(path)
-            except results.RecordError:
+                rec = records.read_record(path)
+            except records.RecordError:
                 rec = None
         status = rec["status"] if rec else None
         job = _job_active(entry, queue, folder)
@@ -569,24 +653,56 @@ def submit_slurm(spec: SweepSpec, runs: list[RunConfig]) -> list[tuple[RunConfig
         executor.update_parameters(**params)
     except ValueError as e:
         raise UsageError(f"{spec.path}: bad [slurm] settings: {str(e).splitlines()[0]}") from None
-    jobs = []
-    try:
-        # submitit prints sbatch's stderr before raising; the error below says it in one line
-        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
-            for cfg in runs:
-                jobs.append(executor.submit(RunJob(cfg.to_dict(), cfg.run_id())))
-    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError,
-            submitit.core.utils.FailedSubmissionError) as e:
-        text = (e.stderr or e.output) if isinstance(e, subprocess.CalledProcessError) else str(e)
-        text = text.decode(errors="replace") if isinstance(text, bytes) else str(text or e)
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        raise UsageError(f"sbatch refused the job array: {lines[-1] if lines else type(e).__name__}") from None
+    members = {cfg.run_id(): member_jobs(cfg) for cfg in runs}
+    plain = [cfg for cfg in runs if not members[cfg.run_id()]]
+    parallel = [cfg for cfg in runs if members[cfg.run_id()]]
+    jobs: dict[str, Any] = {}
+    member_ids: dict[str, list[str]] = {}
+
+    @contextlib.contextmanager
+    def refused() -> Iterator[None]:
+        try:
+            # submitit prints sbatch's stderr before raising; the error below says it in one line
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+        except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError,
+                submitit.core.utils.FailedSubmissionError) as e:
+            text = (e.stderr or e.output) if isinstance(e, subprocess.CalledProcessError) else str(e)
+            text = text.decode(errors="replace") if isinstance(text, bytes) else str(text or e)
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            raise UsageError(f"sbatch refused the job array: {lines[-1] if lines else type(e).__name__}") from None
+
+    if plain:
+        with refused(), executor.batch():
+            submitted_jobs = [executor.submit(RunJob(cfg.to_dict(), cfg.run_id())) for cfg in plain]
+        jobs.update({cfg.run_id(): job for cfg, job in zip(plain, submitted_jobs)})
+    if parallel:
+        # members_parallel: ONE array of every member task (one rank each: a member is one network), then
+        # per run one job that depends on its member tasks (afterany: a member task that failed is trained
+        # by the run itself) and assembles, evaluates and writes the record
+        executor.update_parameters(ntasks_per_node=1, nodes=1)
+        flat = [(cfg.run_id(), job) for cfg in parallel for job in members[cfg.run_id()]]
+        with refused(), executor.batch():
+            member_subs = [executor.submit(job) for _, job in flat]
+        for (rid, _), sub in zip(flat, member_subs):
+            member_ids.setdefault(rid, []).append(str(sub.job_id))
+        params_back = {k: params[k] for k in ("ntasks_per_node", "nodes") if k in params}
+        executor.update_parameters(ntasks_per_node=params_back.get("ntasks_per_node", 1), nodes=params_back.get("nodes", 1))
+        for cfg in parallel:
+            rid = cfg.run_id()
+            executor.update_parameters(dependency="afterany:" + ":".join(member_ids[rid]))
+            with refused():
+                jobs[rid] = executor.submit(RunJob(cfg.to_dict(), rid))
+        executor.update_parameters(dependency=None)
     submitted = _now()
-    for cfg, job in zip(runs, jobs):
-        write_manifest(out, cfg.run_id(), {"run_id": cfg.run_id(), "job_id": str(job.job_id), "executor": "slurm",
-                                           "submitted": submitted, "spec": str(Path(spec.path).absolute()),
-                                           "folder": str(job.paths.folder)})
-    return list(zip(runs, jobs))
+    for cfg in runs:
+        rid, job = cfg.run_id(), jobs[cfg.run_id()]
+        entry = {"run_id": rid, "job_id": str(job.job_id), "executor": "slurm", "submitted": submitted,
+                 "spec": str(Path(spec.path).absolute()), "folder": str(job.paths.folder)}
+        if rid in member_ids:
+            entry["member_jobs"] = member_ids[rid]
+        write_manifest(out, rid, entry)
+    return [(cfg, jobs[cfg.run_id()]) for cfg in runs]
 
 
 @dataclass
@@ -656,7 +772,9 @@ def run_local(runs: list[RunConfig], workers: int = 1, *,
     outcomes: list[LocalOutcome] = []
     durations: list[float] = []
     n_total = len(runs)
-    n_workers = 1 if workers <= 1 or len(runs) <= 1 else min(workers, len(runs))
+    # a members_parallel run is one task per member, then the run (which waits for them)
+    n_tasks = sum(max(1, len(member_jobs(cfg))) for cfg in runs) if workers > 1 else len(runs)
+    n_workers = 1 if workers <= 1 or n_tasks <= 1 else min(workers, n_tasks)
 
     def done(rid: str, summary: dict | None, err: BaseException | None, seconds: float | None) -> None:
         if err is not None:
@@ -688,18 +806,44 @@ def run_local(runs: list[RunConfig], workers: int = 1, *,
 
     n = n_workers
     threads = max(1, (os.cpu_count() or 1) // n)
+    # members_parallel runs: their member tasks go first (in the same pool), the run itself, which
+    # assembles, evaluates and writes the record, once all its member tasks have ended
+    waiting = {cfg.run_id(): (cfg, member_jobs(cfg, prefix_logs=True)) for cfg in runs}
+    members_left = {rid: len(jobs) for rid, (_, jobs) in waiting.items()}
     with cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_pool_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(_pool_run, RunJob(cfg.to_dict(), cfg.run_id(), prefix_logs=True)): cfg.run_id()
-                   for cfg in runs}
+        futures: dict[Any, tuple[str, bool]] = {}   # future -> (run id, is a member task)
+
+        def submit_run(cfg: RunConfig) -> None:
+            futures[pool.submit(_pool_run, RunJob(cfg.to_dict(), cfg.run_id(), prefix_logs=True))] = (cfg.run_id(), False)
+
+        for rid, (cfg, jobs) in waiting.items():
+            for job in jobs:
+                futures[pool.submit(_pool_run, job)] = (rid, True)
+            if not jobs:
+                submit_run(cfg)
         try:
-            for fut in cf.as_completed(futures):
-                try:
-                    summary = fut.result()
-                except Exception as e:   # the worker itself died (e.g. killed for memory)
-                    done(futures[fut], None, e, None)
-                else:
-                    done(futures[fut], summary, None, summary.get("seconds"))
+            while futures:
+                finished, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    rid, is_member = futures.pop(fut)
+                    try:
+                        summary = fut.result()
+                    except Exception as e:   # the worker itself died (e.g. killed for memory)
+                        summary, err = None, e
+                    else:
+                        err = None
+                    if is_member:   # a failed member task is trained by the run itself
+                        if err is not None or (summary or {}).get("error"):
+                            print(f"{rid}: a member task failed ({err or summary['error']}); the run trains "
+                                  f"that member itself", file=sys.stderr, flush=True)
+                        members_left[rid] -= 1
+                        if members_left[rid] == 0:
+                            submit_run(waiting[rid][0])
+                    elif err is not None:
+                        done(rid, None, err, None)
+                    else:
+                        done(rid, summary, None, summary.get("seconds"))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -764,13 +908,15 @@ def check_out_dir(spec: SweepSpec) -> None:
             return
 
 
-def _spec_and_runs(path: str) -> tuple[SweepSpec, list[RunConfig]]:
+def _spec_and_runs(path: str, plugins: list[str] | None = None) -> tuple[SweepSpec, list[RunConfig]]:
     spec = load_spec(path)
+    if plugins:   # --plugin on the command line: every run of the sweep carries it to its job
+        spec.run["plugins"] = [*spec.run.get("plugins", ()), *plugins]
     return spec, expand(spec)
 
 
 def cli_status(args) -> int:
-    spec, runs = _spec_and_runs(args.spec)
+    spec, runs = _spec_and_runs(args.spec, getattr(args, "plugins", None))
     states, note = run_states(spec, runs)
     print(format_status(spec, states, note))
     return 0
@@ -785,8 +931,11 @@ def cli_sweep(args) -> int:
     executor = getattr(args, "executor", "local")
     if executor == "slurm" and workers > 1:
         raise UsageError("--workers is for the local executor; on Slurm, [slurm] array_parallelism sets how many runs go at once")
-    spec, runs = _spec_and_runs(args.spec)
+    spec, runs = _spec_and_runs(args.spec, getattr(args, "plugins", None))
     check_out_dir(spec)
+    if executor == "local" and int(spec.slurm.get("tasks_per_node", 1)) * int(spec.slurm.get("nodes", 1)) > 1:
+        raise UsageError(f"{spec.path}: [slurm] tasks_per_node / nodes make every run a data-parallel job of several "
+                         f"ranks: use --executor slurm (or torchrun for one run)")
     if executor == "slurm" and not slurm_available() and not args.dry_run:
         raise UsageError("--executor slurm needs Slurm's sbatch and squeue on PATH "
                          "(for a local test cluster: slurm/localcluster.sh install && slurm/localcluster.sh up)")

@@ -26,9 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ensemble_bench import distributed
 from ensemble_bench.api import default_loss
-from ensemble_bench.data import DataBundle, Normalizer, Split, TensorLoader
+from ensemble_bench.data import DataBundle, Split
 from ensemble_bench.errors import TrainingDiverged
+from ensemble_bench.loader import Normalizer, TensorLoader
 from ensemble_bench.recipe import Recipe, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
 
 
@@ -102,9 +104,14 @@ class Trainer:
         """``share_dir``: a store of finished plain stages (see ``fit``) shared by the runs of one results
         folder; ``share_salt`` is mixed into their keys (the runner passes the harness's code hash and the
         data's fingerprint, so a stage is only reused by the same code on the same data)."""
+        from ensemble_bench import distributed
+
         self.share_dir = Path(share_dir) if share_dir is not None else None
         self.share_salt = share_salt
-        self.device = torch.device(device)
+        # torchrun / a multi-task Slurm job: one rank of a data-parallel run (ensemble_bench.distributed)
+        self.device = distributed.init(torch.device(device))
+        self.world_size = distributed.world_size() if distributed.active() else 1
+        self.is_writer = distributed.rank() == 0   # rank 0 alone writes checkpoints and the stage store
         self.cuda = self.device.type == "cuda"
         self.data = data.to(self.device)
         self.config = config
@@ -216,6 +223,7 @@ class Trainer:
                              select_metric=select_metric if select == "best_val" else None, converges=converges)
         best_state = None
         start_epoch = 0
+        distributed.barrier()   # every rank decides from the same files (rank 0's, finished)
         ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
         # A plain stage (the default loss, no hooks, no batch transform, all parameters) is fully determined
         # by the model's initial weights, the stage recipe, the data-order seed, the selection rule, the
@@ -225,9 +233,11 @@ class Trainer:
                  and not stateful and val_fn is None and val_model is None and on_epoch_end is None
                  and optimizer_from is None and split is None)
         share = None
-        if plain and self.share_dir is not None and not (ckpt is not None and ckpt.is_file()):
+        if plain and self.share_dir is not None:
+            # the key is taken from the initial weights, so a stage resumed from its own checkpoint (or
+            # finished in an earlier process) is stored for the other runs too when it ends
             share = self.share_dir / f"{self._share_key(model, stage_recipe, seed, select, select_metric)}.pt"
-            if share.is_file():
+            if share.is_file() and not (ckpt is not None and ckpt.is_file()):
                 state = load_checkpoint(share, self.device)
                 model.load_state_dict(state["model"])
                 result = StageResult(**{**state["result"], "stage": stage})
@@ -249,6 +259,7 @@ class Trainer:
                 self._last_opt = (stage, _to_cpu(state["opt"]))
                 self.log(f"[{stage}] already trained ({result.epochs} epochs): loaded from checkpoint")
                 self.stages[stage] = result
+                self._store(share, model, result, stage)
                 return result
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
@@ -267,7 +278,30 @@ class Trainer:
             for g, h in zip(opt.param_groups, hyper):   # this stage's own lr / momentum / weight decay
                 g.update(h)
 
-        train_model = torch.compile(model) if getattr(self.config, "compile", False) and self.cuda else model
+        with distributed.data_parallel(model, self.device) as dp_model:
+            self._train_epochs(model, dp_model, opt, r, result, gen, stage, epochs, start_epoch, split, loss_fn,
+                               batch_transform, after_step, has_val, val_fn, val_model, select, select_metric,
+                               higher_better, best_state, on_epoch_end, ckpt, stateful)
+        self.stages[stage] = result
+        self._store(share, model, result, stage)
+        return result
+
+    def _store(self, share: Path | None, model: nn.Module, result: StageResult, stage: str) -> None:
+        """A finished plain stage into the store (``share``: its key's file), unless it is there already."""
+        if share is None or self.ckpt_dir is None or not self.is_writer or share.is_file():
+            return
+        self.share_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save({"model": model.state_dict(), "result": asdict(result),
+                            "origin": f"{self.ckpt_dir.name}/{stage}"}, share)
+
+    def _train_epochs(self, model, dp_model, opt, r, result, gen, stage, epochs, start_epoch, split, loss_fn,
+                      batch_transform, after_step, has_val, val_fn, val_model, select, select_metric,
+                      higher_better, best_state, on_epoch_end, ckpt, stateful) -> None:
+        """The epochs of one stage (``fit``); ``dp_model`` is what the loss calls (``model`` itself on one
+        process, its DistributedDataParallel wrapper on several ranks)."""
+        ddp = dp_model is not model
+        train_model = (torch.compile(dp_model) if getattr(self.config, "compile", False) and self.cuda
+                       else dp_model)
         loader = self.loader(split or self.data.train, batch_size=r.batch_size, generator=gen)
         steps_per_epoch = len(loader)
         if steps_per_epoch < 1:
@@ -290,11 +324,17 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = cur_lr * g.get("lr_scale", 1.0)
                 if batch_transform is not None:
-                    x, y = batch_transform(x, y)
+                    x, y = batch_transform(x, y)   # on the global batch (the same on every rank)
                 if sample_x is None:
                     sample_x = x[:1].detach().clone()
+                global_rows = int(x.shape[0])
+                weight = 1.0
+                if ddp:   # this rank's rows of the global batch; its loss weighted by its share
+                    x, y, weight = distributed.shard(x, y)
                 with self.autocast():
                     loss = loss_fn(train_model, x, y)
+                    if ddp:
+                        loss = loss * weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -303,13 +343,15 @@ class Trainer:
                     after_step(model, result.steps)
                 loss_sum += loss.detach().float()
                 n_batches += 1
-                result.samples_seen += int(x.shape[0])
+                result.samples_seen += global_rows   # the global batch: the same count as on one process
                 if n_batches % check_every == 0 or i == steps_per_epoch - 1:
                     if not torch.isfinite(loss_sum):
                         raise TrainingDiverged(
                             f"training diverged: loss is {loss.item()} in stage {stage!r}, epoch {epoch + 1}, "
                             f"step {i + 1}; try a lower --lr (now {r.lr})")
             train_s = time.perf_counter() - t0
+            if ddp:   # the mean over ranks of the weighted losses: the global batches' mean loss
+                loss_sum = distributed.all_reduce_mean(loss_sum)
             entry: dict[str, Any] = {"epoch": epoch + 1, "lr": cur_lr, "loss": float(loss_sum) / max(n_batches, 1),
                                      "epoch_s": train_s}
             if has_val:
@@ -335,11 +377,12 @@ class Trainer:
                 self._last_opt = (stage, _to_cpu(opt.state_dict()))
                 if select == "best_val" and best_state is not None:
                     model.load_state_dict(best_state)
-                result.flops_per_sample = self._flops_per_sample(model, sample_x)
+                with distributed.local_batchnorm(model):   # counted on this rank alone, no collectives
+                    result.flops_per_sample = self._flops_per_sample(model, sample_x)
             vals = " ".join(f"{k} {entry[k]:.4f}" for k in ("val_acc", "val_nll", "val") if k in entry)
             self.log(f"[{stage}] epoch {epoch + 1}/{epochs} loss {entry['loss']:.4f} lr {cur_lr:.4g}"
                      + (f" {vals}" if vals else "") + f" {entry['epoch_s']:.1f}s")
-            if ckpt is not None:
+            if ckpt is not None and self.is_writer:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 _atomic_torch_save({
                     "model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
@@ -347,18 +390,13 @@ class Trainer:
                     "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None,
                     "best_state": None if done else best_state, "result": asdict(result), "done": done,
                     "stateful": [obj.state_dict() for obj in stateful]}, ckpt)
-        self.stages[stage] = result
-        if share is not None and self.ckpt_dir is not None:
-            self.share_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save({"model": model.state_dict(), "result": asdict(result),
-                                "origin": f"{self.ckpt_dir.name}/{stage}"}, share)
-        return result
 
     def _share_key(self, model: nn.Module, recipe: dict, seed: Any, select: str, select_metric: str) -> str:
         h = hashlib.sha256()
         h.update(repr((type(model).__qualname__, repr(model), sorted(recipe.items()), seed, self.config.seed
                        if seed is None else None, select, select_metric, self.device.type, self.bf16,
-                       self.channels_last, bool(getattr(self.config, "compile", False)), self.share_salt)).encode())
+                       self.channels_last, bool(getattr(self.config, "compile", False)), self.share_salt)
+                      + ((("world_size", self.world_size),) if self.world_size > 1 else ())).encode())
         for k, t in sorted(model.state_dict().items()):
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
@@ -375,6 +413,19 @@ class Trainer:
             return float(count_flops(model, sample_x)["flops"])
         except Exception:  # training cost is an estimate: never fail a finished stage over it
             return None
+
+    def scale_out_summary(self) -> dict[str, Any]:
+        """For the record of a data-parallel run: the world size, the device column as ``N x <device>``
+        and the training time per device (wall, as ``train_s``) and in total (device-seconds)."""
+        if self.world_size <= 1:
+            return {"world_size": 1}
+        from ensemble_bench.cost import device_name
+
+        train_s = sum(s.train_s for s in self.stages.values())
+        return {"world_size": self.world_size, "device": f"{self.world_size} x {device_name(self.device)}",
+                "train_s_per_device": train_s, "train_device_s_total": train_s * self.world_size,
+                "global_batch": self.recipe.batch_size,
+                "batch_per_device": self.recipe.batch_size / self.world_size}
 
     def summary(self) -> dict[str, Any]:
         """Training cost, recipe and learning curve of every stage fitted by this trainer (for the record).

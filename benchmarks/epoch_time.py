@@ -24,6 +24,7 @@ from ensemble_bench import data as data_mod
 from ensemble_bench.backbones import build_backbone
 from ensemble_bench.config import make_run_config
 from ensemble_bench.cost import device_name
+from ensemble_bench.loader import augment_batch
 from ensemble_bench.train import Trainer
 
 
@@ -74,14 +75,13 @@ def main():
         perm = torch.randperm(len(x_all), generator=g)
         for i in range(0, len(perm), bs):
             idx = perm[i:i + bs]
-            xb = data_mod.augment_batch(x_all[idx], bundle.augment, g).float().div_(255).sub_(mean).div_(std)
+            xb = augment_batch(x_all[idx], bundle.augment, g).float().div_(255).sub_(mean).div_(std)
             loss = torch.nn.functional.cross_entropy(model_b(xb), y_all[idx])
             opt_b.zero_grad(set_to_none=True)
             loss.backward()
             opt_b.step()
 
     # --- bare loop, torchvision DataLoader + PIL --------------------------------------------------
-    import numpy as np
     import torchvision.transforms as T
     from PIL import Image
 

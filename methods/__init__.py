@@ -1,47 +1,83 @@
-"""The method registry: every module in this package registers its methods on import.
+"""The method registry.
 
-A new method is one file here with ``@register("name")`` on a ``ensemble_bench.api.Method`` subclass."""
+Built-in methods are the modules of this folder; a user's own methods come from plugins (``--plugin
+file.py`` or ``package.module``, a ``plugins = [...]`` key in run and sweep TOML files, or an installed
+package's entry point in the group ``ensemble_bench.plugins``; see ``ensemble_bench.plugins``). Either way a
+method is one class with ``@register("name")`` on an ``ensemble_bench.Method`` subclass.
+
+Loading never stops at a broken file: a built-in module or entry point that raises on import is kept in
+``load_errors()`` with its error (``list`` prints them, an unknown-name error mentions them), and every other
+method still loads. A name registered twice by different code is an error that names both sources.
+"""
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
 from ensemble_bench.api import Method
-from ensemble_bench.errors import UsageError
+from ensemble_bench.registry import Registry
 
-_REGISTRY: dict[str, type[Method]] = {}
-_loaded = False
+REGISTRY = Registry("method")
+_state = "new"                         # "new" -> "loading" -> "loaded"
+_errors: dict[str, str] = {}           # module or entry point -> "ErrorType: message"
 
 
 def register(name: str):
+    """Class decorator: ``@register("my_method")`` on a ``Method`` subclass."""
     def deco(cls: type[Method]) -> type[Method]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise RuntimeError(f"method {name!r} is registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
-        if not issubclass(cls, Method):
-            raise TypeError(f"{cls.__name__} must subclass ensemble_bench.api.Method")
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"{getattr(cls, '__name__', cls)!r} must subclass ensemble_bench.Method")
+        REGISTRY.add(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
     return deco
 
 
+def _error_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
 def _load_all() -> None:
-    global _loaded
-    if _loaded:
+    """Import every built-in method module, then the installed plugins' entry points (once)."""
+    global _state
+    if _state != "new":          # "loading": a module that asks for the registry while it is being built
         return
-    _loaded = True
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    _state = "loading"
+    try:
+        for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if mod.name.startswith("_"):
+                continue
+            try:
+                importlib.import_module(f"{__name__}.{mod.name}")
+            except Exception as e:   # noqa: BLE001 - reported by `list` and by unknown-name errors
+                _errors[f"{__name__}.{mod.name}"] = _error_line(e)
+        from ensemble_bench import plugins
+
+        _errors.update(plugins.load_entry_points())
+    finally:
+        _state = "loaded"
+
+
+def load_errors() -> dict[str, str]:
+    """Method sources that failed to import: ``{module or entry point: "ErrorType: message"}``."""
+    _load_all()
+    return dict(_errors)
 
 
 def get(name: str) -> type[Method]:
     _load_all()
-    if name not in _REGISTRY:
-        raise UsageError(f"unknown method {name!r}; choose from {', '.join(names())}")
-    return _REGISTRY[name]
+    hint = ""
+    if name not in REGISTRY and _errors:
+        hint = "; these failed to import: " + "; ".join(f"{k}: {v}" for k, v in _errors.items())
+    return REGISTRY.get(name, hint)
 
 
 def names() -> list[str]:
     _load_all()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
+
+
+def source(name: str) -> str:
+    _load_all()
+    return REGISTRY.source(name)

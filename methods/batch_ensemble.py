@@ -70,13 +70,11 @@ import torch
 from torch import nn
 
 from ensemble_bench.api import EnsembleModel, FitContext, Method, member_cross_entropy
-from ensemble_bench.backbones import EXAMPLES, is_staged
 from ensemble_bench.errors import UsageError
 from ensemble_bench.layers import Layers
 from ensemble_bench.train import stable_seed
 from ensemble_bench.methods import register
 
-SUITE_BACKBONES = [n for n in EXAMPLES if not n.startswith("timm")]
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -229,6 +227,7 @@ def _is_number(v: Any) -> bool:
 
 @register("batch_ensemble")
 class BatchEnsemble(Method):
+    staged_backbone = "rebuilds every conv and linear layer with rank-1 fast weights"
     summary = "BatchEnsemble: one shared weight per layer + per-member rank-1 fast weights, input tiled M times"
 
     @dataclass
@@ -257,14 +256,11 @@ class BatchEnsemble(Method):
 
     def build(self, ctx: FitContext) -> EnsembleModel:
         o = self.options
-        if ctx.backbone_name.startswith("timm:"):
-            raise UsageError(f"batch_ensemble rebuilds every conv and linear layer through the suite's layer "
-                             f"factory, which a timm model ({ctx.backbone_name}) is not built from; use one of "
-                             f"{', '.join(SUITE_BACKBONES)}")
+        ctx.require_staged_backbone(self.staged_backbone)
         net = ctx.make_backbone(layers=BatchEnsembleLayers(o.num_members), seed=ctx.member_seed(0))
-        if not is_staged(net) or not be_layers(net):
-            raise UsageError(f"batch_ensemble is not available for backbone {ctx.backbone_name!r}; "
-                             f"supported: {', '.join(SUITE_BACKBONES)}")
+        if not be_layers(net):
+            raise UsageError(f"batch_ensemble found no conv or linear layer built by its layer factory in "
+                             f"{ctx.backbone_name!r}")
         init_fast_weights(net, o.random_sign_init, stable_seed(ctx.seed, "batch_ensemble", "fast_weights"))
         layers = be_layers(net)
         ctx.info.update({

@@ -1,7 +1,7 @@
 """Bridge networks (Yun, Nam, Lee, Lee, ICML 2023, arXiv 2306.11304; specs/bridges.md).
 
 Two trained networks (modes) are joined by a low-loss quadratic Bezier curve in weight space
-(benchmark/curves.py); the curve's midpoint theta(0.5) is a good member that differs from both ends, but
+(methods/_lib/curves.py); the curve's midpoint theta(0.5) is a good member that differs from both ends, but
 evaluating it costs a whole forward pass. A small "bridge" network learns to predict the midpoint's
 output from an intermediate feature map that the base model computes anyway, so the extra member costs a
 fraction of a forward pass.
@@ -53,7 +53,7 @@ bridges) and the harness averages their probabilities.
 
 Cost: the runner measures the whole ensemble (base forwards + bridges). ``ctx.info`` has the bridge's
 FLOPs as a fraction of one base forward pass (ResNet-32: about 20% for type 1, 24% type 2, 6% slim),
-and ``train_flops_extra`` adds the forward-only work of the bridge stages that the trainer's
+and ``ctx.add_training_cost`` adds the forward-only work of the bridge stages that the trainer's
 3 x forward estimate of the trained module does not see: the teacher's forward and the base trunks'
 forward on every training sample, and one forward pass over the training split per teacher to
 recompute its batch-norm statistics.
@@ -73,8 +73,8 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ensemble_bench.api import EnsembleModel, FitContext, Method
-from ensemble_bench.backbones import StagedNet, is_staged
-from ensemble_bench.curves import CURVES, Curve, train_curve
+from ensemble_bench.backbones import StagedNet
+from ensemble_bench.methods._lib.curves import CURVES, Curve, train_curve
 from ensemble_bench.errors import UsageError
 from ensemble_bench.layers import Layers
 from ensemble_bench.train import stable_seed
@@ -281,6 +281,8 @@ def kl_to_teacher(teacher_logp: torch.Tensor, logits: torch.Tensor, reduction: s
 # ---------------------------------------------------------------------------------------- method
 @register("bridge")
 class Bridge(Method):
+    independent_members = True   # its base models (modes): fit_member; curves and bridges need them all
+    staged_backbone = "cuts the base models at a block of their stages"
     summary = "base model(s) + bridge nets predicting Bezier-curve midpoints from cached features"
 
     @dataclass
@@ -349,11 +351,8 @@ class Bridge(Method):
         return every[:k]
 
     def _mode(self, ctx: FitContext, j: int) -> StagedNet:
-        net = ctx.make_backbone(seed=member_seed(ctx, j))
-        if not is_staged(net):
-            raise UsageError(f"bridge needs a suite backbone with a stage structure; {ctx.backbone_name} has none "
-                             "(timm backbones are not supported)")
-        return net
+        ctx.require_staged_backbone(self.staged_backbone)
+        return ctx.make_backbone(seed=member_seed(ctx, j))
 
     def _bridge(self, ctx: FitContext, base: StagedNet, f: int, j: int, sources: tuple[int, ...]) -> BridgeNet:
         width = SLIM_WIDTH if self.options.slim else 1.0
@@ -390,6 +389,14 @@ class Bridge(Method):
                 "bridge": max(1, int(round(self.options.bridge_epochs_frac * e)))}
 
     # ------------------------------------------------------------------------------------- fit
+    def member_tasks(self) -> int:
+        return self.num_modes   # the base models (modes) are independent; curves and bridges need them all
+
+    def fit_member(self, ctx: FitContext, k: int) -> None:
+        """Mode k alone (a job of its own), exactly as stage 1 of ``fit`` trains it."""
+        ctx.trainer.fit(self._mode(ctx, k), stage=f"member{k}", seed=ctx.member_stage_seed(k),
+                        epochs=self.stage_epochs(ctx)["base"], select=self.options.base_select)
+
     def fit(self, ctx: FitContext) -> BridgeEnsemble:
         o = self.options
         tr = ctx.trainer
@@ -443,10 +450,9 @@ class Bridge(Method):
             "base_flops": base_flops, "trunk_flops": trunk_flops, "bridge_flops": bridge_flops,
             "bridge_flops_fraction": bridge_flops / base_flops if base_flops else None,
             "curves": curves_info, "bridges": bridges_info,
-            "bn_recompute_s": bn_s,   # teachers' batch-norm passes: added to train_s through train_s_extra
+            "bn_recompute_s": bn_s,   # teachers' batch-norm passes: added to train_s (add_training_cost)
         })
-        ctx.info["train_flops_extra"] = ctx.info.get("train_flops_extra", 0.0) + extra_flops
-        ctx.info["train_s_extra"] = ctx.info.get("train_s_extra", 0.0) + bn_s
+        ctx.add_training_cost(flops=extra_flops, seconds=bn_s)
         return model
 
     def _fit_bridge(self, ctx: FitContext, model: BridgeEnsemble, bridge: BridgeNet, teacher: nn.Module, *,

@@ -16,8 +16,6 @@ import torch
 
 from ensemble_bench.api import (EnsembleModel, FitContext, GroupedOutput, Method, SlotInputs, StackedEnsemble,
                            default_loss)
-from ensemble_bench.backbones import is_staged
-from ensemble_bench.errors import UsageError
 from ensemble_bench.layers import GroupedLayers, load_members_into_grouped
 from ensemble_bench.train import stable_seed
 from ensemble_bench.methods import register
@@ -57,6 +55,7 @@ class MemberLoaders:
 @register("deep_ensemble")
 class DeepEnsemble(Method):
     size_reference = True
+    independent_members = True   # the separate path: member k is one plain stage (fit_member)
     summary = "M independently initialised and shuffled copies of the backbone"
 
     @dataclass
@@ -75,20 +74,29 @@ class DeepEnsemble(Method):
         m = self.options.num_members
         if not self.options.batched:
             return StackedEnsemble(self._members(ctx))
-        if ctx.backbone_name.startswith("timm:"):
-            raise UsageError("deep_ensemble batched=true needs a suite backbone (not timm:); use batched=false")
+        ctx.require_staged_backbone("batched=true builds the members as grouped layers; use batched=false")
         net = ctx.make_backbone(layers=batched_layers(m))
-        if not is_staged(net):
-            raise UsageError(f"deep_ensemble batched=true is not available for {ctx.backbone_name}")
         load_members_into_grouped(net, self._members(ctx))
         return GroupedOutput(net, m, ctx.num_classes, input_repeat=m)
+
+    def member_tasks(self) -> int:
+        return 0 if self.options.batched else self.options.num_members
+
+    @staticmethod
+    def _fit_member(ctx: FitContext, k: int, member) -> None:
+        ctx.trainer.fit(member, stage=f"member{k}", seed=ctx.member_stage_seed(k))
+
+    def fit_member(self, ctx: FitContext, k: int) -> None:
+        """Member k alone (a job of its own): the same initialisation, stage, data order and recipe as in
+        ``fit``."""
+        self._fit_member(ctx, k, ctx.make_backbone(seed=member_seed(ctx, k)))
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         model = self.build(ctx)
         m = self.options.num_members
         if not self.options.batched:
             for k, member in enumerate(model.members):
-                ctx.trainer.fit(member, stage=f"member{k}", seed=ctx.member_stage_seed(k))
+                self._fit_member(ctx, k, member)
             return model
         loaders = MemberLoaders(ctx.trainer, [ctx.member_stage_seed(k) for k in range(1, m)])
 

@@ -13,7 +13,7 @@ edst_ensemble  one sparse run yields all M members: exploration for 0.6 x E epoc
                on from the last epoch of the window, with the optimiser's momentum (one continuous run,
                as in the paper: each stage starts from the previous stage's final optimiser state).
 
-The sparse machinery (ERK masks, drop/grow, masks after every step) is benchmark/sparse.py.
+The sparse machinery (ERK masks, drop/grow, masks after every step) is methods/_lib/sparse.py.
 
 Released-code behaviour kept as the defaults (each an option):
   * ``select_on="acc"``: a member is the epoch of best validation ACCURACY, as in the released code
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ensemble_bench.api import EnsembleModel, FitContext, Method, StackedEnsemble
-from ensemble_bench.sparse import DynamicSparsity
+from ensemble_bench.methods._lib.sparse import DynamicSparsity
 from ensemble_bench.train import stable_seed
 from ensemble_bench.methods import register
 from ensemble_bench.methods.single import member_seed
@@ -162,7 +162,7 @@ class DSTEnsemble(SparseEnsemble):
             members.append(net)
         ctx.info.update(_common_info(self.options, sparsity))
         ctx.info["members"] = summaries
-        ctx.info["train_flops_extra"] = extra
+        ctx.add_training_cost(flops=extra)
         ctx.info["update_flops"] = extra
         return StackedEnsemble(members)
 
@@ -257,5 +257,6 @@ class EDSTEnsemble(SparseEnsemble):
         ctx.info.update(_common_info(opts, sparsity))
         ctx.info.update({"stage_epochs": epochs, "total_epochs": sum(epochs.values()), "jump": opts.jump,
                          "stage_steps": stage_steps, "updates_per_stage": updates_per_stage,
-                         "sparsity": sparsity.summary(), "train_flops_extra": extra, "update_flops": extra})
+                         "sparsity": sparsity.summary(), "update_flops": extra})
+        ctx.add_training_cost(flops=extra)
         return StackedEnsemble(members)

@@ -60,12 +60,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ensemble_bench.api import EnsembleModel, FitContext, Method
-from ensemble_bench.backbones import EXAMPLES, is_staged
 from ensemble_bench.errors import UsageError
 from ensemble_bench.train import stable_seed
 from ensemble_bench.methods import register
 
-SUITE_BACKBONES = [n for n in EXAMPLES if not n.startswith("timm")]
 
 
 class MaskSource:
@@ -184,6 +182,7 @@ class MCDropoutEnsemble(EnsembleModel):
 
 @register("mc_dropout")
 class MCDropoutMethod(Method):
+    staged_backbone = "places dropout by the block structure of the stages"
     summary = "MC dropout: the backbone trained once with dropout; M stochastic test-time passes (seeded masks)"
 
     @dataclass
@@ -213,14 +212,8 @@ class MCDropoutMethod(Method):
 
     def build(self, ctx: FitContext) -> EnsembleModel:
         o = self.options
-        if ctx.backbone_name.startswith("timm:"):
-            raise UsageError(f"mc_dropout places its dropout by the block structure of the suite's backbones, "
-                             f"which a timm model ({ctx.backbone_name}) does not have; use one of "
-                             f"{', '.join(SUITE_BACKBONES)}")
+        ctx.require_staged_backbone(self.staged_backbone)
         net = ctx.make_backbone(seed=ctx.member_seed(0))
-        if not is_staged(net):
-            raise UsageError(f"mc_dropout is not available for backbone {ctx.backbone_name!r}; "
-                             f"supported: {', '.join(SUITE_BACKBONES)}")
         source = MaskSource()
         where = add_mc_dropout(net, o.dropout_rate, source)
         seed = self.mask_seed(ctx)

@@ -34,7 +34,7 @@ region is always the LAST TWO stages, which hold nearly all conv weights in ever
 For the 3-stage nets (WRN, CIFAR ResNets 20/32/56, cnn_small) this is the paper's rule: exits=2
 branches after stage 1, exits=3 after stages 1 and 2. For resnet18 / resnet50 (4 stages) stages 3-4
 play the role of the later stages: exits=2 branches after stage 2, exits=3 after stages 2 and 3.
-timm backbones have no stage structure: UsageError.
+Needs a staged backbone (``staged_backbone``: timm models have no stages): one UsageError line.
 
 Members (the order of the [M, B, C] output): the branches by branch point (earliest first), then the
 main path. ``combine`` ("probs", the suite's rule, or "logits", the paper's) is the model's attribute.
@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext, Method, member_cross_entropy
-from ensemble_bench.backbones import StagedNet, is_staged
+from ensemble_bench.backbones import StagedNet
 from ensemble_bench.errors import UsageError
 from ensemble_bench.train import stable_seed
 from ensemble_bench.methods import register
@@ -269,6 +269,7 @@ def nfe_loss(logits: torch.Tensor, y: torch.Tensor, temperature: float, kd: bool
 # ----------------------------------------------------------------------------------------- method
 @register("nfe")
 class NetworkFissionEnsembles(Method):
+    staged_backbone = "branches the network at its stage boundaries"
     summary = "SNIP-pruned network split into a multi-exit ensemble with ensemble distillation"
 
     @dataclass
@@ -291,13 +292,8 @@ class NetworkFissionEnsembles(Method):
 
     # ----------------------------------------------------------------------------- building
     def _backbone(self, ctx: FitContext) -> StagedNet:
-        if ctx.backbone_name.startswith("timm:"):
-            raise UsageError(f"nfe needs a suite backbone with stages (WRN, CIFAR ResNets, resnet18/50, "
-                             f"cnn_small); {ctx.backbone_name!r} is a timm model without stage structure")
-        net = ctx.make_backbone(seed=stable_seed(ctx.seed, "nfe", "init"))
-        if not is_staged(net):
-            raise UsageError(f"nfe is not available for backbone {ctx.backbone_name!r} (no stages)")
-        return net
+        ctx.require_staged_backbone(self.staged_backbone)
+        return ctx.make_backbone(seed=stable_seed(ctx.seed, "nfe", "init"))
 
     def _snip_batch(self, ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(stable_seed(ctx.seed, "nfe", "snip-batch"))
@@ -357,7 +353,7 @@ class NetworkFissionEnsembles(Method):
 
             probe = ctx.trainer.normalizer(ctx.trainer.data.train.x[:1].to(ctx.trainer.device))
             dense = count_flops(net.to(ctx.trainer.device), probe)["flops_dense"]
-            ctx.info["train_flops_extra"] = 3.0 * float(dense) * n_snip
+            ctx.add_training_cost(flops=3.0 * float(dense) * n_snip)
         except Exception:   # an estimate of training cost: never fail a run over it
             pass
 

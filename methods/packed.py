@@ -25,13 +25,10 @@ from typing import Any
 from torch import nn
 
 from ensemble_bench.api import EnsembleModel, FitContext, GroupedOutput, Method, member_cross_entropy
-from ensemble_bench.backbones import EXAMPLES, is_staged
-from ensemble_bench.errors import UsageError
 from ensemble_bench.layers import GroupedLayers
 from ensemble_bench.train import stable_seed
 from ensemble_bench.methods import register
 
-SUITE_BACKBONES = [n for n in EXAMPLES if not n.startswith("timm")]
 
 
 class _TrackedGroupedLayers(GroupedLayers):
@@ -65,6 +62,7 @@ def packed_loss(model: nn.Module, x, y):
 
 @register("packed")
 class PackedEnsembles(Method):
+    staged_backbone = "rebuilds every conv and linear layer as grouped layers"
     summary = "PE-(alpha, M, gamma): M members packed in one network of grouped convs (suite backbones)"
 
     @dataclass
@@ -105,14 +103,9 @@ class PackedEnsembles(Method):
 
     def build(self, ctx: FitContext) -> EnsembleModel:
         o = self.options
-        if ctx.backbone_name.startswith("timm:"):
-            raise UsageError(f"packed needs a suite backbone built from grouped layers, not {ctx.backbone_name!r}; "
-                             f"supported: {', '.join(SUITE_BACKBONES)}")
+        ctx.require_staged_backbone(self.staged_backbone)
         L = self.layers()
         net = ctx.make_backbone(layers=L, seed=stable_seed(ctx.seed, "packed"))
-        if not is_staged(net):  # every suite backbone is a StagedNet; guard against a future one that is not
-            raise UsageError(f"packed is not available for backbone {ctx.backbone_name!r}; "
-                             f"supported: {', '.join(SUITE_BACKBONES)}")
         table = effective_gamma_table(net, L)
         ctx.info["effective_gamma"] = table
         ctx.info["gamma_lowered_layers"] = [r["layer"] for r in table

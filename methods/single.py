@@ -15,6 +15,7 @@ def member_seed(ctx: FitContext, k: int) -> int:
 @register("single")
 class Single(Method):
     size_reference = True
+    independent_members = True   # its one member, member 0 of every deep ensemble of the same seed
     summary = "the backbone trained once with cross-entropy (M = 1)"
 
     @dataclass
@@ -23,6 +24,12 @@ class Single(Method):
 
     def build(self, ctx: FitContext) -> EnsembleModel:
         return StackedEnsemble([ctx.make_backbone(seed=member_seed(ctx, 0))])
+
+    def member_tasks(self) -> int:
+        return 1
+
+    def fit_member(self, ctx: FitContext, k: int) -> None:
+        ctx.trainer.fit(ctx.make_backbone(seed=member_seed(ctx, 0)), stage="member0", seed=ctx.member_stage_seed(0))
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         model = self.build(ctx)

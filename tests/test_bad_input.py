@@ -469,7 +469,7 @@ def _start_run(cfg: Path, cwd: Path) -> subprocess.Popen:
 def _wait_until_running(proc: subprocess.Popen, out: Path, rid: str, timeout: float = 240) -> None:
     """Until ``proc`` holds the run's lock (its pid in the lock file) and its "running" record stands.
     Read only: the lock itself is not probed (a probe would take it for an instant)."""
-    from ensemble_bench import results
+    from ensemble_bench import records
 
     lock = out / ".submitit" / "locks" / f"{rid}.lock"
     t0 = time.time()
@@ -480,7 +480,7 @@ def _wait_until_running(proc: subprocess.Popen, out: Path, rid: str, timeout: fl
             mine = lock.read_text().split()[:1] == [str(proc.pid)]
         except OSError:
             mine = False
-        if mine and results.record_status(out, rid) == "running":
+        if mine and records.record_status(out, rid) == "running":
             return
         time.sleep(0.05)
     raise AssertionError("the run did not start in time")
@@ -499,7 +499,7 @@ def test_same_run_id_twice_at_once(tmp_path, capsys, monkeypatch):
     """While process A trains a run, process B of the same run id exits 2 with one line naming A;
     A's complete record survives, and ``sweep-status`` shows A as running meanwhile. (A is held
     stopped (SIGSTOP) while B tries, so the overlap does not depend on timing.)"""
-    from ensemble_bench import results
+    from ensemble_bench import records
 
     monkeypatch.chdir(tmp_path)
     cfg, out, rid = _tiny(tmp_path)
@@ -519,7 +519,7 @@ def test_same_run_id_twice_at_once(tmp_path, capsys, monkeypatch):
         a.send_signal(signal.SIGCONT)
     _, a_err = a.communicate(timeout=300)
     assert a.returncode == 0, a_err[-3000:]
-    rec = results.read_record(out / f"{rid}.json")
+    rec = records.read_record(out / f"{rid}.json")
     assert rec["status"] == "complete" and rec["metrics"]["acc"] > 0
     mtime = (out / f"{rid}.json").stat().st_mtime_ns
     # started again: the complete record is left as it is
@@ -531,7 +531,7 @@ def test_killed_local_run_is_interrupted_not_running_and_resumes(tmp_path, capsy
     """``sweep-status`` shows a killed local run as interrupted (no live process holds its lock), not
     running forever; the sweep then runs it to completion and prints "[i/n] run_id done in Xs (status);
     ~Y left"."""
-    from ensemble_bench import results
+    from ensemble_bench import records
 
     monkeypatch.chdir(tmp_path)
     cfg, out, rid = _tiny(tmp_path)
@@ -543,7 +543,7 @@ def test_killed_local_run_is_interrupted_not_running_and_resumes(tmp_path, capsy
     finally:
         a.kill()
         a.communicate(timeout=60)
-    assert results.record_status(out, rid) == "running"
+    assert records.record_status(out, rid) == "running"
     code, text, _ = call(["sweep-status", spec], capsys)
     assert code == 0, text
     assert "running 0" in text and "pending 1" in text and "interrupted" in text, text
@@ -551,7 +551,7 @@ def test_killed_local_run_is_interrupted_not_running_and_resumes(tmp_path, capsy
     assert code == 0 and "1 to run on local" in text, text + err
     progress = [ln for ln in err.splitlines() if ln.startswith("[1/1] ")]
     assert progress and f"[1/1] {rid} done in " in progress[0] and "(complete); ~0s left" in progress[0], err[-2000:]
-    assert results.record_status(out, rid) == "complete"
+    assert records.record_status(out, rid) == "complete"
     code, text, _ = call(["sweep-status", spec], capsys)
     assert "done 1   running 0   pending 0   failed 0" in text
 

@@ -1,5 +1,5 @@
 """Bridge networks (methods/bridge.py) and the mode-connectivity curves they are trained on
-(benchmark/curves.py)."""
+(methods/_lib/curves.py)."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +15,7 @@ from ensemble_bench.api import FitContext
 from ensemble_bench.backbones import build_backbone
 from ensemble_bench.config import build_options, make_run_config
 from ensemble_bench.cost import count_flops, count_params
-from ensemble_bench.curves import Curve
+from ensemble_bench.methods._lib.curves import Curve
 from ensemble_bench.errors import UsageError
 from ensemble_bench.runner import build_for_cost
 from ensemble_bench.train import Trainer
@@ -243,7 +243,7 @@ def test_options_are_checked():
             build_options(cls.Config, bad, "bridge")
     with pytest.raises(UsageError, match="feature_block"):
         build_for_cost("bridge", "resnet32", 10, 3, 32, {"feature_block": "15"}, CPU)
-    with pytest.raises(UsageError, match="stage structure"):
+    with pytest.raises(UsageError, match="needs a staged backbone"):
         build_for_cost("bridge", "timm:resnet18", 10, 3, 32, {}, CPU)
 
 
@@ -267,7 +267,7 @@ def test_stages_resume_and_theta0_is_the_single_model(digits, tmp_path):
     assert all(b["best_val_kl"] is not None and b["best_val_kl"] >= 0 for b in info["bridges"])
     n_train = len(digits.train)
     samples = sum(tr.stages[f"bridge{j}"].samples_seen for j in (1, 2))
-    assert info["train_flops_extra"] == pytest.approx(
+    assert ctx.extra_train_flops == pytest.approx(
         2 * n_train * info["base_flops"] + samples * (info["base_flops"] + info["trunk_flops"]))
     x = tr.normalizer(digits.test.x[:64])
     with torch.no_grad():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_bench import data
+from ensemble_bench import data, loader
 from ensemble_bench.errors import UsageError
 
 
@@ -27,7 +27,7 @@ def test_validation_is_the_last_fraction_of_train():
 def test_crop_is_a_shifted_window_of_the_padded_image():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.int32).view(2, 3, 6, 6).to(torch.uint8)
     g = torch.Generator().manual_seed(0)
-    out = data.augment_batch(x, data.Augment(crop_pad=2, flip=False), g)
+    out = loader.augment_batch(x, data.Augment(crop_pad=2, flip=False), g)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(2):
         windows = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
@@ -38,20 +38,20 @@ def test_crop_is_a_shifted_window_of_the_padded_image():
 def test_flip_and_crop_statistics():
     x = torch.zeros(4000, 1, 4, 4, dtype=torch.uint8)
     x[:, :, :, 0] = 255                                     # left column white
-    out = data.augment_batch(x, data.Augment(crop_pad=0, flip=True), torch.Generator().manual_seed(1))
+    out = loader.augment_batch(x, data.Augment(crop_pad=0, flip=True), torch.Generator().manual_seed(1))
     flipped = (out[:, 0, 0, 3] == 255).float().mean().item()
     assert 0.45 < flipped < 0.55
-    assert torch.equal(data.augment_batch(x, data.Augment(0, False)), x)
+    assert torch.equal(loader.augment_batch(x, data.Augment(0, False)), x)
 
 
 def test_loader_is_reproducible_and_normalises(digits):
-    norm = data.Normalizer(digits.mean, digits.std, "cpu")
-    a = [b for b in data.TensorLoader(digits.train, 100, norm, augment=digits.augment,
+    norm = loader.Normalizer(digits.mean, digits.std, "cpu")
+    a = [b for b in loader.TensorLoader(digits.train, 100, norm, augment=digits.augment,
                                        generator=torch.Generator().manual_seed(3))]
-    b = [b for b in data.TensorLoader(digits.train, 100, norm, augment=digits.augment,
+    b = [b for b in loader.TensorLoader(digits.train, 100, norm, augment=digits.augment,
                                        generator=torch.Generator().manual_seed(3))]
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
-    xs = torch.cat([x for x, _ in data.TensorLoader(digits.train, 100, norm, shuffle=False)])
+    xs = torch.cat([x for x, _ in loader.TensorLoader(digits.train, 100, norm, shuffle=False)])
     assert abs(xs.mean().item()) < 0.05 and abs(xs.std().item() - 1) < 0.05
 
 

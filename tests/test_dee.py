@@ -1,11 +1,11 @@
-"""Deep-ensemble-equivalent size (ensemble_bench.results.dee / add_dee_columns) on hand-made records."""
+"""Deep-ensemble-equivalent size (ensemble_bench.leaderboard: dee, the leaderboard's dee_* columns) on hand-made records."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from ensemble_bench import results as R
+from ensemble_bench import columns, formatting, leaderboard, records
 
 # the DE curve used throughout: size -> (nll_ts, acc)
 CURVE = {1: (0.30, 0.90), 2: (0.24, 0.92), 3: (0.22, 0.93), 4: (0.21, 0.935)}
@@ -14,7 +14,7 @@ CURVE = {1: (0.30, 0.90), 2: (0.24, 0.92), 3: (0.22, 0.93), 4: (0.21, 0.935)}
 def rec(run_id, method, *, members=1, nll_ts, acc=0.9, seed=0, backbone="resnet32", epochs=200,
         status="complete"):
     opts = {"num_members": members} if method == "deep_ensemble" else {}
-    return {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": status,
+    return {"schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": status,
             "config": {"method": method, "backbone": backbone, "dataset": "cifar10", "epochs": epochs,
                        "seed": seed, "batch_size": 128, "lr": 0.1, "options": opts},
             "method": {"name": method, "options": opts, "combine": "probs", "num_members": members, "info": {},
@@ -33,27 +33,27 @@ def de_records():
 def test_dee_size_interpolates_piecewise_linearly():
     nll = [(m, v[0]) for m, v in CURVE.items()]
     acc = [(m, v[1]) for m, v in CURVE.items()]
-    assert R.dee_size(0.27, nll, False) == R.DEE(pytest.approx(1.5), "")
-    assert R.dee_size(0.215, nll, False).size == pytest.approx(3.5)
-    assert R.dee_size(0.24, nll, False) == R.DEE(2.0, "")
-    assert R.dee_size(0.30, nll, False) == R.DEE(1.0, "")
-    assert R.dee_size(0.925, acc, True).size == pytest.approx(2.5)
-    assert R.dee_size(0.9325, acc, True).size == pytest.approx(3.5)
+    assert leaderboard.dee_size(0.27, nll, False) == leaderboard.DEE(pytest.approx(1.5), "")
+    assert leaderboard.dee_size(0.215, nll, False).size == pytest.approx(3.5)
+    assert leaderboard.dee_size(0.24, nll, False) == leaderboard.DEE(2.0, "")
+    assert leaderboard.dee_size(0.30, nll, False) == leaderboard.DEE(1.0, "")
+    assert leaderboard.dee_size(0.925, acc, True).size == pytest.approx(2.5)
+    assert leaderboard.dee_size(0.9325, acc, True).size == pytest.approx(3.5)
     # outside the curve: no extrapolation, the bound is reported
-    assert R.dee_size(0.20, nll, False) == R.DEE(4.0, ">") and str(R.dee_size(0.20, nll, False)) == ">4.00"
-    assert R.dee_size(0.35, nll, False) == R.DEE(1.0, "<")
-    assert R.dee_size(0.95, acc, True) == R.DEE(4.0, ">")
+    assert leaderboard.dee_size(0.20, nll, False) == leaderboard.DEE(4.0, ">") and str(leaderboard.dee_size(0.20, nll, False)) == ">4.00"
+    assert leaderboard.dee_size(0.35, nll, False) == leaderboard.DEE(1.0, "<")
+    assert leaderboard.dee_size(0.95, acc, True) == leaderboard.DEE(4.0, ">")
     with pytest.raises(ValueError):
-        R.dee_size(0.25, [(2, 0.24), (3, 0.22)], False)     # no size 1
+        leaderboard.dee_size(0.25, [(2, 0.24), (3, 0.22)], False)     # no size 1
 
 
 def test_dee_uses_the_running_best_of_a_noisy_curve():
     noisy = [(1, 0.30), (2, 0.24), (3, 0.25), (4, 0.21)]   # DE-3 measured worse than DE-2
     # 0.245 is first reached between sizes 1 and 2, not again between 2 and 3
-    assert R.dee_size(0.245, noisy, False).size == pytest.approx(1 + 0.055 / 0.06)
+    assert leaderboard.dee_size(0.245, noisy, False).size == pytest.approx(1 + 0.055 / 0.06)
     # between 2 and 4 the curve is the envelope: 0.24 at size 3, 0.21 at size 4
-    assert R.dee_size(0.23, noisy, False).size == pytest.approx(3 + 0.01 / 0.03)
-    assert R.dee_size(0.24, noisy, False).size == pytest.approx(2.0)
+    assert leaderboard.dee_size(0.23, noisy, False).size == pytest.approx(3 + 0.01 / 0.03)
+    assert leaderboard.dee_size(0.24, noisy, False).size == pytest.approx(2.0)
 
 
 def test_dee_of_records():
@@ -64,31 +64,31 @@ def test_dee_of_records():
         rec("other-epochs", "bridge", members=2, nll_ts=0.27, epochs=100),
         rec("failed", "bridge", members=2, nll_ts=0.1, status="failed"),
     ]
-    got = R.dee(recs)                       # default metric: temperature-scaled NLL
+    got = leaderboard.dee(recs)                       # default metric: temperature-scaled NLL
     assert set(got) == {"single-0", "single-1", "de2", "de3", "de4", "bridge-a", "bridge-b"}
     assert got["bridge-a"].size == pytest.approx(1.5) and got["bridge-a"].bound == ""
-    assert got["bridge-b"] == R.DEE(4.0, ">")
-    assert got["de3"] == R.DEE(3.0, "")
-    assert got["single-0"] == R.DEE(1.0, "<")                      # worse than the seed mean
+    assert got["bridge-b"] == leaderboard.DEE(4.0, ">")
+    assert got["de3"] == leaderboard.DEE(3.0, "")
+    assert got["single-0"] == leaderboard.DEE(1.0, "<")                      # worse than the seed mean
     assert got["single-1"].size == pytest.approx(1 + 0.01 / 0.06)
-    acc = R.dee(recs, metric="acc")
+    acc = leaderboard.dee(recs, metric="acc")
     assert acc["bridge-a"].size == pytest.approx(2.5)
-    assert R.dee([r for r in recs if r["method"]["name"] != "deep_ensemble"]) == {}   # one size only: no curve
+    assert leaderboard.dee([r for r in recs if r["method"]["name"] != "deep_ensemble"]) == {}   # one size only: no curve
 
 
 def test_leaderboard_adds_dee_columns_when_a_de_curve_exists():
     recs = de_records() + [rec("bridge-a", "bridge", members=2, nll_ts=0.27, acc=0.925, seed=0),
                            rec("bridge-a1", "bridge", members=2, nll_ts=0.25, acc=0.915, seed=1)]
-    df = R.leaderboard(recs)
+    df = leaderboard.leaderboard(recs)
     row = df[df["method"] == "bridge"].iloc[0]
     # the row's seed means (nll_ts 0.26, acc 0.92) read off the DE curve of the rows' means
     assert row["dee_nll_ts"] == pytest.approx(1 + 0.04 / 0.06) and row["dee_nll_ts_bound"] == ""
     assert row["dee_acc"] == pytest.approx(2.0)
     de4 = df[(df["method"] == "deep_ensemble") & (df["num_members"] == 4)].iloc[0]
     assert de4["dee_nll_ts"] == pytest.approx(4.0)
-    no_curve = R.leaderboard([r for r in recs if r["method"]["name"] != "deep_ensemble"])
+    no_curve = leaderboard.leaderboard([r for r in recs if r["method"]["name"] != "deep_ensemble"])
     assert not any(c.startswith("dee_") for c in no_curve.columns)
-    other = R.leaderboard(de_records() + [rec("x", "bridge", members=2, nll_ts=0.2, backbone="resnet56")])
+    other = leaderboard.leaderboard(de_records() + [rec("x", "bridge", members=2, nll_ts=0.2, backbone="resnet56")])
     x = other[other["method"] == "bridge"].iloc[0]
     assert math.isnan(x["dee_nll_ts"]) and x["dee_nll_ts_bound"] == ""
 
@@ -106,15 +106,15 @@ def test_leaderboard_and_dee_keep_training_recipes_apart():
         _with(rec("bridge-wd", "bridge", members=2, nll_ts=0.27, seed=1), weight_decay=1e-4),
         _with(rec("single-wd", "single", nll_ts=0.5, seed=2), weight_decay=1e-4),
     ]
-    got = R.dee(recs)
+    got = leaderboard.dee(recs)
     assert got["bridge-a"].size == pytest.approx(1.5)
     assert "bridge-wd" not in got and "single-wd" not in got      # its recipe has no DE curve
-    df = R.leaderboard(recs)
+    df = leaderboard.leaderboard(recs)
     bridges = df[df["method"] == "bridge"]
     assert len(bridges) == 2 and list(bridges["n_seeds"]) == [1, 1]
     singles = df[df["method"] == "single"]
     assert sorted(singles["n_seeds"]) == [1, 2]
-    md = R.format_markdown(df)
+    md = formatting.format_markdown(df)
     assert "weight_decay=0.0001" in md and "weight_decay=0.0005" in md
-    assert R.recipe_differences(['{"a":1,"momentum":0.9}', '{"momentum":0.9}']) == ["", ""]   # unknown keys
-    assert R.recipe_differences(['{"momentum":0.9}', '{"momentum":0.0}']) == ["momentum=0.9", "momentum=0.0"]
+    assert columns.recipe_differences(['{"a":1,"momentum":0.9}', '{"momentum":0.9}']) == ["", ""]   # unknown keys
+    assert columns.recipe_differences(['{"momentum":0.9}', '{"momentum":0.0}']) == ["momentum=0.9", "momentum=0.0"]

@@ -2,17 +2,17 @@ import pytest
 import torch
 
 import ensemble_bench.methods as methods
+from ensemble_bench.errors import UsageError
 from ensemble_bench.layers import copy_grouped_into_members
 from conftest import ensemble_vs_members, fit_method
 
 
 def test_registry():
     assert {"single", "deep_ensemble"} <= set(methods.names())
-    with pytest.raises(RuntimeError, match="registered twice"):
+    with pytest.raises(UsageError, match="registered twice"):
         @methods.register("single")
         class Another(methods.Method):
             pass
-    from ensemble_bench.errors import UsageError
     with pytest.raises(UsageError, match="choose from"):
         methods.get("nope")
 

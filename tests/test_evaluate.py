@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble_bench import results as R
+from ensemble_bench import formatting, leaderboard, predictions, records
 from ensemble_bench.cli import main
 
 CORRUPTIONS = ("gaussian_noise", "contrast")
@@ -297,7 +297,7 @@ def test_every_method_rebuilds_from_its_weights(tmp_path, capsys):
         cfg, _, model = rebuild(rec, out)
         assert cfg.run_id() == rid
         logits = Trainer(bundle, cfg, "cpu").predict(model, bundle.test.x)
-        saved = R.load_predictions(out, rid, dtype=None)["logits"]
+        saved = predictions.load_predictions(out, rid, dtype=None)["logits"]
         np.testing.assert_array_equal(logits.numpy().astype(np.float16), saved, err_msg=rec["method"]["name"])
     before = {r["run_id"]: json.loads((out / f"{r['run_id']}.json").read_text()) for r in records}
     code, stdout, err = run_cli(capsys, "evaluate", out, "--ood", "photos", "--device", "cpu", "--no-progress")
@@ -346,7 +346,7 @@ def test_leaderboard_shift_columns_and_mce():
     recs.append(_shift_record("de0", "deep_ensemble", 0, de, members=4))
     recs.append(_shift_record("pk0", "packed", 0, de, members=4, size_reference=False, lr=0.05))   # other recipe
     recs.append(_shift_record("mm0", "mimo", 0, de, members=3, size_reference=False, n=10))        # other set size
-    df = R.leaderboard(recs)
+    df = leaderboard.leaderboard(recs)
     row = {r["method"]: r for _, r in df.iterrows()}
     assert "_shift_errors" not in df.columns
     # by hand: per corruption, the errors summed over severities / the single model's (mean of its 2 seeds)
@@ -360,34 +360,34 @@ def test_leaderboard_shift_columns_and_mce():
     assert row["single"]["shift_acc_s2_mean"] == pytest.approx(np.mean([0.8, 0.8, 0.8, 0.7]))
     assert row["single"]["shift_acc_s2_std"] == pytest.approx(np.std([0.8, 0.75], ddof=1))
     assert row["deep_ensemble"]["acc_at_95_mean"] == 0.93 and row["deep_ensemble"]["aurc_mean"] == 0.01
-    md = R.format_markdown(df)
+    md = formatting.format_markdown(df)
     assert "shift acc (%)" in md and "mCE (%)" in md and "| 100.0 |" in md
     # a seed without a shift evaluation: the row's shift values are NaN, never averaged over fewer seeds
     partial = copy.deepcopy(recs[:2])
     del partial[1]["metrics"]["shift"]
-    r2 = R.leaderboard(partial).iloc[0]
+    r2 = leaderboard.leaderboard(partial).iloc[0]
     assert math.isnan(r2["shift_acc_mean"]) and math.isnan(r2["mce"])
     # without any shift evaluation: no shift columns, and the markdown has none
     plain = copy.deepcopy(recs[:2])
     for r in plain:
         del r["metrics"]["shift"]
-    df3 = R.leaderboard(plain)
+    df3 = leaderboard.leaderboard(plain)
     assert "shift_acc_mean" not in df3.columns and "mce" not in df3.columns
-    assert "shift acc" not in R.format_markdown(df3)
+    assert "shift acc" not in formatting.format_markdown(df3)
 
 
 def test_higher_is_better_directions():
     for m in ("acc", "member_acc", "acc_at_95", "shift_acc", "shift_acc_s3", "auroc_svhn", "aupr_in_svhn"):
-        assert R.higher_is_better(m), m
+        assert leaderboard.higher_is_better(m), m
     for m in ("nll", "ece", "ece_adaptive", "aurc", "brier", "fpr95_svhn", "shift_nll", "shift_ece", "mce"):
-        assert not R.higher_is_better(m), m
+        assert not leaderboard.higher_is_better(m), m
 
 
 def test_corruption_error_edge_cases():
-    assert R.corruption_error({"fog": {"1": 0.2}}, {"fog": {"1": 0.4}}) == pytest.approx(50.0)
-    assert math.isnan(R.corruption_error({"fog": {"1": 0.2}}, {"snow": {"1": 0.4}}))       # cell missing
-    assert math.isnan(R.corruption_error({"fog": {"1": 0.2}}, {"fog": {"1": 0.0}}))        # reference perfect
-    assert math.isnan(R.corruption_error({}, {"fog": {"1": 0.4}}))
+    assert leaderboard.corruption_error({"fog": {"1": 0.2}}, {"fog": {"1": 0.4}}) == pytest.approx(50.0)
+    assert math.isnan(leaderboard.corruption_error({"fog": {"1": 0.2}}, {"snow": {"1": 0.4}}))       # cell missing
+    assert math.isnan(leaderboard.corruption_error({"fog": {"1": 0.2}}, {"fog": {"1": 0.0}}))        # reference perfect
+    assert math.isnan(leaderboard.corruption_error({}, {"fog": {"1": 0.4}}))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -399,9 +399,9 @@ def test_report_has_severity_and_risk_coverage_figures(cifar_run, tmp_path):
     rep = build_report(out, tmp_path / "report")
     stems = {Path(f.stem).name for f in rep.figures}
     assert {"shift_severity", "risk_coverage"} <= stems
-    from ensemble_bench.report import _shift_pool
+    from ensemble_bench.report.figures_shift import _shift_pool
 
-    pooled = _shift_pool(R.load_predictions(out, rec["run_id"]))     # the risk-coverage of the shifted panel
+    pooled = _shift_pool(predictions.load_predictions(out, rec["run_id"]))     # the risk-coverage of the shifted panel
     assert pooled is not None and pooled[0].shape == (2 * 5 * 50, 10) and pooled[1].shape == (500,)
     for stem in ("shift_severity", "risk_coverage"):
         assert (tmp_path / "report" / "figures" / "cifar10_resnet8" / f"{stem}.png").is_file()
@@ -416,6 +416,6 @@ def test_report_has_severity_and_risk_coverage_figures(cifar_run, tmp_path):
     plain.mkdir()
     r = copy.deepcopy(rec)
     del r["metrics"]["shift"]
-    R.write_record(plain, r)
+    records.write_record(plain, r)
     rep2 = build_report(plain, tmp_path / "report2")
     assert not {"shift_severity", "risk_coverage"} & {Path(f.stem).name for f in rep2.figures}

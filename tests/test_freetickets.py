@@ -8,7 +8,7 @@ from torch import nn
 import ensemble_bench.methods as methods
 from ensemble_bench.api import StackedEnsemble
 from ensemble_bench.cost import count_flops, count_params
-from ensemble_bench.sparse import DynamicSparsity, erk_densities, maskable_layers
+from ensemble_bench.methods._lib.sparse import DynamicSparsity, erk_densities, maskable_layers
 from conftest import Killed, ensemble_vs_members, fit_method, growing_val_nll, kill_at
 from ensemble_bench.recipe import Recipe
 from ensemble_bench.methods.freetickets import edst_stage_epochs, explore_recipe, window_recipe
@@ -162,7 +162,7 @@ def test_edst_one_run_gives_distinct_best_val_members(digits):
     n_events = sum(1 for s in range(1, sum(steps) + 1) if s % 10 == 0 and s not in info["sparsity"]["jump_steps"]) + 2
     batch = sum(s.samples_seen for s in stages.values()) / sum(steps)
     f = count_flops(model.members[0], x[:1])
-    assert info["train_flops_extra"] == pytest.approx(n_events * batch * (f["flops_dense"] - f["flops"]), rel=0.02)
+    assert ctx.extra_train_flops == pytest.approx(n_events * batch * (f["flops_dense"] - f["flops"]), rel=0.02)
 
 
 def test_edst_killed_in_a_window_resumes_to_the_same_members(digits, tmp_path):
@@ -191,7 +191,7 @@ def test_dst_members_are_independent_sparse_trainings(digits):
         assert trainer.val_metrics(m)["val_acc"] == pytest.approx(st.best_val, abs=1e-9)   # best-validation epoch
         assert ctx.info["members"][k]["updates"] == st.steps // 5 > 0
     assert (masks[0] != masks[1]).float().mean() > 0.1
-    assert ctx.info["train_flops_extra"] > 0 and ctx.info["sparse_kernels"] is False
+    assert ctx.extra_train_flops > 0 and ctx.info["sparse_kernels"] is False
 
 
 # ------------------------------------------------------------------------------------------ real data

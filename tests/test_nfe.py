@@ -154,7 +154,7 @@ def test_timm_backbone_and_bad_options_are_usage_errors(capsys):
     from ensemble_bench.cli import main
 
     assert main(["cost", "--method", "nfe", "--backbone", "timm:resnet18", "--num-classes", "10"]) == 2
-    assert "nfe needs a suite backbone" in capsys.readouterr().err
+    assert "nfe needs a staged backbone" in capsys.readouterr().err
     from ensemble_bench.config import build_options
     cls = methods.get("nfe")
     for bad in ({"exits": 4}, {"sparsity": 1.0}, {"temperature": 0}, {"combine": "median"}):

@@ -116,7 +116,7 @@ def test_cli_cost_and_list(capsys):
 
 
 def test_timm_backbone_is_a_clear_usage_error():
-    with pytest.raises(UsageError, match="packed needs a suite backbone.*resnet18.*cnn_small"):
+    with pytest.raises(UsageError, match="packed needs a staged backbone.*resnet18.*cnn_small"):
         pe("timm:resnet18", 2, 4, 1)
 
 

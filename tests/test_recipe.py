@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ensemble_bench import results
+from ensemble_bench import columns, formatting, leaderboard
 from ensemble_bench.cli import main
 from ensemble_bench.config import make_run_config
 from ensemble_bench.errors import UsageError
@@ -81,7 +81,7 @@ def test_stage_recipes_of_a_multi_stage_method_are_recorded(tmp_path, capsys):
     stages = json.loads((out / f"{s['run_id']}.json").read_text())["training"]["stages"]
     assert stages["explore"]["recipe_changes"] == {"schedule": "constant"} and stages["explore"]["converges"] is False
     assert stages["window0"]["recipe_changes"]["lr"] == pytest.approx(0.01)
-    df = results.leaderboard([json.loads((out / f"{s['run_id']}.json").read_text())])
+    df = leaderboard.leaderboard([json.loads((out / f"{s['run_id']}.json").read_text())])
     assert "explore: schedule=constant" in df.loc[0, "stage_recipes"]
 
 
@@ -98,32 +98,32 @@ def test_convergence_rule():
     flat = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.01, 1.005, 1.003, 1.002]
     noisy = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.00, 1.06, 0.99, 1.04]      # flat within noise: converged
     steep = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
-    assert results.stage_converged({"curve": [{"val_nll": v} for v in flat]}) is True
-    assert results.stage_converged({"curve": [{"val_nll": v} for v in steep]}) is False
+    assert columns.stage_converged({"curve": [{"val_nll": v} for v in flat]}) is True
+    assert columns.stage_converged({"curve": [{"val_nll": v} for v in steep]}) is False
     worse = flat[:-1] + [1.2]                                            # overfitting: not improving
-    assert results.stage_converged({"curve": [{"val_nll": v} for v in worse]}) is True
-    assert results.stage_converged({"curve": [{"val_nll": v} for v in noisy]}) is True
+    assert columns.stage_converged({"curve": [{"val_nll": v} for v in worse]}) is True
+    assert columns.stage_converged({"curve": [{"val_nll": v} for v in noisy]}) is True
     annealed = [2.0, 1.6, 1.3, 1.1, 1.0, 0.9, 0.8, 0.79, 0.788, 0.787, 0.787, 0.786]   # cosine: drop, then flat
-    assert results.stage_converged({"curve": [{"val_nll": v} for v in annealed]}) is True
+    assert columns.stage_converged({"curve": [{"val_nll": v} for v in annealed]}) is True
     falling = [2.0, 1.6, 1.3, 1.1, 1.0, 0.95, 0.90, 0.86, 0.82, 0.78, 0.74, 0.70]
-    assert results.stage_converged({"curve": [{"val_nll": v} for v in falling]}) is False
-    assert results.stage_converged({"curve": [{"val_nll": 1.0}]}) is None
-    assert results.record_converged(_rec({"a": flat, "b": steep})) is False
-    assert results.record_converged(_rec({"a": flat, "b": steep}) | {}) is False
+    assert columns.stage_converged({"curve": [{"val_nll": v} for v in falling]}) is False
+    assert columns.stage_converged({"curve": [{"val_nll": 1.0}]}) is None
+    assert columns.record_converged(_rec({"a": flat, "b": steep})) is False
+    assert columns.record_converged(_rec({"a": flat, "b": steep}) | {}) is False
     explore = _rec({"a": flat})
     explore["training"]["stages"]["x"] = {"curve": [{"val_nll": v} for v in steep], "converges": False}
-    assert results.record_converged(explore) is True
-    df = results.leaderboard([_rec({"a": flat}, 0), _rec({"a": steep}, 1)])
+    assert columns.record_converged(explore) is True
+    df = leaderboard.leaderboard([_rec({"a": flat}, 0), _rec({"a": steep}, 1)])
     assert len(df) == 1 and df.loc[0, "converged"] is False or df.loc[0, "converged"] == False  # noqa: E712
-    md = results.format_markdown(df)
-    assert "**no**" in md and f"{results.CONVERGENCE_TOL:.0%}" in md
+    md = formatting.format_markdown(df)
+    assert "**no**" in md and f"{columns.CONVERGENCE_TOL:.0%}" in md
 
 
 def test_busy_latency_is_marked():
     rec = _rec({"a": [1.0, 1.0]})
     rec["cost"] = {"latency_ms": 151.0, "latency_ms_p10": 15.0, "latency_ms_p90": 160.0}
-    df = results.leaderboard([rec])
-    assert bool(df.loc[0, "latency_busy"]) and "†" in results.format_markdown(df)
+    df = leaderboard.leaderboard([rec])
+    assert bool(df.loc[0, "latency_busy"]) and "†" in formatting.format_markdown(df)
 
 
 # ----------------------------------------------------------------------------- a row is one experiment
@@ -147,7 +147,7 @@ def test_a_data_subset_is_another_experiment(tmp_path, shared_data):
     # and the leaderboard never pools them as seeds
     recs = [{**_rec({"a": [1.0, 1.0]}, seed=s), "config": {**_rec({}, s)["config"], "data_id": d}}
             for s, d in ((0, full.data_id), (1, part.data_id))]
-    assert len(results.leaderboard(recs)) == 2
+    assert len(leaderboard.leaderboard(recs)) == 2
 
 
 def test_a_complete_record_from_other_code_is_named_when_skipped(tmp_path, capsys):
@@ -162,8 +162,8 @@ def test_a_complete_record_from_other_code_is_named_when_skipped(tmp_path, capsy
     assert code == 0 and "made by other code" in err and "method_sha256" in err and "--force" in err
     # seeds made by different code are marked in the leaderboard
     other = {**rec, "run_id": "x", "config": {**rec["config"], "seed": 1}, "code": {**rec["code"], "method_sha256": "1" * 16}}
-    df = results.leaderboard([rec, other])
-    assert df.loc[0, "code_versions"] == 2 and "‡" in results.format_markdown(df)
+    df = leaderboard.leaderboard([rec, other])
+    assert df.loc[0, "code_versions"] == 2 and "‡" in formatting.format_markdown(df)
 
 
 def test_identical_runs_keep_identical_ids_whatever_the_spelling():

@@ -1,5 +1,5 @@
 """Reports: the Pareto front and reliability bins by hand; the DEE size curve from method.size_reference
-(DEE itself is results.dee_size, tested in test_dee.py); a report from a real run folder (every
+(DEE itself is the leaderboard engine's, ensemble_bench.leaderboard, tested in test_dee.py); a report from a real run folder (every
 figure present, every HTML reference resolves); partial sweeps; devices never share a column; bad
 folders give one line and exit code 2."""
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pytest
 
 from ensemble_bench import report
 from ensemble_bench.cli import main
-from ensemble_bench import results
+from ensemble_bench.leaderboard import DEE
 from ensemble_bench.report import pareto_front
+from ensemble_bench.report.model import dee_for, dee_metric, dee_text
+from ensemble_bench.report.render import leaderboard_columns
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,9 +73,9 @@ def test_pareto_front_is_exactly_the_non_dominated_set_on_random_points():
 
 
 def test_dee_text_and_guards():
-    # the rule itself (running best, interpolation, bounds) is results.dee_size: tests/test_dee.py
-    assert report._dee_text(results.DEE(4.0, ">")) == ">4" and report._dee_text(results.DEE(2.5)) == "2.5"
-    assert report._dee_text(results.DEE(1.0, "<")) == "<1" and report._dee_text(results.DEE(3.0)) == "3"
+    # the rule itself (running best, interpolation, bounds) is leaderboard.dee_size: tests/test_dee.py
+    assert dee_text(DEE(4.0, ">")) == ">4" and dee_text(DEE(2.5)) == "2.5"
+    assert dee_text(DEE(1.0, "<")) == "<1" and dee_text(DEE(3.0)) == "3"
 
 
 def test_reliability_bins_reproduce_the_ece_metric():
@@ -94,7 +96,7 @@ def test_reliability_bins_reproduce_the_ece_metric():
 
 
 # --------------------------------------------------------------------------------------------
-# hand-made records (schema of ensemble_bench.results)
+# hand-made records (schema of ensemble_bench.records)
 # --------------------------------------------------------------------------------------------
 DEV_A, DEV_B = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
 
@@ -150,9 +152,9 @@ def test_size_family_comes_from_size_reference():
     g2 = next(c for c in sec.configs if c.method == "gamma" and c.num_members == 2)
     g4 = next(c for c in sec.configs if c.method == "gamma" and c.num_members == 4)
     # NLL curve 0.40 / 0.30 / 0.20 at M = 1 / 2 / 4: 0.25 sits halfway between 2 and 4 -> 3.0 (nll_ts = 0.9 x)
-    assert report._dee_for(fam, g2, "nll_ts", False).size == pytest.approx(3.0)
-    assert report._dee_for(fam, g4, "nll_ts", False) == results.DEE(4.0, ">")
-    cols = {c.header: c for c in report.leaderboard_columns(sec, fam)}
+    assert dee_for(fam, g2, "nll_ts", False).size == pytest.approx(3.0)
+    assert dee_for(fam, g4, "nll_ts", False) == DEE(4.0, ">")
+    cols = {c.header: c for c in leaderboard_columns(sec, fam)}
     dee = cols["DEE (by nll_ts, members)"]
     by_label = dict(zip(cols["method"].cells, dee.cells))
     assert by_label["beta (m=4)"] == "4 (curve)" and by_label["alpha"] == "1 (curve)"
@@ -161,20 +163,14 @@ def test_size_family_comes_from_size_reference():
     assert dict(zip(cols["method"].cells, dee.best)) == {"alpha": False, "beta (m=2)": False, "beta (m=4)": False,
                                                           "gamma (m=2)": False, "gamma (m=4)": True,
                                                           "delta (m=2)": False, "delta (m=3)": True}
-    # the DEE the report shows is results.dee of the records (one seed per config) and the leaderboard's
-    want = results.dee(recs, "nll_ts")
-    lb = results.leaderboard(recs)
+    # the table shows the engine's DEE of every config
     for c in sec.configs:
-        (run_id,) = [r["run_id"] for r in c.rows]
-        d = report._dee_for(fam, c, "nll_ts", False)
-        assert d == want[run_id]
-        assert by_label[c.label].split(" ")[0] == report._dee_text(d)    # "2 (curve)" on the curve
-        row = lb[lb["run_ids"] == run_id].iloc[0]
-        assert (row["dee_nll_ts"], row["dee_nll_ts_bound"]) == (pytest.approx(d.size), d.bound)
+        d = dee_for(fam, c, "nll_ts", False)
+        assert by_label[c.label].split(" ")[0] == dee_text(d)    # "2 (curve)" on the curve
     # params exactly M x one member without size_reference: no family (and no DEE column)
     (sec_d,) = report.group_sections(recs[:1] + recs[5:])
     assert report.find_size_family(sec_d.configs) is None
-    assert not any(c.header.startswith("DEE") for c in report.leaderboard_columns(sec_d, None))
+    assert not any(c.header.startswith("DEE") for c in leaderboard_columns(sec_d, None))
     # no family without two sizes
     (sec1,) = report.group_sections(recs[:1] + recs[3:])
     assert report.find_size_family(sec1.configs) is None
@@ -199,21 +195,19 @@ def test_size_family_prefers_the_recipe_with_most_sizes_and_never_crashes_on_odd
     fam = report.find_size_family(sec.configs)
     assert sorted(fam.by_size) == [1.0, 2.0, 4.0] and fam.recipe[0] == 100 and "epochs=100" in fam.reason
     g = {c.fields["epochs"]: c for c in sec.configs if c.method == "gamma"}
-    assert report._dee_for(fam, g[100], "nll_ts", False).size == pytest.approx(1.5)
-    assert report._dee_for(fam, g[200], "nll_ts", False) is None     # another recipe: not read off this curve
-    cells = dict(zip(*(c.cells for c in report.leaderboard_columns(sec, fam) if c.header in ("method", "DEE (by nll_ts, members)"))))
+    assert dee_for(fam, g[100], "nll_ts", False).size == pytest.approx(1.5)
+    assert dee_for(fam, g[200], "nll_ts", False) is None     # another recipe: not read off this curve
+    cells = dict(zip(*(c.cells for c in leaderboard_columns(sec, fam) if c.header in ("method", "DEE (by nll_ts, members)"))))
     assert list(cells.values()).count("–") == 3   # gamma and the size-reference configs of epochs 200
-    want = results.dee(recs, "nll_ts")
-    assert want["g100"] == report._dee_for(fam, g[100], "nll_ts", False)
     # a missing value and an unusable curve give no DEE, never an exception
     g[100].rows[0]["nll_ts"] = math.nan
-    assert report._dee_for(fam, g[100], "nll_ts", False) is None
+    assert dee_for(fam, g[100], "nll_ts", False) is None
     for c in fam.by_size[1.0]:
         for r in c.rows:
             r["nll_ts"] = math.nan
-    assert not fam.usable("nll_ts") and report._dee_for(fam, g[200], "nll_ts", False) is None
-    assert report._dee_metric(sec, fam) == ("nll", False)
-    assert any(c.header == "DEE (by nll, members)" for c in report.leaderboard_columns(sec, fam))
+    assert not fam.usable("nll_ts") and dee_for(fam, g[200], "nll_ts", False) is None
+    assert dee_metric(fam) == ("nll", False)
+    assert any(c.header == "DEE (by nll, members)" for c in leaderboard_columns(sec, fam))
 
 
 def _table(html_text: str, index: int = 0) -> tuple[list[str], list[list[str]], list[list[bool]]]:

@@ -1,4 +1,4 @@
-"""Tests for ensemble_bench.results: atomic writes, loading, predictions, leaderboard aggregation."""
+"""Tests for the record files (ensemble_bench.records, .predictions, .environment) and the leaderboard: atomic writes, loading, predictions, leaderboard aggregation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_bench import results as R
+from ensemble_bench import columns, environment, formatting, leaderboard, predictions, records
 
 
 def make_record(run_id="r0", *, method="deep_ensemble", options=None, seed=0, acc=0.9, nll=0.3, ece=0.02,
@@ -29,7 +29,7 @@ def make_record(run_id="r0", *, method="deep_ensemble", options=None, seed=0, ac
                  "entropy": {"auroc": 0.91, "aupr_in": 0.8, "aupr_out": 0.85, "fpr95": 0.3},
                  "mi": {"auroc": 0.7, "aupr_in": 0.6, "aupr_out": 0.65, "fpr95": 0.5}}}
     return {
-        "schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": status,
+        "schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": status,
         "config": {"method": method, "backbone": backbone, "dataset": dataset, "epochs": 10, "seed": seed,
                    "batch_size": 128, "lr": 0.1, "options": dict(options)},
         "method": {"name": method, "options": dict(options), "combine": "probs",
@@ -52,14 +52,14 @@ def test_write_read_round_trip(tmp_path):
     rec = make_record("abc123")
     rec["metrics"]["np_value"] = np.float32(0.5)   # numpy scalars become plain numbers
     rec["metrics"]["nan_value"] = float("nan")     # non-finite -> null (strict JSON)
-    p = R.write_record(tmp_path / "runs", rec)
+    p = records.write_record(tmp_path / "runs", rec)
     assert p == tmp_path / "runs" / "abc123.json"
-    back = R.read_record(p)
+    back = records.read_record(p)
     assert back["run_id"] == "abc123" and back["config"] == rec["config"]
     assert back["metrics"]["np_value"] == 0.5 and back["metrics"]["nan_value"] is None
     json.loads(p.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert R.record_status(tmp_path / "runs", "abc123") == "complete"
-    assert R.record_status(tmp_path / "runs", "nope") is None
+    assert records.record_status(tmp_path / "runs", "abc123") == "complete"
+    assert records.record_status(tmp_path / "runs", "nope") is None
 
 
 def test_write_record_validates(tmp_path):
@@ -67,38 +67,38 @@ def test_write_record_validates(tmp_path):
     for key in ("run_id", "status", "schema_version"):
         bad = dict(rec)
         del bad[key]
-        with pytest.raises(R.RecordError, match=key):
-            R.write_record(tmp_path, bad)
-    with pytest.raises(R.RecordError):
-        R.write_record(tmp_path, {**rec, "status": "done"})
-    with pytest.raises(R.RecordError):
-        R.write_record(tmp_path, {**rec, "run_id": "../escape"})
+        with pytest.raises(records.RecordError, match=key):
+            records.write_record(tmp_path, bad)
+    with pytest.raises(records.RecordError):
+        records.write_record(tmp_path, {**rec, "status": "done"})
+    with pytest.raises(records.RecordError):
+        records.write_record(tmp_path, {**rec, "run_id": "../escape"})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_write_no_temp_and_failed_serialisation_keeps_old(tmp_path):
     p = tmp_path / "x.json"
-    R.write_json_atomic(p, {"a": 1})
-    R.write_json_atomic(p, {"a": 2})
+    records.write_json_atomic(p, {"a": 1})
+    records.write_json_atomic(p, {"a": 2})
     assert json.loads(p.read_text()) == {"a": 2}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["x.json"]
     before = p.read_bytes()
     with pytest.raises(TypeError):
-        R.write_json_atomic(p, {"a": 3, "bad": object()})
+        records.write_json_atomic(p, {"a": 3, "bad": object()})
     assert p.read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["x.json"]
 
 
 def test_failed_write_midway_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     p = tmp_path / "y.json"
-    R.write_json_atomic(p, {"a": 1})
+    records.write_json_atomic(p, {"a": 1})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.os, "fsync", boom)
+    monkeypatch.setattr(records.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
-        R.write_json_atomic(p, {"a": 2})
+        records.write_json_atomic(p, {"a": 2})
     assert json.loads(p.read_text()) == {"a": 1}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["y.json"]
 
@@ -111,7 +111,7 @@ def _writer(args):
         for run_id in (f"own-{proc}-{i % 5}", "shared", f"shared-{i % 3}"):
             rec = {"schema_version": 1, "run_id": run_id, "status": "complete", "payload": payload,
                    "config": {}, "metrics": {"acc": 0.5, "nll": 1.0}}
-            R.write_record(out_dir, rec)
+            records.write_record(out_dir, rec)
     return proc
 
 
@@ -125,8 +125,8 @@ def test_concurrent_writers_never_leave_unreadable_files(tmp_path):
         while not res.ready():   # read while they write: every visible record must parse
             for f in out.glob("*.json"):
                 try:
-                    rec = R.read_record(f)
-                except R.RecordError as e:
+                    rec = records.read_record(f)
+                except records.RecordError as e:
                     if "cannot read" in str(e):  # replaced between glob and open: fine
                         continue
                     raise
@@ -137,9 +137,9 @@ def test_concurrent_writers_never_leave_unreadable_files(tmp_path):
     names = sorted(f.name for f in out.iterdir())
     assert not [n for n in names if not n.endswith(".json")], names   # no leftover temp files
     assert len(names) == 4 * 5 + 1 + 3
-    records, problems = R.load_records(out)
-    assert problems == [] and len(records) == 24
-    shared = R.read_record(out / "shared.json")
+    recs, problems = records.load_records(out)
+    assert problems == [] and len(recs) == 24
+    shared = records.read_record(out / "shared.json")
     blob = shared["payload"]["blob"]
     assert len(set(blob)) == 1  # one writer's complete content, not a mix
 
@@ -148,18 +148,18 @@ def test_concurrent_writers_never_leave_unreadable_files(tmp_path):
 
 
 def test_load_records_skips_and_reports_bad_files(tmp_path):
-    R.write_record(tmp_path, make_record("good1"))
-    R.write_record(tmp_path, make_record("good2"))
-    R.write_record(tmp_path, make_record("fail1", status="failed"))
+    records.write_record(tmp_path, make_record("good1"))
+    records.write_record(tmp_path, make_record("good2"))
+    records.write_record(tmp_path, make_record("fail1", status="failed"))
     full = (tmp_path / "good1.json").read_text()
     (tmp_path / "truncated.json").write_text(full[: len(full) // 2])
     (tmp_path / "notrecord.json").write_text(json.dumps({"hello": "world"}))
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / ".good3.json.abc.tmp").write_text("{partial")  # a writer's temp file
-    R.save_predictions(tmp_path, "good1", logits=np.zeros((2, 3, 4)), labels=np.zeros(3, dtype=int))
+    predictions.save_predictions(tmp_path, "good1", logits=np.zeros((2, 3, 4)), labels=np.zeros(3, dtype=int))
 
-    records, problems = R.load_records(tmp_path)
-    assert sorted(r["run_id"] for r in records) == ["good1", "good2"]
+    recs, problems = records.load_records(tmp_path)
+    assert sorted(r["run_id"] for r in recs) == ["good1", "good2"]
     assert len(problems) == 3
     joined = "\n".join(problems)
     assert "truncated.json" in joined and "invalid JSON" in joined
@@ -167,28 +167,28 @@ def test_load_records_skips_and_reports_bad_files(tmp_path):
     assert "list.json" in joined
     assert all("\n" not in p for p in problems)
 
-    everything, _ = R.load_records(tmp_path, statuses=None)
+    everything, _ = records.load_records(tmp_path, statuses=None)
     assert sorted(r["run_id"] for r in everything) == ["fail1", "good1", "good2"]
-    failed, _ = R.load_records(tmp_path, statuses=("failed",))
+    failed, _ = records.load_records(tmp_path, statuses=("failed",))
     assert [r["run_id"] for r in failed] == ["fail1"]
 
-    with pytest.raises(R.RecordError):
-        R.read_record(tmp_path / "truncated.json")
-    assert R.record_status(tmp_path, "truncated") is None
-    assert R.record_status(tmp_path, "fail1") == "failed"
+    with pytest.raises(records.RecordError):
+        records.read_record(tmp_path / "truncated.json")
+    assert records.record_status(tmp_path, "truncated") is None
+    assert records.record_status(tmp_path, "fail1") == "failed"
 
 
 def test_load_records_missing_dir(tmp_path):
-    with pytest.raises(R.RecordError, match="does not exist"):
-        R.load_records(tmp_path / "absent")
-    assert issubclass(R.RecordError, ValueError)
+    with pytest.raises(records.RecordError, match="does not exist"):
+        records.load_records(tmp_path / "absent")
+    assert issubclass(records.RecordError, ValueError)
 
 
 def test_read_record_rejects_newer_schema(tmp_path):
     p = tmp_path / "new.json"
-    p.write_text(json.dumps({**make_record("new"), "schema_version": R.SCHEMA_VERSION + 1}))
-    with pytest.raises(R.RecordError, match="newer"):
-        R.read_record(p)
+    p.write_text(json.dumps({**make_record("new"), "schema_version": records.SCHEMA_VERSION + 1}))
+    with pytest.raises(records.RecordError, match="newer"):
+        records.read_record(p)
 
 
 # ---------------------------------------------------------------------------- leaderboard
@@ -199,7 +199,7 @@ def _std(xs):
 
 
 def test_flatten_record_columns():
-    row = R.flatten_record(make_record("r", seed=2))
+    row = columns.flatten_record(make_record("r", seed=2))
     assert row["dataset"] == "cifar10" and row["backbone"] == "resnet18" and row["method"] == "deep_ensemble"
     assert row["config_key"] == '{"num_members":4}'
     assert row["auroc_svhn"] == pytest.approx(0.92)          # msp score
@@ -208,9 +208,9 @@ def test_flatten_record_columns():
     assert row["latency_device"] == "NVIDIA H100" and row["train_device"] == "NVIDIA H100"
     assert row["train_s"] == 100.0 and row["train_flops"] == 3e15 and row["params"] == 1e6
     # absent metrics -> NaN, not errors
-    row = R.flatten_record(make_record("r", with_ts=False))
+    row = columns.flatten_record(make_record("r", with_ts=False))
     assert math.isnan(row["nll_ts"]) and math.isnan(row["ece_ts"])
-    bare = R.flatten_record({"schema_version": 1, "run_id": "x", "status": "complete"})
+    bare = columns.flatten_record({"schema_version": 1, "run_id": "x", "status": "complete"})
     assert math.isnan(bare["acc"]) and bare["method"] is None
 
 
@@ -223,7 +223,7 @@ def test_leaderboard_means_stds_and_rows():
                                 seed=s, acc=pk_acc[s], latency_ms=1.0 + s))
     recs.append(make_record("pk_alt", method="packed", options={"alpha": 3, "num_estimators": 4, "gamma": 1},
                             seed=0, acc=0.5, with_ts=False))
-    df = R.leaderboard(recs)
+    df = leaderboard.leaderboard(recs)
     assert isinstance(df, pd.DataFrame)
     assert len(df) == 3   # one row per (method, options)
     assert list(df["method"]) == ["packed", "deep_ensemble", "packed"]  # acc_mean descending
@@ -246,7 +246,7 @@ def test_leaderboard_means_stds_and_rows():
     assert math.isnan(alt["acc_std"])             # one seed: std is NaN (ddof=1)
     assert math.isnan(alt["nll_ts_mean"])          # absent metric -> NaN
 
-    md = R.format_markdown(df)
+    md = formatting.format_markdown(df)
     assert "±" in md and "alpha=3" in md and "NVIDIA H100" in md and "AUROC svhn" in md
 
 
@@ -254,29 +254,29 @@ def test_leaderboard_never_averages_across_devices():
     recs = [make_record(f"a{s}", seed=s, latency_ms=2.0, latency_device="NVIDIA H100") for s in range(2)]
     recs += [make_record(f"b{s}", seed=s + 2, latency_ms=20.0, latency_device="cpu: AMD EPYC") for s in range(2)]
     recs += [make_record("c0", seed=9, train_device="NVIDIA A100", latency_device="NVIDIA H100", latency_ms=2.0)]
-    df = R.leaderboard(recs)
+    df = leaderboard.leaderboard(recs)
     assert len(df) == 3
     by = {(r.latency_device, r.train_device): r for r in df.itertuples()}
     assert by[("NVIDIA H100", "NVIDIA H100")].latency_ms_mean == 2.0
     assert by[("cpu: AMD EPYC", "NVIDIA H100")].latency_ms_mean == 20.0
     assert by[("NVIDIA H100", "NVIDIA A100")].n_seeds == 1
-    md = R.format_markdown(df)
+    md = formatting.format_markdown(df)
     assert "cpu: AMD EPYC" in md and "devices" in md
 
 
 def test_leaderboard_missing_metric_in_one_seed_is_nan_and_edge_cases(tmp_path):
     recs = [make_record(f"r{s}", seed=s) for s in range(2)]
     del recs[1]["metrics"]["nll_ts"]
-    df = R.leaderboard(recs)
+    df = leaderboard.leaderboard(recs)
     assert math.isnan(df.loc[0, "nll_ts_mean"]) and df.loc[0, "acc_mean"] == pytest.approx(0.9)
     with pytest.warns(UserWarning, match="not 'complete'"):
-        df2 = R.leaderboard(recs + [make_record("f", seed=5, status="failed")])
+        df2 = leaderboard.leaderboard(recs + [make_record("f", seed=5, status="failed")])
     assert df2.loc[0, "n_seeds"] == 2
-    empty = R.leaderboard([])
+    empty = leaderboard.leaderboard([])
     assert len(empty) == 0 and "acc_mean" in empty.columns
-    assert "no results" in R.format_markdown(empty)
+    assert "no results" in formatting.format_markdown(empty)
 
-    R.write_leaderboard(df, tmp_path / "lb" / "lb.csv", tmp_path / "lb" / "lb.md")
+    leaderboard.write_leaderboard(df, tmp_path / "lb" / "lb.csv", tmp_path / "lb" / "lb.md")
     back = pd.read_csv(tmp_path / "lb" / "lb.csv")
     assert back.loc[0, "acc_mean"] == pytest.approx(0.9) and back.loc[0, "n_seeds"] == 2
     assert (tmp_path / "lb" / "lb.md").read_text().startswith("### cifar10")
@@ -293,7 +293,7 @@ def test_predictions_round_trip(tmp_path):
     val_logits = rng.normal(size=(3, 20, 10))
     val_labels = rng.integers(0, 10, size=20)
     ood = {"svhn": rng.normal(size=(3, 30, 10)), "cifar100": rng.normal(size=(3, 40, 10))}
-    p = R.save_predictions(tmp_path, "run1", logits=logits, labels=labels, val_logits=val_logits,
+    p = predictions.save_predictions(tmp_path, "run1", logits=logits, labels=labels, val_logits=val_logits,
                            val_labels=val_labels, ood=ood, combine="logits")
     assert p == tmp_path / "run1.preds.npz"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["run1.preds.npz"]
@@ -303,49 +303,49 @@ def test_predictions_round_trip(tmp_path):
         assert z["labels"].dtype == np.int64
     assert zipfile.ZipFile(p).infolist()[0].compress_type == zipfile.ZIP_DEFLATED
 
-    d = R.load_predictions(tmp_path, "run1")
+    d = predictions.load_predictions(tmp_path, "run1")
     assert d["logits"].shape == (3, 50, 10) and d["val_logits"].shape == (3, 20, 10)
     assert set(d["ood"]) == {"svhn", "cifar100"} and d["ood"]["cifar100"].shape == (3, 40, 10)
     assert d["combine"] == "logits"
     np.testing.assert_array_equal(d["labels"], labels)
     np.testing.assert_allclose(d["logits"][:, 1:], logits[:, 1:], rtol=1e-3, atol=1e-2)
     assert np.isfinite(d["logits"]).all() and d["logits"][0, 0, 0] == 65504.0
-    d16 = R.load_predictions(p, dtype=None)
+    d16 = predictions.load_predictions(p, dtype=None)
     assert d16["logits"].dtype == np.float16
-    via_record = R.load_predictions(tmp_path / "run1.json")
+    via_record = predictions.load_predictions(tmp_path / "run1.json")
     np.testing.assert_array_equal(via_record["val_labels"], val_labels)
 
     # without validation / OOD; torch tensors accepted
     torch = pytest.importorskip("torch")
-    R.save_predictions(tmp_path, "run2", logits=torch.randn(1, 5, 3), labels=torch.arange(5) % 3)
-    d2 = R.load_predictions(tmp_path / "run2.preds.npz")
+    predictions.save_predictions(tmp_path, "run2", logits=torch.randn(1, 5, 3), labels=torch.arange(5) % 3)
+    d2 = predictions.load_predictions(tmp_path / "run2.preds.npz")
     assert d2["val_logits"] is None and d2["ood"] == {} and d2["combine"] == "probs" and d2["logits"].shape == (1, 5, 3)
     with pytest.raises(ValueError):
-        R.save_predictions(tmp_path, "bad", logits=np.zeros((2, 4, 3)), labels=np.zeros(5, dtype=int))
+        predictions.save_predictions(tmp_path, "bad", logits=np.zeros((2, 4, 3)), labels=np.zeros(5, dtype=int))
 
 
 # ---------------------------------------------------------------------------- environment
 
 
 def test_environment_info(tmp_path):
-    info = R.environment_info()
+    info = environment.environment_info()
     for k in ("python", "platform", "torch", "torchvision", "numpy", "hostname", "git_commit", "git_dirty", "cpu", "cuda_device"):
         assert k in info
     assert info["numpy"] == np.__version__
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
     assert info["git_dirty"] in (None, True, False)
-    R.write_json_atomic(tmp_path / "env.json", info)  # serialisable
+    records.write_json_atomic(tmp_path / "env.json", info)  # serialisable
 
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     import os
 
-    R.write_record(tmp_path, make_record("a"))
+    records.write_record(tmp_path, make_record("a"))
     stale = tmp_path / ".a.json.abc123.tmp"          # what a SIGKILL in the middle of a write leaves
     fresh = tmp_path / ".a.json.def456.tmp"          # a concurrent writer's, still writing
     stale.write_text("{half")
     fresh.write_text("{half")
-    old = time.time() - R.STALE_TEMP_S - 60
+    old = time.time() - records.STALE_TEMP_S - 60
     os.utime(stale, (old, old))
-    R.write_record(tmp_path, make_record("a"))
+    records.write_record(tmp_path, make_record("a"))
     assert not stale.exists() and fresh.exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ensemble_bench import results, sweep
+from ensemble_bench import records, sweep
 from ensemble_bench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,11 +185,11 @@ def test_tiny_sweep_is_one_job_array_and_resubmits_nothing(cluster, tmp_path, ca
     with capsys.disabled():
         print(f"\n4-task array: submitted in {submit_s:.1f} s, all records after {time.perf_counter() - t0:.1f} s")
     assert [s.state for s in states] == ["done"] * 4
-    recs, problems = results.load_records(out)
+    recs, problems = records.load_records(out)
     assert not problems
     assert sorted(r["run_id"] for r in recs) == sorted(r.run_id() for r in runs)
     assert all(r["status"] == "complete" and r["metrics"]["acc"] > 0.1 for r in recs)
-    local, _ = results.load_records(local_out)
+    local, _ = records.load_records(local_out)
     assert sorted(r["run_id"] for r in local) == sorted(r["run_id"] for r in recs)
 
     assert main(["sweep-status", str(spec)]) == 0
@@ -213,7 +213,7 @@ def test_a_failing_job_is_recorded_with_its_error_and_the_others_finish(cluster,
     (states,) = wait_until_settled(spec, timeout=180)
     assert [s.state for s in states] == ["failed", "done"]
     assert states[0].error.startswith("TrainingDiverged: training diverged")
-    assert results.record_status(out, good.run_id()) == "complete"
+    assert records.record_status(out, good.run_id()) == "complete"
     # Slurm and submitit saw the job fail, with the run's error
     import submitit
 
@@ -281,7 +281,7 @@ def _check_resumed(out: Path, run, epochs: int, case: str) -> dict:
         # an epoch is logged, then checkpointed: an attempt resumes after the last epoch it logged, or the
         # one before when the signal fell between the two; nothing more is lost
         assert resumed in (logged, logged - 1), (points, err[-4000:])
-    rec = results.read_record(out / f"{run.run_id()}.json")
+    rec = records.read_record(out / f"{run.run_id()}.json")
     assert rec["status"] == "complete"
     assert rec["training"]["epochs_run"] == {"member0": epochs}
     summary = submitit.SlurmJob(folder=out / ".submitit" / "%j", job_id=jid).result()

@@ -1,11 +1,11 @@
-"""benchmark/sparse.py: ERK densities, masks, drop/grow updates, jumps, masks after every step, state."""
+"""methods/_lib/sparse.py: ERK densities, masks, drop/grow updates, jumps, masks after every step, state."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from ensemble_bench.sparse import DynamicSparsity, erk_densities, maskable_layers
+from ensemble_bench.methods._lib.sparse import DynamicSparsity, erk_densities, maskable_layers
 
 
 def small_net():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ensemble_bench import results, sweep
+from ensemble_bench import records, sweep
 from ensemble_bench.cli import main
 from ensemble_bench.config import DERIVED_FIELDS, RUN_FIELDS, NON_IDENTITY_FIELDS, make_run_config
 from ensemble_bench.errors import UsageError
@@ -255,7 +255,7 @@ GOOD_RUN = '[run]\nbackbone = "cnn_small"\ndataset = "digits"\n'
     ('[grid\nmethod = ["single"]\n', "cannot parse"),
     # a method that refuses the backbone: the whole sweep, before anything is submitted
     ('[grid]\nmethod = ["single", "packed"]\n' + GOOD_RUN.replace("cnn_small", "timm:resnet18"),
-     "run (method=packed): packed needs a suite backbone"),
+     "run (method=packed): packed needs a staged backbone"),
 ])
 def test_bad_specs_are_one_line_usage_errors(tmp_path, capsys, text, message):
     path = write(tmp_path, text)
@@ -328,7 +328,7 @@ def test_dry_run_writes_nothing_and_lists_the_runs(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ run states
 def _record(out: Path, rid: str, status: str, error: str | None = None) -> None:
-    results.write_record(out, {"schema_version": results.SCHEMA_VERSION, "run_id": rid, "status": status,
+    records.write_record(out, {"schema_version": records.SCHEMA_VERSION, "run_id": rid, "status": status,
                                "error": error})
 
 
@@ -379,7 +379,7 @@ def test_a_run_locked_by_another_process_is_left_alone(tmp_path):
         assert mine
         summary = sweep.RunJob(cfg.to_dict(), cfg.run_id())()
     assert summary["status"] == "busy"
-    assert results.record_status(cfg.out, cfg.run_id()) is None
+    assert records.record_status(cfg.out, cfg.run_id()) is None
 
 
 def test_a_job_refuses_a_config_whose_id_changed(tmp_path):
@@ -403,7 +403,7 @@ def test_local_sweep_records_skip_and_status(tmp_path, capsys):
     assert main(["sweep", str(spec)]) == 0
     text = capsys.readouterr().out
     assert "4 to run on local" in text and "4 complete, 0 failed" in text
-    recs, problems = results.load_records(out)
+    recs, problems = records.load_records(out)
     assert not problems and sorted(r["run_id"] for r in recs) == sorted(expected)
     assert all(r["status"] == "complete" and r["config"]["epochs"] == 1 for r in recs)
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
@@ -434,8 +434,8 @@ def test_local_failing_run_is_recorded_and_the_others_finish(tmp_path, capsys):
     assert main(["sweep", str(spec)]) == 1
     text = capsys.readouterr().out
     assert f"failed   {bad}  TrainingDiverged" in text and f"complete {good}" in text
-    assert results.record_status(out, good) == "complete"
-    rec = results.read_record(out / f"{bad}.json")
+    assert records.record_status(out, good) == "complete"
+    rec = records.read_record(out / f"{bad}.json")
     assert rec["status"] == "failed" and rec["error"].startswith("TrainingDiverged: training diverged")
     assert main(["sweep-status", str(spec)]) == 0
     text = capsys.readouterr().out
@@ -453,7 +453,7 @@ def test_local_process_pool_gives_the_same_records(tmp_path, capsys):
                  .replace("[options.deep_ensemble]", ""), out=out)
     assert main(["sweep", str(spec), "--workers", "2"]) == 0
     assert "2 complete, 0 failed" in capsys.readouterr().out
-    recs, _ = results.load_records(out)
+    recs, _ = records.load_records(out)
     assert sorted(r["run_id"] for r in recs) == sorted(ids(sweep.expand(sweep.load_spec(spec))))
 
 
@@ -491,7 +491,7 @@ def test_example_specs_cover_the_paper_grid(monkeypatch):
 def _write_records(out: str, worker: int, n: int) -> None:
     for i in range(n):
         rid = "shared-run" if i % 2 else f"run-{worker}-{i}"
-        results.write_record(out, {"schema_version": results.SCHEMA_VERSION, "run_id": rid, "status": "complete",
+        records.write_record(out, {"schema_version": records.SCHEMA_VERSION, "run_id": rid, "status": "complete",
                                    "error": None, "writer": worker, "payload": "x" * (1000 + 37 * i),
                                    "config": {}, "metrics": {"acc": 0.5, "nll": 1.0}})
 
@@ -509,13 +509,13 @@ def test_records_written_by_concurrent_jobs_are_always_whole(tmp_path):
         p.start()
     reads = 0
     while any(p.is_alive() for p in procs) or reads == 0:
-        recs, problems = results.load_records(out, statuses=None)
+        recs, problems = records.load_records(out, statuses=None)
         assert problems == []
         assert all(len(r["payload"]) >= 1000 for r in recs)
         reads += 1
     for p in procs:
         p.join()
         assert p.exitcode == 0
-    recs, problems = results.load_records(out)
+    recs, problems = records.load_records(out)
     assert problems == [] and len(recs) == 4 * 30 + 1
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     same metrics and predictions, the same epochs run; the checkpoints are gone afterwards."""
     import json
 
-    from ensemble_bench import results
+    from ensemble_bench import predictions, records
     from ensemble_bench.config import make_run_config
     from ensemble_bench.runner import execute
 
@@ -115,7 +115,7 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     out = tmp_path / "run"
     with kill_at("member1", 3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
         execute(cfg(out), log=lambda s: None)
-    assert results.record_status(out, ref["run_id"]) == "running"
+    assert records.record_status(out, ref["run_id"]) == "running"
     assert (out / ".ckpt" / ref["run_id"] / "member1.pt").is_file()
     lines: list[str] = []
     rec = execute(cfg(out), log=lines.append)
@@ -125,10 +125,12 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     assert json.dumps(rec["metrics"], sort_keys=True) == json.dumps(ref["metrics"], sort_keys=True)
     assert rec["training"]["epochs_run"] == ref["training"]["epochs_run"] == {"member0": 4, "member1": 4}
     assert rec["training"]["samples_seen"] == ref["training"]["samples_seen"]
-    a = results.load_predictions(tmp_path / "ref", ref["run_id"])
-    b = results.load_predictions(out, rec["run_id"])
+    a = predictions.load_predictions(tmp_path / "ref", ref["run_id"])
+    b = predictions.load_predictions(out, rec["run_id"])
     assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("logits", "labels"))
     assert not (out / ".ckpt" / ref["run_id"]).exists()
+    # the resumed stage is in the stage store too (as the uninterrupted one is), for other runs to reuse
+    assert len(list((out / ".members").glob("*.pt"))) == len(list((tmp_path / "ref" / ".members").glob("*.pt"))) == 2
 
 
 def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):

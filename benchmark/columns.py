@@ -1,0 +1,238 @@
+"""A record as one flat row: the columns the leaderboard aggregates and the rules that make them.
+
+:func:`flatten_record` turns a record (:mod:`ensemble_bench.records`) into identity columns (what makes
+two runs seeds of one configuration: :data:`GROUP_KEYS`), metric, OOD, shift and cost columns, the
+devices, and per-run flags: whether training converged (the convergence rule below), whether the
+latency was measured on a busy machine, and which code made it. To add a leaderboard column, add it
+here; :mod:`ensemble_bench.leaderboard` aggregates every numeric column over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ensemble_bench import recipe as _recipe
+from ensemble_bench.config import RUN_SETTING_FIELDS
+from ensemble_bench.records import _jsonable
+
+METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature", "member_acc", "disagreement",
+                  "aurc", "acc_at_95", "ece_adaptive")
+# distribution shift (metrics.shift of a run with --shift, see ensemble_bench.shift.evaluate_shift): the mean over
+# every corruption x severity cell, and the accuracy per severity (mean over corruptions)
+SHIFT_MEAN_COLUMNS = ("acc", "nll", "ece")       # -> shift_acc, shift_nll, shift_ece
+SHIFT_SEVERITY_COLUMNS = tuple(f"shift_acc_s{s}" for s in range(1, 6))
+# mCE (Hendrycks & Dietterich 2019) of a row is relative to the single model (a size-reference record with
+# one member) of the same data and training recipe: these keys
+MCE_KEYS = ("dataset", "data_id", "backbone", "epochs", "batch_size", "lr", "recipe")
+COST_COLUMNS = (
+    "params", "params_nonzero", "flops", "macs", "flops_dense",
+    "latency_ms", "throughput", "peak_mem_mb", "train_s", "train_flops",
+)
+DEVICE_COLUMNS = ("latency_device", "throughput_device", "train_device")
+MSP_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+# rows of the leaderboard are one group of these keys; everything else numeric is mean/std over seeds
+GROUP_KEYS = (
+    "dataset", "data_id", "backbone", "method", "config_key", "epochs", "batch_size", "lr", "recipe",
+    "combine", "num_members", "size_reference", *DEVICE_COLUMNS,
+)
+TEXT_KEYS = ("dataset", "data_id", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
+# per-record columns that are not averaged over seeds (the row says how its seeds agree instead)
+ROW_FLAGS = ("converged", "code_id", "stage_recipes", "latency_busy")
+NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status", "_shift_errors", *ROW_FLAGS}
+# a configuration (the report's unit): the group keys without the devices; its timings are per device
+CONFIG_KEYS = tuple(k for k in GROUP_KEYS if k not in DEVICE_COLUMNS)
+# device-dependent columns -> the column naming their device (timings are never averaged across devices)
+TIMED = {"latency_ms": "latency_device", "throughput": "throughput_device",
+         "peak_mem_mb": "latency_device", "train_s": "train_device"}
+# the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
+NUMERIC_RECIPE_KEYS = _recipe.OWN_COLUMN_FIELDS   # ("epochs", "batch_size", "lr"): declared on Recipe
+# the rest of the effective training recipe (ensemble_bench.recipe.Recipe, as trained) and the run settings that
+# change numbers: runs that differ in any of them are different experiments, never seeds of one row; the
+# leaderboard keeps them as the "recipe" column (canonical JSON) and shows only the fields that differ
+RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIPE_KEYS) + RUN_SETTING_FIELDS
+
+# Convergence rule (one rule for every row; the numbers are printed under every table): a training stage
+# that is meant to converge has converged unless its validation NLL (a stage without one: its own validation
+# metric, e.g. a bridge's KL) was still falling at the end. "Still falling" = both of
+#   - the least-squares line through its last max(CONVERGENCE_MIN_EPOCHS, ceil(CONVERGENCE_WINDOW * E))
+#     epochs falls by more than CONVERGENCE_TOL of the metric's mean across those epochs, and
+#   - its slope is more than CONVERGENCE_NOISE standard errors (of the fit's residuals) below zero: a small
+#     validation split moves epoch to epoch; a drop inside that noise is not evidence of improvement.
+# A run has converged when all its stages have; a row when all its seeds have. Why the last 10 % and not a
+# longer fit: a schedule that decays to zero (cosine) makes its largest gains while it anneals; a fit that
+# reaches back into the anneal calls every finished cosine run unconverged (measured: the reference single
+# model's val NLL 0.789 -> 0.738 over epochs 23-26 of 30, then flat within 0.006 for 4 epochs). Whether the
+# budget itself is long enough is a separate question, answered by a longer run (results/reference/).
+CONVERGENCE_WINDOW = 0.10
+CONVERGENCE_MIN_EPOCHS = 4
+CONVERGENCE_TOL = 0.01
+CONVERGENCE_NOISE = 2.0   # measured: 1.0 flagged flat, noisy quickstart curves (4 of 11 rows); 2.0 only the underfit ones
+# A latency whose spread inside its own measurement, (p90 - p10) / median, exceeds this was measured on a
+# busy machine: the leaderboard marks it instead of presenting the median as a measurement.
+LATENCY_BUSY_SPREAD = 0.5
+
+
+def recipe_differences(recipes: Sequence[Any]) -> list[str]:
+    """For recipe strings (the "recipe" column), the text of the fields that differ between them, one entry
+    each ("weight_decay=0.0001, schedule=multistep"); "" for all when they are the same."""
+    parsed = []
+    for r in recipes:
+        try:
+            d = json.loads(r) if isinstance(r, str) else {}
+        except json.JSONDecodeError:
+            d = {}
+        parsed.append(d if isinstance(d, dict) else {})
+    keys = [k for k in RECIPE_FIELDS if len({json.dumps(d.get(k), sort_keys=True) for d in parsed}) > 1]
+    return [", ".join(f"{k}={d.get(k)}" for k in keys) for d in parsed]
+
+
+
+def num(x: Any) -> float:
+    """A number of a record as a float; NaN for None, booleans and anything that is not a number."""
+    if isinstance(x, bool) or x is None:
+        return math.nan
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return float(x)
+    return math.nan
+
+
+def as_dict(x: Any) -> dict:
+    """``x`` when it is a dict, else an empty one (records are read defensively)."""
+    return x if isinstance(x, dict) else {}
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def stage_converged(stage: Mapping) -> bool | None:
+    """The convergence rule on one stage's learning curve (None: no validation curve to judge)."""
+    curve = [e for e in (stage.get("curve") or []) if isinstance(e, dict)]
+    key = "val_nll" if any("val_nll" in e for e in curve) else "val"
+    vals = [float(e[key]) for e in curve if isinstance(e.get(key), (int, float))]
+    if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
+        return None
+    n = len(vals)
+    fit = np.asarray(vals[-min(n, max(CONVERGENCE_MIN_EPOCHS, math.ceil(CONVERGENCE_WINDOW * n))):],
+                     dtype=np.float64)
+    level = float(np.abs(fit).mean())
+    if len(fit) < 3 or level == 0:
+        return bool(fit[-1] >= fit[0] - CONVERGENCE_TOL * level)
+    t = np.arange(len(fit), dtype=np.float64)
+    slope, intercept = np.polyfit(t, fit, 1)
+    resid = fit - (intercept + slope * t)
+    stderr = math.sqrt(float(resid @ resid) / (len(fit) - 2) / float(((t - t.mean()) ** 2).sum()))
+    falling = -slope * (len(fit) - 1) / level > CONVERGENCE_TOL and -slope > CONVERGENCE_NOISE * stderr
+    return not falling
+
+
+def record_converged(rec: Mapping) -> bool | None:
+    """All stages of the run that are meant to converge have (None: the record has no curves)."""
+    stages = as_dict(as_dict(rec.get("training")).get("stages"))
+    verdicts = [stage_converged(s) for s in stages.values() if isinstance(s, dict) and s.get("converges", True)]
+    verdicts = [v for v in verdicts if v is not None]
+    return all(verdicts) if verdicts else None
+
+
+def _stage_recipes_text(training: Mapping) -> str:
+    """The stage recipes that differ from the run's effective recipe: "explore: schedule=constant; ..."."""
+    def show(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, list):
+            return "[" + ",".join(show(x) for x in v) + "]"
+        return str(v)
+
+    by_text: dict[str, list[str]] = {}
+    for name, st in as_dict(training.get("stages")).items():
+        ch = as_dict(as_dict(st).get("recipe_changes"))
+        if ch:
+            by_text.setdefault(", ".join(f"{k}={show(v)}" for k, v in sorted(ch.items())), []).append(str(name))
+    return "; ".join(f"{'+'.join(names)}: {text}" for text, names in by_text.items())
+
+
+def flatten_record(rec: dict) -> dict:
+    """One flat row of a record: identity columns, metrics, msp OOD metrics per set, cost, devices.
+
+    Values that are absent from the record become NaN (numbers) or None (strings).
+    """
+    cfg = as_dict(rec.get("config"))
+    meth = as_dict(rec.get("method"))
+    metrics = as_dict(rec.get("metrics"))
+    cost = as_dict(rec.get("cost"))
+    training = as_dict(rec.get("training"))
+    options = meth.get("options") if isinstance(meth.get("options"), dict) else as_dict(cfg.get("options"))
+    # the effective recipe as trained (records before it existed: the run's settings)
+    eff = {**cfg, **as_dict(cfg.get("effective_recipe"))}
+    code = as_dict(rec.get("code"))
+    p10, p90, med = num(cost.get("latency_ms_p10")), num(cost.get("latency_ms_p90")), num(cost.get("latency_ms"))
+    spread = (p90 - p10) / med if med > 0 else math.nan
+    conv = record_converged(rec)
+
+    row: dict[str, Any] = {
+        # a user's dataset is a TOML path in the config: the table shows the name it declares
+        "dataset": (as_dict(rec.get("data")).get("name") or cfg.get("dataset")
+                    if str(cfg.get("dataset", "")).endswith(".toml") else cfg.get("dataset", rec.get("dataset"))),
+        "data_id": as_dict(cfg.get("data_id")).get("sha256"),
+        "backbone": cfg.get("backbone", rec.get("backbone")),
+        "method": meth.get("name") or cfg.get("method"),
+        "config_key": _canonical(options),
+        "epochs": eff.get("epochs"),
+        "batch_size": eff.get("batch_size"),
+        "lr": eff.get("lr"),
+        "recipe": _canonical({k: eff[k] for k in RECIPE_FIELDS if k in eff}),
+        "stage_recipes": _stage_recipes_text(training),
+        "converged": None if conv is None else bool(conv),
+        "code_id": f"{code.get('harness_sha256')}/{code.get('method_sha256')}" if code else None,
+        "latency_spread": spread,
+        "latency_busy": bool(spread > LATENCY_BUSY_SPREAD) if spread == spread else None,
+        "seed": cfg.get("seed"),
+        "run_id": rec.get("run_id"),
+        "status": rec.get("status"),
+        "combine": meth.get("combine"),
+        "num_members": num(meth.get("num_members")),
+        # the method declares its members independent full copies of the backbone (api.Method.size_reference):
+        # its records at sizes 1..M form the deep-ensemble size curve of DEE
+        "size_reference": bool(meth.get("size_reference", False)),
+    }
+    for k in METRIC_COLUMNS:
+        row[k] = num(metrics.get(k))
+    for set_name, by_score in sorted(as_dict(metrics.get("ood")).items()):
+        by_score = as_dict(by_score)
+        msp = as_dict(by_score.get("msp"))
+        for m in MSP_OOD_METRICS:
+            row[f"{m}_{set_name}"] = num(msp.get(m))
+        for score, vals in sorted(by_score.items()):
+            if score != "msp":
+                row[f"auroc_{set_name}_{score}"] = num(as_dict(vals).get("auroc"))
+    row.update(_shift_columns(metrics.get("shift"), as_dict(as_dict(rec.get("data")).get("shift"))))
+    for k in COST_COLUMNS:
+        src = training if k in ("train_s", "train_flops") else cost
+        row[k] = num(src.get(k))
+    row["latency_device"] = cost.get("latency_device") or cost.get("device")
+    row["throughput_device"] = cost.get("throughput_device") or cost.get("latency_device") or cost.get("device")
+    row["train_device"] = training.get("device")
+    return row
+
+
+def _shift_columns(shift: Any, described: dict) -> dict:
+    """The shift columns of a record with metrics.shift (none without): shift_acc / shift_nll / shift_ece
+    (mean over all cells), shift_acc_s1..s5 (mean over corruptions at each severity; NaN for a severity the
+    set lacks) and ``_shift_errors``, the per-cell errors (1 - acc) with the set's identity as JSON text,
+    from which the leaderboard computes mCE (not aggregated itself)."""
+    if not isinstance(shift, dict):
+        return {}
+    mean, by_sev = as_dict(shift.get("mean")), as_dict(shift.get("by_severity"))
+    out: dict[str, Any] = {f"shift_{k}": num(mean.get(k)) for k in SHIFT_MEAN_COLUMNS}
+    for col in SHIFT_SEVERITY_COLUMNS:
+        out[col] = num(as_dict(by_sev.get(col[len("shift_acc_s"):])).get("acc"))
+    errors = {c: {str(sev): 1.0 - num(as_dict(m).get("acc")) for sev, m in as_dict(cells).items()}
+              for c, cells in as_dict(shift.get("per_corruption")).items()}
+    ident = [shift.get("set"), shift.get("n_per_severity"), described.get("generator")]
+    out["_shift_errors"] = json.dumps({"set": ident, "errors": errors}, sort_keys=True)
+    return out
+

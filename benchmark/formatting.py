@@ -1,0 +1,150 @@
+"""Text of results, in one place: the cell helpers the markdown leaderboard and the report share, and the
+markdown leaderboard itself (:func:`format_markdown`, one table per dataset and backbone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+from ensemble_bench.columns import (
+    CONVERGENCE_MIN_EPOCHS,
+    CONVERGENCE_NOISE,
+    CONVERGENCE_TOL,
+    CONVERGENCE_WINDOW,
+    LATENCY_BUSY_SPREAD,
+    NUMERIC_RECIPE_KEYS,
+    num,
+    recipe_differences,
+)
+
+
+def mean_std_text(mean: Any, std: Any = math.nan, scale: float = 1.0, digits: int = 2, *,
+                  thousands: bool = False, drop_rounded_std: bool = False) -> str:
+    """``mean ± std`` (times ``scale``, ``digits`` decimals); "–" for a missing mean, just the mean for a
+    missing or zero std. ``thousands``: a comma every three digits from 10,000 on; ``drop_rounded_std``: no
+    "± 0.000" when the std rounds to zero at ``digits``."""
+    m, s = num(mean), num(std)
+    if not math.isfinite(m):
+        return "–"
+    sep = "," if thousands and abs(m * scale) >= 1e4 else ""
+    text = f"{m * scale:{sep}.{digits}f}"
+    shown = round(s * scale, digits) != 0 if drop_rounded_std else s != 0
+    if math.isfinite(s) and shown:
+        text += f" ± {s * scale:{sep}.{digits}f}"
+    return text
+
+
+def options_text(options: Any, keys: Iterable[str] | None = None, empty: str = "") -> str:
+    """``k=v, ...`` of a method's options (a dict, or its canonical JSON: the leaderboard's config_key),
+    only ``keys`` when given; ``empty`` when there are none. Text that is not JSON is shown as it is."""
+    if isinstance(options, str):
+        try:
+            options = json.loads(options) if options else {}
+        except json.JSONDecodeError:
+            return options
+    if not isinstance(options, dict):
+        return str(options) if options and not isinstance(options, float) else empty
+    wanted = list(options) if keys is None else [k for k in options if k in set(keys)]
+    text = ", ".join(f"{k}={options[k] if isinstance(options[k], str) else json.dumps(options[k])}" for k in wanted)
+    return text or empty
+
+
+def md_cell(text: Any) -> str:
+    """A markdown table cell: pipes escaped, one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def device_name(d: Any, unknown: str = "?") -> str:
+    """The device of a timing column; ``unknown`` when the record names none."""
+    return d if isinstance(d, str) and d else unknown
+
+
+def format_markdown(df) -> str:
+    """Compact human tables of a leaderboard, one per (dataset, backbone).
+
+    Columns: method, options, n (seeds), acc (%), nll, ece (%), brier, AUROC (%) per OOD set (msp
+    score), params (M), GFLOPs, latency ms, train s, as ``mean ± std`` (just the mean when there
+    is one seed or no spread). The latency / training device is named in the column header when it
+    is the same for every row of a table, otherwise in a devices column. Columns for epochs,
+    batch size, lr, the rest of the recipe and members' combine rule appear only when they differ between
+    rows of a table.
+    """
+    if df is None or len(df) == 0:
+        return "_no results_\n"
+    ood_sets = sorted(c[len("fpr95_"): -len("_mean")] for c in df.columns if c.startswith("fpr95_") and c.endswith("_mean"))
+    any_shift = "shift_acc_mean" in df.columns and df["shift_acc_mean"].map(lambda v: math.isfinite(num(v))).any()
+    parts: list[str] = []
+    for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
+        lat_devs = sorted({device_name(d) for d in t["latency_device"]})
+        train_devs = sorted({device_name(d) for d in t["train_device"]})
+        lat_hdr = "latency ms" + (f" ({lat_devs[0]})" if len(lat_devs) == 1 else "")
+        train_hdr = "train s" + (f" ({train_devs[0]})" if len(train_devs) == 1 else "")
+        varying = [k for k in NUMERIC_RECIPE_KEYS if t[k].astype(str).nunique() > 1]
+        recipe_text = recipe_differences(list(t["recipe"]))
+        show_combine = any(c not in ("probs", "") for c in t["combine"])
+        out_rows = []
+        for i, (_, r) in enumerate(t.iterrows()):
+            row: dict[str, str] = {"method": r["method"], "options": options_text(r["config_key"], empty="–")}
+            for k in varying:
+                row[k] = str(r[k])
+            if any(recipe_text):
+                row["recipe"] = recipe_text[i] or "-"
+            if show_combine:
+                row["combine"] = r["combine"] or "probs"
+            row["n"] = str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
+            conv = r.get("converged")
+            row["converged"] = "?" if conv is None or conv != conv else ("yes" if conv else "**no**")
+
+            def g(col: str, scale: float = 1.0, digits: int = 2) -> str:
+                return mean_std_text(r.get(f"{col}_mean"), r.get(f"{col}_std"), scale, digits)
+
+            row["acc (%)"] = g("acc", 100)
+            row["nll"] = g("nll", 1, 3)
+            row["ece (%)"] = g("ece", 100)
+            row["brier"] = g("brier", 1, 4)
+            for s in ood_sets:
+                row[f"AUROC {s} (%)"] = g(f"auroc_{s}", 100)
+            if any_shift:
+                row["shift acc (%)"] = g("shift_acc", 100)
+                row["shift nll"] = g("shift_nll", 1, 3)
+                row["shift ece (%)"] = g("shift_ece", 100)
+                row["mCE (%)"] = mean_std_text(r.get("mce"), math.nan, 1, 1)
+            row["params (M)"] = g("params", 1e-6)
+            row["non-zero params (M)"] = g("params_nonzero", 1e-6)   # sparse methods' live weights
+            row["GFLOPs"] = g("flops", 1e-9, 3)                        # sparse-aware (per-layer density)
+            row["train TFLOPs"] = g("train_flops", 1e-12, 2)
+            row[lat_hdr] = g("latency_ms", 1, 2) + (" †" if bool(r.get("latency_busy")) else "")
+            row[train_hdr] = g("train_s", 1, 0)
+            if len(lat_devs) > 1 or len(train_devs) > 1:
+                row["devices"] = f"latency: {device_name(r['latency_device'])}; train: {device_name(r['train_device'])}"
+            if any(str(s or "") for s in t.get("stage_recipes", [])):
+                row["stage recipes"] = str(r.get("stage_recipes") or "") or "-"
+            out_rows.append(row)
+        header = list(out_rows[0])
+        lines = [f"### {dataset or '?'} · {backbone or '?'}", ""]
+        lines.append("| " + " | ".join(md_cell(h) for h in header) + " |")
+        text_cols = {"method", "options", "combine", "devices", "converged", "stage recipes", "recipe"}
+        lines.append("|" + "|".join("---" if h in text_cols else "---:" for h in header) + "|")
+        for row in out_rows:
+            lines.append("| " + " | ".join(md_cell(row.get(h, "")) for h in header) + " |")
+        parts.append("\n".join(lines))
+    note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
+            "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
+            "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen. "
+            f"converged: in every seed, every training stage's validation NLL was not still falling at the end: "
+            f"**no** when the least-squares line through its last {CONVERGENCE_WINDOW:.0%} of epochs (at least "
+            f"{CONVERGENCE_MIN_EPOCHS}) falls by more than {CONVERGENCE_TOL:.0%} and its slope is more than "
+            f"{CONVERGENCE_NOISE:g} standard errors below zero; "
+            "**no** = still improving when it stopped, so the row is not a verdict on the method; "
+            f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
+            f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
+            "(harness or method file hash). stage recipes: stages that a method trains with its own "
+            "recipe (part of the method, recorded per stage)."
+            + (" shift: mean over every corruption x severity of the corrupted test set; mCE: corruption error "
+               "relative to the single model of the same data and recipe (Hendrycks & Dietterich 2019: per "
+               "corruption, the errors summed over severities divided by the single model's, averaged over "
+               "corruptions; 100 = the single model; – without a single-model row)." if any_shift else "")
+            + "_")
+    return "\n\n".join(parts) + "\n\n" + note + "\n"

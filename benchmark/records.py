@@ -1,0 +1,354 @@
+"""Result records: one versioned JSON file per run, written atomically, loaded and validated.
+
+A run writes ``<out>/<run_id>.json`` (see :data:`SCHEMA_VERSION` and the layout below) and beside it,
+optionally, ``<run_id>.preds.npz`` (:mod:`ensemble_bench.predictions`), ``<run_id>.weights.safetensors``
+(:func:`save_weights`) and ``<run_id>.curves.csv`` (:func:`write_curves`). Many Slurm jobs write into the
+same folder at once, so every file is written atomically: the bytes go to a hidden temporary file in
+the same directory, which is flushed, fsync'ed and then renamed over the final name with
+``os.replace``. A reader therefore sees either the previous complete file or the new complete file,
+never a partial one; two writers of the same run id leave one of the two complete versions.
+
+Record layout (a plain dict)::
+
+    {"schema_version": 1, "run_id": str, "status": "complete" | "failed" | "running",
+     "config":   {method, backbone, dataset, epochs, seed, batch_size, lr, ..., "options": {...}},
+     "method":   {"name", "options" (resolved, with defaults), "combine", "num_members", "info"},
+     "metrics":  {acc, nll, brier, ece, member_acc, disagreement, nll_ts, ece_ts, temperature,
+                  "ood": {<set>: {<score>: {auroc, aupr_in, aupr_out, fpr95}}}},
+     "cost":     {params, params_nonzero, flops, macs, flops_dense, latency_ms, latency_device,
+                  throughput, throughput_device, peak_mem_mb, device},
+     "training": {train_s, epochs_run: {stage: n}, samples_seen, train_flops, device},
+     "env":      ensemble_bench.environment.environment_info(),
+     "timings":  {started, finished, wall_s},
+     "error":    None | str}
+
+JSON written here is strict: NaN and +-inf become ``null`` (read back as missing -> NaN in the
+leaderboard), numpy scalars/arrays and paths are converted to plain JSON values. A flat row of a record
+(what the leaderboard aggregates) is :func:`ensemble_bench.columns.flatten_record`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+STATUSES = ("complete", "failed", "running")
+PREDS_SUFFIX = ".preds.npz"
+WEIGHTS_SUFFIX = ".weights.safetensors"
+_TMP_SUFFIX = ".tmp"
+
+
+class RecordError(ValueError):
+    """A file is not a readable result record (or a results directory is missing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    """Permissions for new files: 0o666 minus the process umask (mkstemp would give 0o600)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort; not every platform/filesystem supports it)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+    """Yield a binary file object; on clean exit its content replaces ``path`` atomically.
+
+    The temporary file is ``.<name>.<random>.tmp`` in the destination directory (same
+    filesystem, so ``os.replace`` is atomic). On any exception it is removed and ``path`` is left
+    untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            with contextlib.suppress(OSError, AttributeError):
+                os.fchmod(f.fileno(), _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    _remove_stale_temps(path)
+
+
+STALE_TEMP_S = 600.0   # a temporary file of a write that old was left by a killed writer
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files of ``path`` that a killed writer left behind (older than STALE_TEMP_S; a
+    concurrent writer's own temporary file is seconds old and is left alone)."""
+    now = time.time()
+    for old in path.parent.glob(f".{glob_escape(path.name)}.*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > STALE_TEMP_S:
+                old.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return glob.escape(name)
+
+
+def _jsonable(obj: Any, where: str = "$") -> Any:
+    """Convert ``obj`` to plain JSON types; non-finite floats -> None. Raises TypeError."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item(), where)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist(), where)
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, np.generic):
+                k = k.item()
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise TypeError(f"{where}: dict key {k!r} of type {type(k).__name__} is not JSON")
+            out[k if isinstance(k, str) else json.dumps(k)] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    # torch tensors and similar array-likes, without importing torch here
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):
+        return _jsonable(obj.detach().cpu().tolist(), where)
+    raise TypeError(f"{where}: object of type {type(obj).__name__} is not JSON serializable")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    data = text.encode("utf-8")
+    with _atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Serialise ``obj`` to strict JSON and write it to ``path`` atomically.
+
+    Serialisation happens before any file is created, so an object JSON cannot encode raises
+    ``TypeError`` and leaves an existing ``path`` (and the directory) untouched.
+    """
+    text = json.dumps(_jsonable(obj), indent=1, sort_keys=False, allow_nan=False, ensure_ascii=False)
+    return write_text_atomic(path, text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------
+
+_BAD_RUN_ID = re.compile(r"[/\\\x00]")
+
+
+def _check_record(rec: Any, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: not a result record (top level is {type(rec).__name__}, not an object)")
+    missing = [k for k in ("schema_version", "run_id", "status") if k not in rec]
+    if missing:
+        raise RecordError(f"{where}: not a result record (missing {', '.join(missing)})")
+    version = rec["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RecordError(f"{where}: bad schema_version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise RecordError(
+            f"{where}: schema_version {version} is newer than this code understands ({SCHEMA_VERSION}); update ensemble-bench"
+        )
+    run_id = rec["run_id"]
+    if not isinstance(run_id, str) or not run_id or run_id.startswith(".") or _BAD_RUN_ID.search(run_id):
+        raise RecordError(f"{where}: bad run_id {run_id!r} (must be a non-empty file name without / or leading .)")
+    if rec["status"] not in STATUSES:
+        raise RecordError(f"{where}: bad status {rec['status']!r} (expected one of {', '.join(STATUSES)})")
+    return rec
+
+
+def _check_complete(rec: dict, where: str) -> None:
+    """A record that counts (leaderboard, report) as complete has its config and metrics."""
+    metrics = rec.get("metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(k), (int, float)) for k in ("acc", "nll")):
+        raise RecordError(f"{where}: marked complete but has no metrics (acc, nll): not a finished result")
+    if not isinstance(rec.get("config"), dict):
+        raise RecordError(f"{where}: marked complete but has no config")
+
+
+def record_path(out_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(out_dir) / f"{run_id}.json"
+
+
+def predictions_path(out_dir: str | os.PathLike, run_id: str) -> Path:
+    return Path(out_dir) / f"{run_id}{PREDS_SUFFIX}"
+
+
+def write_record(out_dir: str | os.PathLike, record: dict) -> Path:
+    """Validate ``record`` and write it atomically to ``<out_dir>/<run_id>.json``; returns the path."""
+    _check_record(record, "record")
+    return write_json_atomic(record_path(out_dir, record["run_id"]), record)
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """Read and validate one record. Raises :class:`RecordError` (one-line message) if it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not text.strip():
+        raise RecordError(f"{path}: empty file")
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{path}: invalid JSON (nested too deeply)") from None
+    return _check_record(rec, str(path))
+
+
+def _record_files(runs_dir: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*.json" if recursive else "*.json"
+    files = []
+    for p in runs_dir.glob(pattern):
+        rel = p.relative_to(runs_dir).parts
+        if any(part.startswith(".") for part in rel):  # temp files, hidden folders (e.g. .ckpt)
+            continue
+        if p.name.endswith(PREDS_SUFFIX) or p.name.endswith(_TMP_SUFFIX) or not p.is_file():
+            continue
+        files.append(p)
+    return sorted(files)
+
+
+def load_records(
+    runs_dir: str | os.PathLike,
+    *,
+    statuses: tuple[str, ...] | None = ("complete",),
+    recursive: bool = False,
+) -> tuple[list[dict], list[str]]:
+    """Load every record in ``runs_dir`` whose status is in ``statuses`` (None: all statuses).
+
+    Returns ``(records, problems)``: ``problems`` has one line per file that is not a readable
+    record (corrupt, truncated, not a record, duplicate run id). Predictions (``*.preds.npz``)
+    and temporary files are skipped. Records are in file-name order. A missing ``runs_dir``
+    raises :class:`RecordError`.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise RecordError(f"{runs_dir}: results directory does not exist")
+    records: list[dict] = []
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    for p in _record_files(runs_dir, recursive):
+        try:
+            rec = read_record(p)
+            if rec["status"] == "complete":
+                _check_complete(rec, str(p))
+        except RecordError as e:
+            problems.append(str(e))
+            continue
+        rid = rec["run_id"]
+        if rid in seen:
+            problems.append(f"{p}: duplicate run_id {rid!r} (also in {seen[rid]}); skipped")
+            continue
+        seen[rid] = p
+        if statuses is None or rec["status"] in statuses:
+            records.append(rec)
+    return records, problems
+
+
+def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
+    """Status of the record ``<runs_dir>/<run_id>.json``; None if it is absent or unreadable."""
+    p = record_path(runs_dir, run_id)
+    if not p.is_file():
+        return None
+    try:
+        return read_record(p)["status"]
+    except RecordError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# weights and learning curves beside the record
+# --------------------------------------------------------------------------------------------
+
+
+def save_weights(out_dir: str | os.PathLike, run_id: str, model: Any) -> Path:
+    """The trained ensemble's state dict as ``<out>/<run_id>.weights.safetensors`` (atomic; tensors only,
+    so loading it can never run code). ``method.build`` rebuilds the architecture it loads into."""
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / f"{run_id}{WEIGHTS_SUFFIX}"
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    save_file(state, str(tmp), metadata={"run_id": run_id})
+    os.replace(tmp, path)
+    return path
+
+
+def write_curves(out_dir: str | os.PathLike, run_id: str, stages: Mapping) -> Path:
+    """The learning curves of a run as ``<out>/<run_id>.curves.csv``: one line per stage and epoch (lr,
+    train loss, validation metrics, epoch time); also to TensorBoard when it is installed."""
+    cols = ["stage", "epoch", "lr", "loss", "val_acc", "val_nll", "val", "epoch_s", "val_s"]
+    lines = [",".join(cols)]
+    for name, st in stages.items():
+        for e in (st if isinstance(st, dict) else {}).get("curve") or []:
+            lines.append(",".join([str(name)] + ["" if e.get(c) is None else repr(e.get(c)) for c in cols[1:]]))
+    path = Path(out_dir) / f"{run_id}.curves.csv"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:     # tensorboard is an optional extra
+        return path
+    with SummaryWriter(str(Path(out_dir) / "tensorboard" / run_id)) as w:
+        for name, st in stages.items():
+            for e in (st if isinstance(st, dict) else {}).get("curve") or []:
+                for c in cols[2:]:
+                    if isinstance(e.get(c), (int, float)):
+                        w.add_scalar(f"{name}/{c}", e[c], e["epoch"])
+    return path
+

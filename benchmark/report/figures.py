@@ -1,0 +1,473 @@
+"""The report's figures (matplotlib's object API on the Agg canvas: no pyplot state, no display needed):
+Pareto fronts against every cost, reliability diagrams, OOD score histograms, the deep-ensemble size curve,
+training cost and learning curves. Each ``fig_*`` draws one kind for a section and returns its
+:class:`Figure` entries (PNG + SVG under ``figures/<section>/``); the shift figures are in
+:mod:`ensemble_bench.report.figures_shift`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ensemble_bench.columns import as_dict, num
+from ensemble_bench.predictions import load_predictions
+from ensemble_bench.report.model import (
+    Config,
+    Section,
+    SizeFamily,
+    cost_axes,
+    dee_for,
+    dee_text,
+    make_slug,
+    pareto_front,
+    scale_prefix,
+)
+
+N_BINS = 15          # reliability diagram bins (= the ECE of specs/metrics.md)
+HIST_BINS = 30       # OOD score histograms
+DPI = 100
+# direction of the metrics plotted against cost: (column prefix, axis label, scale, higher is better)
+_FRONT_METRICS = (("acc", "accuracy (%)", 100.0, True), ("nll", "NLL", 1.0, False),
+                  ("ece", "ECE (%)", 100.0, False))
+_SIZE_METRICS = (("acc", "accuracy (%)", 100.0, True), ("nll", "NLL", 1.0, False),
+                 ("nll_ts", "NLL temp-scaled", 1.0, False), ("ece", "ECE (%)", 100.0, False))
+
+
+def reliability_bins(probs_bar: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Per-bin count, accuracy and mean confidence of the top label, plus the ECE.
+
+    The binning is the one of :func:`ensemble_bench.metrics.ece` (float32 confidences, bins [b_i, b_i+1),
+    a confidence of exactly 1.0 in a bin of its own that the diagram draws with the last bin), so the
+    returned ``ece`` equals the metric. Empty bins have NaN accuracy and confidence.
+    """
+    p = np.asarray(probs_bar, dtype=np.float64)
+    y = np.asarray(labels)
+    conf = np.clip(p.max(axis=1), 0.0, 1.0)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    bounds = np.linspace(0, 1, n_bins + 1, dtype=np.float32)
+    idx = np.searchsorted(bounds, conf.astype(np.float32), side="right") - 1
+    idx = np.clip(idx, 0, n_bins)
+    count = np.bincount(idx, minlength=n_bins + 1).astype(np.float64)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins + 1)
+    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins + 1)
+    ece = float(np.abs(acc_sum - conf_sum).sum() / max(len(y), 1))
+    # the diagram: fold the conf == 1.0 bin into the last one
+    count[n_bins - 1] += count[n_bins]
+    conf_sum[n_bins - 1] += conf_sum[n_bins]
+    acc_sum[n_bins - 1] += acc_sum[n_bins]
+    count, conf_sum, acc_sum = count[:n_bins], conf_sum[:n_bins], acc_sum[:n_bins]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(count > 0, acc_sum / count, np.nan)
+        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
+    return {"edges": bounds.astype(np.float64), "count": count, "acc": acc, "conf": mean_conf, "ece": ece}
+
+
+
+@dataclass
+class Figure:
+    stem: str          # path relative to OUT without suffix, e.g. figures/digits_cnn_small/pareto_flops
+    title: str
+    caption: str
+
+    @property
+    def png(self) -> str:
+        return self.stem + ".png"
+
+    @property
+    def svg(self) -> str:
+        return self.stem + ".svg"
+
+
+def new_figure(n_panels: int, ncols: int, panel_w: float = 4.0, panel_h: float = 3.2):
+    from matplotlib.figure import Figure as MplFigure
+
+    ncols = max(1, min(ncols, n_panels))
+    nrows = max(1, math.ceil(n_panels / ncols))
+    fig = MplFigure(figsize=(panel_w * ncols, panel_h * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n_panels])
+
+
+def save(fig, out_dir: Path, stem: str) -> None:
+    path = out_dir / stem
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_suffix(".png"), dpi=DPI, metadata={"Software": None})
+    fig.set_layout_engine("none")   # keep the layout just computed: the SVG does not redo it
+    fig.savefig(path.with_suffix(".svg"), metadata={"Date": None})
+
+
+def legend(fig, configs: Sequence[Config], extra: Sequence = ()) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label)
+               for c in configs]
+    handles += list(extra)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
+                   frameon=False)
+
+
+def _log_x(ax) -> None:
+    """Log-scaled cost axis with plain numbers (2, 5, 10, 20, ...) instead of 2x10^0."""
+    from matplotlib.ticker import FuncFormatter
+
+    def major(v, _pos):
+        return f"{v:g}"
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    span = hi / max(lo, 1e-300)
+    shown = ({1, 2, 3, 4, 5, 6, 7, 8, 9} if span < 3 else {2, 3, 5} if span < 30
+             else {2, 5} if span < 1e3 else set())
+
+    def minor(v, _pos):
+        if v <= 0:
+            return ""
+        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return f"{v:.3g}" if lead in shown else ""
+
+    ax.xaxis.set_major_formatter(FuncFormatter(major))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.tick_params(axis="x", which="both", labelsize=7)
+
+
+
+def _front_panels(sec: Section) -> list[tuple[str, str, float, bool]]:
+    panels = [(col, lab, s, hi) for col, lab, s, hi in _FRONT_METRICS if sec.has(col)]
+    for name in sec.ood_sets():
+        if sec.has(f"auroc_{name}"):
+            panels.append((f"auroc_{name}", f"OOD AUROC vs {name} (%, msp)", 100.0, True))
+    return panels
+
+
+def _draw_front(ax, sec: Section, xs_col: str, device: str | None, y_col: str, y_scale: float,
+                higher: bool, x_scale: float = 1.0) -> int:
+    """Points with error bars, front as a step line; returns how many points were drawn."""
+    pts, drawn = [], set()
+    for c in sec.configs:
+        xm, ym = c.stat(xs_col, device)[0], c.stat(y_col)[0]
+        pts.append((xm, ym) if xm > 0 else (math.nan, ym))   # a log axis has no place for cost <= 0
+        if math.isfinite(pts[-1][0]) and math.isfinite(ym):
+            drawn.add(id(c))
+    front = pareto_front(pts, higher)
+    on_front = {id(sec.configs[i]) for i in front}
+    for c, (xm, ym) in zip(sec.configs, pts):
+        if id(c) not in drawn:
+            continue
+        xs = c.stat(xs_col, device)[1]
+        ys = c.stat(y_col)[1]
+        ax.errorbar(xm * x_scale, ym * y_scale,
+                    xerr=xs * x_scale if math.isfinite(xs) else None,
+                    yerr=ys * y_scale if math.isfinite(ys) else None,
+                    color=c.color, marker=c.marker, markersize=7, linestyle="", capsize=2,
+                    alpha=1.0 if id(c) in on_front else 0.45,
+                    markeredgecolor="black" if id(c) in on_front else c.color,
+                    markeredgewidth=1.5 if id(c) in on_front else 0.5, zorder=3)
+    if len(front) >= 1:
+        fx = [pts[i][0] * x_scale for i in front]
+        fy = [pts[i][1] * y_scale for i in front]
+        ax.step(fx, fy, where="post", color="black", linewidth=1, linestyle="--", alpha=0.7, zorder=2)
+    if drawn:
+        _log_x(ax)
+    ax.grid(True, which="both", alpha=0.25)
+    return len(drawn)
+
+
+def fig_pareto(sec: Section, out_dir: Path, base: str) -> list[Figure]:
+    figs = []
+    panels = _front_panels(sec)
+    if not panels:
+        return figs
+    for col, device, stem, xlabel in cost_axes(sec):
+        if col == "latency_ms":
+            scale, unit = 1.0, ""
+        else:
+            scale, unit = scale_prefix((c.stat(col)[0] for c in sec.configs), "FLOPs" if col == "flops" else "")
+        fig, axes = new_figure(len(panels), ncols=2)
+        n = 0
+        for ax, (ycol, ylab, ysc, hi) in zip(axes, panels):
+            n = max(n, _draw_front(ax, sec, col, device, ycol, ysc, hi, x_scale=scale))
+            ax.set_ylabel(ylab + (" ↑" if hi else " ↓"))
+            ax.set_xlabel(f"{xlabel} ({unit + ', ' if unit else ''}log)", fontsize=8)
+        legend(fig, [c for c in sec.configs])
+        fig.suptitle(f"{sec.title}: quality vs {xlabel}\nPareto front dashed, its points ringed; bars ±1 std "
+                     f"over seeds", fontsize=10)
+        save(fig, out_dir, f"{base}/{stem}")
+        what = {"flops": "inference FLOPs per sample (whole ensemble)", "params": "parameters (whole ensemble)"}.get(
+            col, f"batch-1 latency measured on {device}")
+        figs.append(Figure(f"{base}/{stem}", f"Pareto fronts against {what}",
+                           f"One point per config (mean over seeds; bars: ±1 std over seeds), {n} config(s) "
+                           f"with a value. The dashed step line is the Pareto front (no other config is at "
+                           f"most as costly and at least as good); its points are ringed. Log-scaled cost axis."))
+    return figs
+
+
+def load_preds(sec: Section, runs_dir: Path, notes: list[str]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for c in sec.configs:
+        for r in c.rows:
+            rid = r.get("run_id")
+            try:
+                p = load_predictions(runs_dir, rid)
+            except FileNotFoundError:
+                notes.append(f"{rid} ({c.label}): no saved predictions; left out of the reliability diagrams "
+                             "and OOD histograms")
+                continue
+            except Exception as e:  # noqa: BLE001 - a bad file is reported, not fatal
+                notes.append(f"{rid} ({c.label}): predictions unreadable ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})")
+                continue
+            out.setdefault(id(c), []).append(p)
+    return out
+
+
+def probs_of(logits: np.ndarray, combine: str) -> np.ndarray:
+    from ensemble_bench.metrics import ensemble_probs
+
+    return ensemble_probs(logits, combine).numpy()
+
+
+def fig_reliability(sec: Section, preds: dict, out_dir: Path, base: str, notes: list[str]) -> list[Figure]:
+    cfgs = [c for c in sec.configs if preds.get(id(c))]
+    if not cfgs:
+        return []
+    fig, axes = new_figure(len(cfgs), ncols=4, panel_w=3.2, panel_h=3.2)
+    for ax, c in zip(axes, cfgs):
+        probs, labels = [], []
+        for p in preds[id(c)]:
+            try:
+                probs.append(probs_of(p["logits"], p["combine"]))
+                labels.append(np.asarray(p["labels"]))
+            except ValueError as e:
+                notes.append(f"{p['path']}: test predictions unusable ({e})")
+        if not probs:
+            ax.set_visible(False)
+            continue
+        b = reliability_bins(np.concatenate(probs), np.concatenate(labels), N_BINS)
+        w = 1.0 / N_BINS
+        centers = b["edges"][:-1] + w / 2
+        has = b["count"] > 0
+        ax.bar(centers[has], b["acc"][has], width=w, color=c.color, alpha=0.8, edgecolor="black",
+               linewidth=0.5, label="accuracy")
+        gap_lo = np.minimum(b["acc"], b["conf"])[has]
+        gap_hi = np.maximum(b["acc"], b["conf"])[has]
+        ax.bar(centers[has], gap_hi - gap_lo, bottom=gap_lo, width=w, fill=False, hatch="//",
+               edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (max p̄)")
+        ax.set_ylabel("accuracy")
+        n = int(b["count"].sum())
+        ax.set_title(f"{c.label}\nECE {100 * b['ece']:.2f}% (n = {n}, {len(probs)} seed(s))", fontsize=8)
+    fig.suptitle(f"{sec.title}: reliability diagrams (test split, {N_BINS} equal-width bins)", fontsize=10)
+    save(fig, out_dir, f"{base}/reliability")
+    return [Figure(f"{base}/reliability", "Reliability diagrams",
+                   f"Per config, from the saved test predictions (ensemble predictive p̄, the config's "
+                   f"combine rule), seeds pooled: bar = accuracy of the samples whose top confidence falls "
+                   f"in the bin, hatched = gap to the bin's mean confidence, dashed = perfect calibration. "
+                   f"ECE on the pooled samples, the binning of the ECE metric ({N_BINS} bins).")]
+
+
+def fig_ood(sec: Section, preds: dict, out_dir: Path, base: str) -> list[Figure]:
+    from ensemble_bench.metrics import ood_scores
+
+    figs = []
+    sets = sorted({name for ps in preds.values() for p in ps for name in p["ood"]})
+    for k, name in enumerate(sets, 1):
+        cfgs = [c for c in sec.configs if any(name in p["ood"] for p in preds.get(id(c), []))]
+        if not cfgs:
+            continue
+        fig, axes = new_figure(len(cfgs), ncols=4, panel_w=3.2, panel_h=2.6)
+        for ax, c in zip(axes, cfgs):
+            s_id, s_ood = [], []
+            for p in preds[id(c)]:
+                if name not in p["ood"]:
+                    continue
+                try:
+                    s_id.append(ood_scores(p["logits"], p["combine"])["msp"].numpy())
+                    s_ood.append(ood_scores(p["ood"][name], p["combine"])["msp"].numpy())
+                except ValueError:
+                    continue
+            if not s_id:
+                ax.set_visible(False)
+                continue
+            a, o = np.concatenate(s_id), np.concatenate(s_ood)
+            lo, hi = float(min(a.min(), o.min())), float(max(a.max(), o.max()))
+            bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, HIST_BINS + 1)
+            ax.hist(a, bins=bins, density=True, histtype="stepfilled", alpha=0.55, color="tab:blue",
+                    label=f"ID test ({len(a)})")
+            ax.hist(o, bins=bins, density=True, histtype="stepfilled", alpha=0.55, color="tab:orange",
+                    label=f"{name} ({len(o)})")
+            auroc = c.stat(f"auroc_{name}")[0]
+            ax.set_title(c.label + (f"\nAUROC {100 * auroc:.2f}% (mean of {len(c.rows)} run(s); "
+                                    f"{len(s_id)} with predictions)" if math.isfinite(auroc) else ""), fontsize=8)
+            ax.set_xlabel("msp score = −max p̄ (higher: more OOD)", fontsize=8)
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7, frameon=False)
+        fig.suptitle(f"{sec.title}: OOD score histograms, ID test vs {name}", fontsize=10)
+        stem = f"{base}/ood_hist_{k}_{make_slug(name)}"
+        save(fig, out_dir, stem)
+        figs.append(Figure(stem, f"OOD score histograms: ID test vs {name}",
+                           f"msp score (−max p̄, the leaderboard's OOD score) of the ID test split and of the "
+                           f"{name} set, per config from the saved predictions, seeds pooled; less overlap "
+                           f"means better detection."))
+    return figs
+
+
+def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base: str) -> list[Figure]:
+    if family is None:
+        return []
+    from matplotlib.lines import Line2D
+
+    panels = [(col, lab, s, hi) for col, lab, s, hi in _SIZE_METRICS if family.usable(col)]
+    for name in sec.ood_sets():
+        col = f"auroc_{name}"
+        if family.usable(col):
+            panels.append((col, f"OOD AUROC vs {name} (%, msp)", 100.0, True))
+    if not panels:
+        return []
+    members = {id(c) for c in family.configs}
+    others = [c for c in sec.configs if id(c) not in members and family.covers(c)]
+    fig, axes = new_figure(len(panels), ncols=2)
+    for ax, (col, lab, sc, hi) in zip(axes, panels):
+        sizes = [m for m, _ in family.curve(col)]
+        ys = [(y, family.spread(col, m)) for m, y in family.curve(col)]
+        ax.errorbar(sizes, [y[0] * sc for y in ys],
+                    yerr=[y[1] * sc if math.isfinite(y[1]) else 0.0 for y in ys],
+                    color="black", marker="o", linewidth=1.5, capsize=2, zorder=2)
+        sign = 1.0 if hi else -1.0
+        env = np.maximum.accumulate([sign * y[0] for y in ys]) * sign
+        if not np.allclose(env, [y[0] for y in ys]):   # DEE reads the running best: show it where it differs
+            ax.plot(sizes, env * sc, color="grey", linestyle=":", linewidth=1.2, zorder=1)
+        for c in others:
+            d = dee_for(family, c, col, hi)
+            if d is None:
+                continue
+            v = c.stat(col)[0] * sc
+            marker = {"": c.marker, "<": "<", ">": ">"}.get(d.bound, c.marker)
+            ax.plot([d.size], [v], marker=marker, color=c.color, markersize=8, linestyle="",
+                    markeredgecolor="black", zorder=3)
+            if d.bound:
+                ax.annotate(dee_text(d), (d.size, v), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.set_xlabel("ensemble size M (members)")
+        ax.set_xticks(sizes)
+        ax.set_ylabel(lab + (" ↑" if hi else " ↓"))
+        ax.grid(True, alpha=0.25)
+    curve = Line2D([], [], color="black", marker="o", label="size-reference runs: size curve")
+    env_h = Line2D([], [], color="grey", linestyle=":", label="running best (DEE reads this)")
+    legend(fig, others, [curve, env_h])
+    fig.suptitle(f"{sec.title}: deep-ensemble size curve; other configs at their DEE", fontsize=10)
+    save(fig, out_dir, f"{base}/size_curve")
+    return [Figure(f"{base}/size_curve", "Deep-ensemble size curve",
+                   f"Metric against members M for the size curve ({family.reason}); mean ± std over "
+                   f"seeds. Every other config of the same training recipe is drawn at its deep-ensemble-"
+                   f"equivalent size (DEE, leaderboard.dee_size) for that metric: the M at which the (running-best) "
+                   f"curve reaches its value, linear between sizes; ◀/▶ at the ends mean worse than the "
+                   f"smallest / better than the largest ensemble.")]
+
+
+def fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:
+    if not sec.has("acc"):
+        return []
+    axes_spec = []
+    if sec.has("train_flops"):
+        axes_spec.append(("train_flops", None, "training FLOPs (all stages)"))
+    for col, d in sec.timed_columns():
+        if col == "train_s":
+            axes_spec.append(("train_s", d, f"training time (s) on {d}"))
+    if not axes_spec:
+        return []
+    fig, axes = new_figure(len(axes_spec), ncols=2)
+    for ax, (col, dev, lab) in zip(axes, axes_spec):
+        scale, unit = (scale_prefix((c.stat(col)[0] for c in sec.configs), "FLOPs") if col == "train_flops"
+                       else (1.0, ""))
+        _draw_front(ax, sec, col, dev, "acc", 100.0, True, x_scale=scale)
+        ax.set_xlabel(lab + (f" ({unit}, log)" if unit else " (log)"), fontsize=8)
+        ax.set_ylabel("accuracy (%) ↑")
+    legend(fig, sec.configs)
+    fig.suptitle(f"{sec.title}: training cost vs accuracy (front dashed)", fontsize=10)
+    save(fig, out_dir, f"{base}/train_cost")
+    return [Figure(f"{base}/train_cost", "Training cost vs accuracy",
+                   "Accuracy against the training FLOPs (counted by the trainer, every stage) and the training "
+                   "wall time, one panel per training device (times from different devices are never mixed); "
+                   "mean ± std over seeds, Pareto front dashed.")]
+
+
+
+def run_curve(rec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A run's learning curve as one sequence over all its stages in training order: (epochs so far,
+    training FLOPs so far, validation NLL, validation accuracy) after each epoch that has a validation
+    NLL (a stage without one, e.g. a bridge's curve, adds its epochs and FLOPs but no point). A deep
+    ensemble's members trained one after the other give one saw-tooth per member: that is what its
+    budget buys."""
+    stages = as_dict(as_dict(rec.get("training")).get("stages"))
+    ep, fl, nll, acc = [], [], [], []
+    e_done, f_done = 0, 0.0
+    for st in stages.values():
+        st = as_dict(st)
+        curve = [c for c in st.get("curve") or [] if isinstance(c, dict)]
+        n = max(len(curve), 1)
+        f_epoch = 3.0 * num(st.get("flops_per_sample")) * num(st.get("samples_seen")) / n
+        for c in curve:
+            e_done += 1
+            f_done += f_epoch
+            if isinstance(c.get("val_nll"), (int, float)):
+                ep.append(e_done)
+                fl.append(f_done)
+                nll.append(float(c["val_nll"]))
+                acc.append(float(c.get("val_acc", math.nan)))
+    if not ep:
+        return None
+    return np.asarray(ep, float), np.asarray(fl, float), np.asarray(nll, float), np.asarray(acc, float)
+
+
+def _mean_curve(curves: list[tuple]) -> tuple | None:
+    """Mean over seeds, point by point (seeds of one config have the same stages and epochs)."""
+    curves = [c for c in curves if c is not None]
+    if not curves:
+        return None
+    n = min(len(c[0]) for c in curves)
+    return tuple(np.mean([c[i][:n] for c in curves], axis=0) for i in range(4))
+
+
+def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
+    lines = [(c, _mean_curve([run_curve(r) for r in c.records])) for c in sec.configs]
+    lines = [(c, m) for c, m in lines if m is not None]
+    if not lines:
+        return []
+    fig, axes = new_figure(4, ncols=2)
+    f_scale, f_unit = scale_prefix((float(m[1][-1]) for _, m in lines if np.isfinite(m[1][-1])), "FLOPs")
+    for c, (ep, fl, nll, acc) in lines:
+        kw = dict(color=c.color, lw=1.2, alpha=0.9)
+        axes[0].plot(ep, nll, **kw)
+        axes[1].plot(ep, 100 * acc, **kw)
+        if np.isfinite(fl).all():
+            axes[2].plot(fl * f_scale, nll, **kw)
+            axes[3].plot(fl * f_scale, 100 * acc, **kw)
+    for ax, (x, y) in zip(axes, [("epochs trained (all stages)", "validation NLL ↓"),
+                                 ("epochs trained (all stages)", "validation accuracy (%) ↑"),
+                                 (f"training FLOPs ({f_unit})", "validation NLL ↓"),
+                                 (f"training FLOPs ({f_unit})", "validation accuracy (%) ↑")]):
+        ax.set_xlabel(x, fontsize=8)
+        ax.set_ylabel(y, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in (axes[0], axes[2]):
+        lo = min(float(np.nanmin(m[2])) for _, m in lines)
+        hi = np.nanpercentile(np.concatenate([m[2] for _, m in lines]), 95)
+        ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
+    legend(fig, [c for c, _ in lines])
+    fig.suptitle(f"{sec.title}: learning curves (mean over seeds)", fontsize=10)
+    save(fig, out_dir, f"{base}/learning_curves")
+    return [Figure(f"{base}/learning_curves", "Learning curves",
+                   "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "
+                   "ensemble's members one after the other), against epochs and against the training FLOPs "
+                   "spent so far; one line per config, mean over seeds. A curve still falling at its end is a "
+                   "row the leaderboard marks as not converged.")]
+
