@@ -166,7 +166,8 @@ def require_staged(method: str, backbone: str, why: str) -> None:
     from ensemble_bench.errors import UsageError
 
     if not backbones.is_staged_name(backbone):
-        raise UsageError(f"{method} needs a staged backbone ({why}); {backbone!r} is not one: use one of "
+        kind = "a timm model" if backbone.startswith("timm:") else "a plain (not staged) plugin backbone"
+        raise UsageError(f"{method} needs a staged backbone ({why}); {backbone!r} is {kind}: use one of "
                          f"{', '.join(backbones.staged_names())}")
 
 

@@ -157,7 +157,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     if distributed.rank() > 0:     # torchrun: rank 0 holds the lock and writes; the others train beside it
         return distributed.follow(cfg, log=log)
     if cfg.members_parallel and not locked:   # the members as parallel processes; the run below assembles
-        from ensemble_bench.sweep import train_members_local
+        from ensemble_bench.members import train_members_local
 
         train_members_local(cfg, log=log, force=force)
     if locked:
@@ -193,82 +193,6 @@ def make_trainer(cfg: RunConfig, bundle: Any, device: torch.device, code: dict, 
                    share_salt=f"{code['harness_sha256']}/{cfg.data_id['sha256']}/{cfg.val_fraction}")
 
 
-def member_task_count(method: Any) -> int:
-    """How many member tasks the method's members split into (0: not a method with independent members)."""
-    if not getattr(type(method), "independent_members", False):
-        return 0
-    return int(method.member_tasks())
-
-
-MEMBER_TASKS_DIR = "member_tasks"   # <out>/.ckpt/<run_id>/member_tasks/<k>.json: what each member task did
-
-
-def execute_member(cfg: RunConfig, k: int, *, log: Callable[[str], None] | None = None,
-                   force: bool = False) -> dict:
-    """Member task ``k`` of a run (``--members-parallel``): train member k alone with the method's
-    ``fit_member``, exactly as the run's ``fit`` trains it (same stage, seed, recipe, checkpoints in the
-    run's checkpoint folder, the stage stored in ``<out>/.members/``); the run, started after its member
-    tasks, assembles, evaluates and writes the record. Returns what the task did (also written to
-    ``<out>/.ckpt/<run_id>/member_tasks/<k>.json`` for the record)."""
-    from ensemble_bench import data as data_mod
-    from ensemble_bench import records
-
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(cfg.out)
-    run_id = cfg.run_id()
-    check_output_dir(out)
-    method = make_method(cfg)
-    n = member_task_count(method)
-    if not 0 <= k < n:
-        raise UsageError(f"{cfg.method}: no member task {k} (this run has {n} member tasks)")
-    if not force and records.record_status(out, run_id) == "complete":
-        log(f"{run_id}: complete record exists; member task {k} skipped")
-        return {"run_id": run_id, "member": k, "status": "skipped"}
-    with run_lock(out, f"{run_id}.member{k}") as mine:
-        if not mine:
-            log(f"{run_id}: member task {k} is being run by another process; left to that one")
-            return {"run_id": run_id, "member": k, "status": "busy"}
-        t0 = time.perf_counter()
-        started = _now()
-        device = resolve_device(cfg.device)
-        bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-        seed_everything(cfg.seed)
-        trainer = make_trainer(cfg, bundle, device, code_identity(methods.get(cfg.method), cfg.plugins), log)
-        ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
-                         image_size=bundle.image_size, device=device, data=bundle, trainer=trainer)
-        log(f"{run_id}: member task {k}/{n} of {cfg.method}, seed {cfg.seed}, {device}")
-        method.fit_member(ctx, k)
-        info = {"run_id": run_id, "member": k, "status": "complete", "host": socket.gethostname(),
-                "pid": os.getpid(), "device": cost_device_name(device), "started": started, "finished": _now(),
-                "wall_s": time.perf_counter() - t0,
-                "stages": {name: {"train_s": st.train_s, "reused_from": st.reused_from,
-                                  "resumed_from_epoch": st.resumed_from_epoch}
-                           for name, st in trainer.stages.items()}}
-        if trainer.is_writer:
-            records.write_json_atomic(out / ".ckpt" / run_id / MEMBER_TASKS_DIR / f"{k}.json", info)
-        return info
-
-
-def read_member_tasks(out: Path, run_id: str, training: dict) -> dict[str, dict]:
-    """For the record: per stage trained by a member task of this run, which task, where, its wall time
-    and whether it trained the stage or reused it (``reused_from``: another run's stage of the store)."""
-    import json
-
-    folder = Path(out) / ".ckpt" / run_id / MEMBER_TASKS_DIR
-    tasks: dict[str, dict] = {}
-    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            t = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        for stage, st in (t.get("stages") or {}).items():
-            if stage not in training.get("stages", {}):
-                continue
-            tasks[stage] = {"task": t.get("member"), "host": t.get("host"), "device": t.get("device"),
-                            "wall_s": t.get("wall_s"), "train_s": st.get("train_s"),
-                            "trained": st.get("reused_from") is None, "reused_from": st.get("reused_from")}
-    return tasks
-
 
 def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
              shift_set: Any = None) -> dict:
@@ -276,6 +200,7 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     from ensemble_bench import data as data_mod
     from ensemble_bench import metrics as metrics_mod
     from ensemble_bench import environment, predictions, records
+    from ensemble_bench.members import read_member_tasks
     from ensemble_bench.shift import evaluate_shift
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -398,12 +323,13 @@ def _sha256_files(paths: list[Path], root: Path) -> str:
 
 
 def code_identity(method_cls: type, plugin_specs: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Which code made a record: a hash of the harness (benchmark/*.py) and of the method's source file,
-    with the method's module and file, so a leaderboard row traces to the code that made it."""
+    """Which code made a record: a hash of the harness (every .py file under benchmark/, its sub-packages
+    too) and of the method's source file, with the method's module and file, so a leaderboard row traces
+    to the code that made it."""
     from ensemble_bench import plugins
 
     src = Path(inspect.getsourcefile(method_cls) or "")
-    code = {"harness_sha256": _sha256_files(list(HARNESS_DIR.glob("*.py")), HARNESS_DIR),
+    code = {"harness_sha256": _sha256_files(list(HARNESS_DIR.rglob("*.py")), HARNESS_DIR),
             "method_module": method_cls.__module__, "method_file": src.name,
             "method_sha256": _sha256_files([src], src.parent) if src.is_file() else None}
     if src.parent.resolve() != METHODS_DIR:   # a plugin's method: where its file is, and every plugin loaded
@@ -427,243 +353,6 @@ def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channel
                      device=device)
     return check_model(cls(opts).build(ctx), method_name).to(device).eval()
 
-
-# ------------------------------------------------------------------------------------------ evaluate
-def _record_targets(target: str | os.PathLike) -> tuple[Path, list[tuple[Path, dict]], list[str]]:
-    """(folder, [(record path, record)] of the complete records, problems) of a runs folder or one record."""
-    from ensemble_bench import records
-
-    p = Path(target)
-    if p.is_dir():
-        recs, problems = records.load_records(p)
-        return p, [(records.record_path(p, r["run_id"]), r) for r in recs], problems
-    if p.is_file() and p.name.endswith(".json"):
-        try:
-            rec = records.read_record(p)
-            if rec["status"] == "complete":
-                records._check_complete(rec, str(p))
-        except records.RecordError as e:
-            raise UsageError(str(e)) from None
-        if rec["status"] != "complete":
-            raise UsageError(f"{p}: status {rec['status']!r}; only complete runs can be evaluated again")
-        if p.name != f"{rec['run_id']}.json":
-            raise UsageError(f"{p}: holds run {rec['run_id']}, whose record is named {rec['run_id']}.json")
-        return p.parent, [(p, rec)], []
-    if p.exists():
-        raise UsageError(f"{p}: not a runs folder or a <run_id>.json record")
-    raise UsageError(f"{p}: no such runs folder or record")
-
-
-def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: torch.device | None = None):
-    """The trained ensemble of a complete record, from its kept weights: the RunConfig from the record's
-    config (its run id must be the record's: same code, options and data), the method's untrained
-    architecture (``build``, as ``cost`` does; NFE's SNIP on its synthetic batch, whose masks the weights
-    replace), then a strict load of ``<run_id>.weights.safetensors``. Returns (cfg, method, model) with the
-    model in eval mode on ``device`` (default cpu). Raises UsageError (one line) for anything that does
-    not fit."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ensemble_bench import records
-    from ensemble_bench.config import make_run_config
-    from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
-
-    run_id = record["run_id"]
-    wpath = out / f"{run_id}{records.WEIGHTS_SUFFIX}"
-    if not wpath.is_file():
-        raise UsageError(f"{run_id}: no kept weights ({wpath.name} is missing): the run was made with "
-                         f"--no-keep-weights or before weights were kept; skipped")
-    values = {k: v for k, v in dict(record.get("config") or {}).items() if k != "shift"}
-    values["out"] = str(out)
-    values["device"] = "cpu"
-    values["progress"] = False
-    if data_dir is not None:
-        values["data_dir"] = str(data_dir)
-    try:
-        cfg = make_run_config(values)
-    except UsageError as e:
-        raise UsageError(f"{run_id}: its config cannot be read back ({e})") from None
-    if cfg.run_id() != run_id:
-        raise UsageError(f"{run_id}: its config gives run id {cfg.run_id()} here: the data in "
-                         f"{cfg.data_dir or 'the default data folder'} differ from the run's (data sha256 "
-                         f"{cfg.data_id['sha256']} vs {(record['config'].get('data_id') or {}).get('sha256')}), or "
-                         f"the method's options changed since; skipped")
-    device = device or torch.device("cpu")
-    method = make_method(cfg)
-    channels, size = IMAGE_SHAPES[cfg.dataset]
-    ctx = FitContext(config=cfg, num_classes=NUM_CLASSES[cfg.dataset], in_channels=channels, image_size=size,
-                     device=torch.device("cpu"))
-    with torch.random.fork_rng(devices=[]):   # building draws initial weights: leave the caller's RNG alone
-        model = check_model(method.build(ctx), cfg.method)
-    try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{run_id}: cannot read {wpath.name} ({str(e).splitlines()[0][:200]}); skipped") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        why = " ".join(str(e).split())[:300]
-        raise UsageError(f"{run_id}: {wpath.name} does not fit the architecture this code builds for "
-                         f"{cfg.method} ({why}); skipped") from None
-    return cfg, method, model.to(device).eval()
-
-
-def _max_abs_diff(a: torch.Tensor, b: Any) -> float:
-    import numpy as np
-
-    a16 = a.float().numpy().astype(np.float16).astype(np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    return float(np.abs(a16 - b).max()) if a16.shape == b.shape else float("inf")
-
-
-def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood: list[str] | None = None,
-                     data_dir: str | None = None, device: str = "auto", progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> list[dict]:
-    """``ensemble-bench evaluate``: add shift (``shift``) and OOD (``ood`` names) metrics to complete
-    records without training, from their kept weights (see ``rebuild``).
-
-    For each record: the clean validation and test predictions are computed again (the temperature of the
-    shift metrics is fitted on validation, OOD scores need the test split) and compared with the saved
-    ones; ``metrics.shift`` (replaced) and ``metrics.ood.<name>`` (added or replaced) are written into the
-    record atomically under the run's lock, everything else kept, with an entry in ``evaluations``; the
-    predictions file gets the new arrays. A record that cannot be evaluated (no weights, another dataset,
-    other data) is one line on ``log`` and skipped; when none can be, UsageError (exit 2). Returns one
-    summary per evaluated record."""
-    from ensemble_bench import data as data_mod
-    from ensemble_bench.config import check_shift, shift_data_dir
-    from ensemble_bench.shift import SHIFT_SETS, load_shift_set
-
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    ood = list(dict.fromkeys(ood or []))
-    if not shift and not ood:
-        raise UsageError("evaluate needs --shift NAME and/or --ood NAME (what to add to the records)")
-    if shift is not None and shift not in SHIFT_SETS:
-        raise UsageError(f"unknown shift set {shift!r}; choose from {', '.join(SHIFT_SETS)}")
-    dev = resolve_device(device)
-    out, targets, problems = _record_targets(target)
-    for p in problems:
-        log(f"warning: {p}")
-    if not targets:
-        raise UsageError(f"no complete run records in {target}")
-    # the OOD sets of the built-in datasets and of every dataset (a user's TOML too) of these records
-    known_ood = sorted({o for sets in data_mod.OOD_SETS.values() for o in sets}
-                       | {o for _, rec in targets for o in data_mod.OOD_SETS.get((rec.get("config") or {}).get("dataset"), ())})
-    bad = [o for o in ood if o not in known_ood]
-    if bad:
-        raise UsageError(f"unknown OOD set {bad[0]!r}; choose from {', '.join(known_ood)}")
-    shift_sets: dict[str, Any] = {}
-
-    def shift_set_for(cfg_data_dir) -> Any:   # one load per data folder (checked before any record is touched)
-        root = str(shift_data_dir(cfg_data_dir))
-        if root not in shift_sets:
-            shift_sets[root] = load_shift_set(shift, root)
-        return shift_sets[root]
-
-    if shift is not None and data_dir is not None:
-        shift_set_for(data_dir)   # a missing or bad set: one line, nothing evaluated
-    done, skipped = [], []
-    for path, rec in targets:
-        run_id = rec["run_id"]
-        dataset = (rec.get("config") or {}).get("dataset")
-        try:
-            if shift is not None:
-                check_shift(shift, dataset)
-            missing = [o for o in ood if o not in data_mod.OOD_SETS.get(dataset, ())]
-            if missing:
-                raise UsageError(f"OOD set {missing[0]!r} is not one of {dataset}'s "
-                                 f"({', '.join(data_mod.OOD_SETS.get(dataset, ())) or 'none'})")
-            cfg, _, model = rebuild(rec, out, data_dir=data_dir, device=dev)
-            sset = shift_set_for(cfg.data_dir) if shift is not None else None
-        except UsageError as e:
-            msg = str(e)
-            skipped.append(msg if msg.startswith(run_id) else f"{run_id}: {msg}; skipped")
-            log(skipped[-1])
-            continue
-        with run_lock(out, run_id) as mine:
-            if not mine:
-                skipped.append(f"{run_id}: in use by another process ({lock_holder(out, run_id) or 'unknown'}); "
-                               f"skipped")
-                log(skipped[-1])
-                continue
-            done.append(_evaluate_one(path, out, cfg, model, dev, sset, ood, progress, log))
-    if not done:
-        raise UsageError(f"nothing evaluated: {len(skipped)} record(s) skipped (first: {skipped[0]})"
-                         if skipped else "nothing evaluated")
-    return done
-
-
-def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, device: torch.device, sset: Any,
-                  ood: list[str], progress: bool, log: Callable[[str], None]) -> dict:
-    """Evaluate one rebuilt model and update its record and predictions (the caller holds the run's lock)."""
-    from ensemble_bench import data as data_mod
-    from ensemble_bench import metrics as metrics_mod
-    from ensemble_bench import predictions, records
-    from ensemble_bench.shift import evaluate_shift
-    from ensemble_bench.train import Trainer
-
-    run_id = cfg.run_id()
-    t0 = time.perf_counter()
-    bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    trainer = Trainer(bundle, cfg, device, log=log)
-    model = trainer.prepare(model).eval()
-    test_logits = trainer.predict(model, trainer.data.test.x)
-    labels = trainer.data.test.y.cpu()
-    val_logits = trainer.predict(model, trainer.data.val.x) if trainer.data.val is not None else None
-    val_labels = trainer.data.val.y.cpu() if val_logits is not None else None
-    entry: dict[str, Any] = {"at": _now(), "device": cost_device_name(device),
-                             "code": code_identity(methods.get(cfg.method), cfg.plugins)}
-    ppath = records.predictions_path(out, run_id)
-    saved = None
-    if ppath.is_file():
-        try:
-            saved = predictions.load_predictions(ppath)
-        except (OSError, ValueError) as e:
-            log(f"warning: {run_id}: saved predictions unreadable ({' '.join(str(e).split())[:200]}); not updated")
-    if saved is not None:   # the rebuilt model gives the run's predictions (to the float16 they were saved in)
-        diff = _max_abs_diff(test_logits, saved["logits"])
-        entry["test_logits_max_abs_diff"] = diff
-        if not diff <= 4e-3 * max(float(test_logits.abs().max()), 1.0):   # ~4 float16 steps at the largest logit
-            log(f"warning: {run_id}: the rebuilt model's test logits differ from the saved ones by up to {diff:.3g}")
-    arrays: dict[str, Any] = {}
-    new_ood: dict[str, Any] = {}
-    if ood:
-        ood_logits = {o: trainer.predict(model, trainer.data.ood[o]) for o in ood}
-        new_ood = metrics_mod.evaluate(test_logits, labels, ood=ood_logits, combine=model.combine)["ood"]
-        arrays.update({f"ood_{o}": z for o, z in ood_logits.items()})
-        entry["ood"] = list(ood)
-    new_shift = shift_s = None
-    if sset is not None:
-        t_shift = time.perf_counter()
-        shift_logits: dict[str, Any] = {}
-        new_shift = evaluate_shift(lambda x: trainer.predict(model, x), sset, val_logits=val_logits,
-                                   val_labels=val_labels, combine=model.combine, progress=progress,
-                                   logits_out=shift_logits)
-        shift_s = time.perf_counter() - t_shift
-        arrays.update(shift_logits)
-        entry.update(shift=sset.name, shift_eval_s=shift_s)
-    # the record is read again under the lock: what another evaluation added meanwhile is kept
-    rec = records.read_record(path)
-    metrics = rec.setdefault("metrics", {})
-    if new_ood:
-        metrics.setdefault("ood", {}).update(new_ood)
-    if new_shift is not None:
-        metrics["shift"] = new_shift
-        rec.setdefault("data", {})["shift"] = sset.describe()
-        rec.setdefault("timings", {})["shift_eval_s"] = shift_s
-    entry["eval_s"] = time.perf_counter() - t0
-    rec.setdefault("evaluations", []).append(entry)
-    if saved is not None:
-        predictions.update_predictions(ppath, arrays, drop_prefixes=("shift_",) if sset is not None else ())
-    records.write_record(out, rec)
-    summary: dict[str, Any] = {"run_id": run_id, "record": str(path)}
-    if new_shift is not None:
-        m = new_shift["mean"]
-        summary.update(shift=sset.name, shift_acc=round(m["acc"], 6), shift_nll=round(m["nll"], 6),
-                       shift_eval_s=round(shift_s, 2))
-    for o in ood:
-        summary[f"auroc_{o}"] = round(new_ood[o]["msp"]["auroc"], 6)
-    log(f"{run_id}: evaluated in {entry['eval_s']:.1f}s")
-    return summary
 
 
 def cost_device_name(device: torch.device) -> str:

@@ -72,3 +72,63 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert [e["loss"] for e in c2] == pytest.approx([e["loss"] for e in c1], abs=1e-5)
     assert not (tmp_path / "two" / ".ckpt").exists()
     assert runner.resolve_device("cpu").type == "cpu"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_killed_two_rank_run_resumes_from_rank_0s_checkpoint(tmp_path):
+    """Both ranks killed (SIGKILL to torchrun's process group) after the first epoch's checkpoint, then
+    the same command again: it resumes from rank 0's checkpoint and ends where 1 process ends."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [a if a != "2" else "4" for a in ARGS]                           # 4 epochs
+    one = subprocess.run([sys.executable, "-m", "ensemble_bench", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def two_ranks() -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port()), "-m", "ensemble_bench", *args, "--out", str(tmp_path / "two")]
+
+    proc = subprocess.Popen(two_ranks(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "two" / ".ckpt").glob("*/member0.pt")):
+        assert proc.poll() is None, "the 2-rank run ended before its first checkpoint"
+        time.sleep(0.2)
+    for pid in [proc.pid, *_descendants(proc.pid)]:     # torchrun and its workers (their own sessions)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    [rec] = [json.loads(p.read_text()) for p in (tmp_path / "two").glob("single-*.json")]
+    assert rec["status"] == "running"
+    again = subprocess.run(two_ranks(), capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[member0] resuming after epoch" in again.stderr
+    [r1] = [json.loads(p.read_text()) for p in (tmp_path / "one").glob("single-*.json")]
+    [r2] = [json.loads(p.read_text()) for p in (tmp_path / "two").glob("single-*.json")]
+    assert r2["status"] == "complete"
+    for k in ("acc", "nll", "ece"):
+        assert r2["metrics"][k] == pytest.approx(r1["metrics"][k], abs=1e-5), k

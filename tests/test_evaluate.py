@@ -272,7 +272,8 @@ def test_every_method_rebuilds_from_its_weights(tmp_path, capsys):
     import ensemble_bench.methods as methods
     from ensemble_bench import data
     from ensemble_bench.config import make_run_config
-    from ensemble_bench.runner import execute, rebuild
+    from ensemble_bench.evaluate import rebuild
+    from ensemble_bench.runner import execute
     from ensemble_bench.train import Trainer
 
     out = tmp_path / "runs"

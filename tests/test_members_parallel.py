@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble_bench import records, runner, sweep
+from ensemble_bench import members, records, runner, sweep
 from ensemble_bench.config import make_run_config
 
 TINY = dict(method="deep_ensemble", backbone="cnn_small", dataset="digits", epochs=1, lr=0.05, device="cpu",
@@ -36,11 +36,11 @@ def test_contract_no_method_names_and_declared_members():
     import ensemble_bench.methods as methods
 
     de = runner.make_method(_cfg(Path("x"), 3))
-    assert runner.member_task_count(de) == 3
+    assert members.member_task_count(de) == 3
     batched = runner.make_method(make_run_config(dict(TINY, options={"num_members": 3, "batched": True})))
-    assert runner.member_task_count(batched) == 0          # one grouped network: one job
+    assert members.member_task_count(batched) == 0          # one grouped network: one job
     packed = runner.make_method(make_run_config(dict(TINY, method="packed")))
-    assert runner.member_task_count(packed) == 0           # not declared independent
+    assert members.member_task_count(packed) == 0           # not declared independent
     assert methods.get("single").independent_members
 
 
@@ -69,8 +69,8 @@ def test_member_tasks_reuse_members_of_another_size_and_the_record_says_which(tm
     stage store and train member 2 only; DE-3's record says so, and equals the sequential DE-3 bitwise."""
     out = tmp_path / "runs"
     de2, de3 = _cfg(out, 2), _cfg(out, 3)
-    assert all(runner.execute_member(de2, k)["stages"][f"member{k}"]["reused_from"] is None for k in range(2))
-    infos = [runner.execute_member(de3, k) for k in range(3)]
+    assert all(members.execute_member(de2, k)["stages"][f"member{k}"]["reused_from"] is None for k in range(2))
+    infos = [members.execute_member(de3, k) for k in range(3)]
     assert [i["stages"][f"member{k}"]["reused_from"] for k, i in enumerate(infos)] == \
         [f"{de2.run_id()}/member0", f"{de2.run_id()}/member1", None]
     rec = runner.execute(de3)
@@ -83,12 +83,12 @@ def test_member_tasks_reuse_members_of_another_size_and_the_record_says_which(tm
 def test_a_missing_member_is_trained_by_the_assembly(tmp_path, one_thread):
     """A member task that failed or never ran: the assembling run trains that member itself (afterany)."""
     cfg = _cfg(tmp_path / "a", 2)
-    runner.execute_member(cfg, 1)
+    members.execute_member(cfg, 1)
     rec = runner.execute(cfg)
     assert set(rec["training"]["member_tasks"]) == {"member1"}
     assert rec["metrics"] == runner.execute(_cfg(tmp_path / "b", 2))["metrics"]
     with pytest.raises(Exception, match="no member task 2"):
-        runner.execute_member(_cfg(tmp_path / "c", 2), 2)
+        members.execute_member(_cfg(tmp_path / "c", 2), 2)
 
 
 def test_sweep_local_executor_runs_member_tasks_then_the_run(tmp_path, one_thread, monkeypatch):
@@ -99,7 +99,7 @@ def test_sweep_local_executor_runs_member_tasks_then_the_run(tmp_path, one_threa
         [grid]
         method = ["deep_ensemble"]
         [options.deep_ensemble]
-        num_members = [4]
+        num_members = [2]
         [run]
         backbone = "cnn_small"
         dataset = "digits"

@@ -1,0 +1,174 @@
+"""What a sweep runs: :class:`RunJob` (one run) and :class:`MemberJob` (one member task of a
+``members_parallel`` run), picklable ``submitit.helpers.Checkpointable`` jobs for Slurm and the local pool;
+the manifest that remembers which Slurm job runs which run (``<out>/.submitit/runs/<run_id>.json``); and
+who holds a run's lock (``lock_owner``)."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ensemble_bench.config import RunConfig, make_run_config
+from ensemble_bench.members import limit_threads, member_task, member_task_count
+from ensemble_bench.runner import make_method, run_lock  # run_lock: the one lock per run id (plain runs take it too)
+
+SUBMITIT_DIR = ".submitit"
+
+
+# ---------------------------------------------------------------------------------- the job
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One run of a sweep, as submitit runs it. Picklable (a config dict); ``checkpoint()`` (called by
+    submitit on a time limit or preemption) resubmits the same run, which resumes from the trainer's
+    per-epoch checkpoint. Returns a small summary; a failing run raises after the runner has recorded
+    the failure, so Slurm and submitit see it failed too."""
+
+    def __init__(self, config: dict[str, Any], run_id: str, prefix_logs: bool = False):
+        self.config = dict(config)
+        self.run_id = run_id
+        self.prefix_logs = prefix_logs
+        self.requeues = 0
+
+    def __call__(self) -> dict[str, Any]:
+        from ensemble_bench import distributed
+        from ensemble_bench.runner import execute
+
+        limit_threads()
+        distributed.export_slurm_env()   # a job of several tasks ([slurm] tasks_per_node / nodes): one rank each
+        cfg = make_run_config(self.config)
+        if cfg.run_id() != self.run_id:
+            raise RuntimeError(f"run {self.run_id}: this code gives the config the id {cfg.run_id()} (a method's "
+                               f"options or RunConfig changed since submission); submit the sweep again")
+        if self.prefix_logs:
+            def log(s: str) -> None:
+                print(f"{self.run_id}: {s}" if not s.startswith(self.run_id) else s, file=sys.stderr, flush=True)
+        else:
+            def log(s: str) -> None:
+                print(s, file=sys.stderr, flush=True)
+        if self.requeues:
+            log(f"{self.run_id}: attempt {self.requeues + 1} (requeued {self.requeues}x); resuming from checkpoints")
+        if distributed.rank() > 0:   # rank 0 holds the lock and writes the record
+            return execute(cfg, log=log, locked=True)
+        with run_lock(Path(cfg.out), self.run_id) as mine:
+            if not mine:
+                log(f"{self.run_id}: another process is running it; left to that one")
+                return {"run_id": self.run_id, "status": "busy", "requeues": self.requeues}
+            rec = execute(cfg, log=log, locked=True)
+        return {"run_id": self.run_id, "status": rec["status"], "requeues": self.requeues,
+                "acc": rec.get("metrics", {}).get("acc")}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The training state is on disk (per-epoch checkpoints): requeue the same run, counting attempts.
+        self.requeues += 1
+        print(f"{self.run_id}: interrupted; requeue {self.requeues} resumes after the last finished epoch",
+              file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class MemberJob(submitit.helpers.Checkpointable):
+    """Member task ``k`` of a run (``members_parallel``): trains that member alone
+    (``ensemble_bench.members.execute_member``); the run's own job, started after all its member tasks,
+    assembles the ensemble, evaluates it and writes the record. Requeued like a RunJob; the member resumes
+    from its per-epoch checkpoint."""
+
+    def __init__(self, config: dict[str, Any], run_id: str, k: int, force: bool = False, prefix_logs: bool = False):
+        self.config = dict(config)
+        self.run_id = run_id
+        self.k = int(k)
+        self.force = force
+        self.prefix_logs = prefix_logs
+        self.requeues = 0
+
+    def __call__(self) -> dict[str, Any]:
+        info = member_task(self.config, self.run_id, self.k, force=self.force, prefix_logs=self.prefix_logs)
+        return {**info, "requeues": self.requeues}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def member_jobs(cfg: RunConfig, force: bool = False, prefix_logs: bool = False) -> list[MemberJob]:
+    """The member tasks of a run with ``members_parallel`` (none when its method, with these options,
+    has no independent members: it then trains as one job)."""
+    if not getattr(cfg, "members_parallel", False):
+        return []
+    n = member_task_count(make_method(cfg))
+    return [MemberJob(cfg.to_dict(), cfg.run_id(), k, force, prefix_logs) for k in range(n)]
+
+
+# ----------------------------------------------------------------------------- queue and state
+def _manifest_path(out: Path, run_id: str) -> Path:
+    return out / SUBMITIT_DIR / "runs" / f"{run_id}.json"
+
+
+def read_manifest(out: Path, run_id: str) -> dict | None:
+    import json
+
+    p = _manifest_path(out, run_id)
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("job_id"), str) else None
+
+
+def write_manifest(out: Path, run_id: str, entry: dict) -> None:
+    from ensemble_bench.records import write_json_atomic
+
+    write_json_atomic(_manifest_path(out, run_id), entry)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, another user's
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def lock_owner(out: Path, run_id: str) -> tuple[bool | None, str | None]:
+    """(whether a live process holds the run's lock, "pid P on host H" of the holder or last holder).
+    None for the first when it cannot be told (the lock file cannot be opened, e.g. a read-only folder).
+
+    The lock (``ensemble_bench.runner.run_lock``) is released by the kernel however its process ends, so a
+    killed run's lock is free. Probing it means taking it for an instant, which a run starting at that
+    very instant would take for another process's, so the probe is avoided where the answer is certain
+    without it: no lock file (never locked: not held), a holder on this host whose pid is gone (killed:
+    not held). A holder on another host, or a live pid here (it holds the lock, or its pid was reused),
+    is probed."""
+    import socket
+
+    from ensemble_bench.runner import LOCK_DIR, lock_holder, lock_is_held
+
+    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
+    if not path.is_file():
+        return False, None
+    holder = lock_holder(out, run_id)    # read first: a probe that takes the lock rewrites the file
+    if holder is not None:
+        pid, host = holder.split()[1], holder.split()[-1]
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return False, holder
+    try:
+        held = lock_is_held(out, run_id)
+    except OSError:
+        return None, holder
+    return held, holder
+
+
+def _on_this_host(holder: str | None) -> bool:
+    import socket
+
+    return bool(holder) and holder.split()[-1] == socket.gethostname()
+
