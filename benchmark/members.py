@@ -138,13 +138,15 @@ class MemberTask:
                 "requeues": 0}
 
 
-def member_tasks(cfg: RunConfig, force: bool = False, prefix_logs: bool = False) -> list[MemberTask]:
+def member_tasks(cfg: RunConfig, force: bool = False, prefix_logs: bool = False,
+                 task: type = MemberTask) -> list:
     """The member tasks of a run with ``members_parallel`` (none when its method, with these options,
-    has no independent members: it then trains as one job)."""
+    has no independent members: it then trains as one job), as ``task`` objects (a pool's work items, or
+    the sweep's Slurm ``MemberJob``)."""
     if not getattr(cfg, "members_parallel", False):
         return []
     n = member_task_count(make_method(cfg))
-    return [MemberTask(cfg.to_dict(), cfg.run_id(), k, force, prefix_logs) for k in range(n)]
+    return [task(cfg.to_dict(), cfg.run_id(), k, force, prefix_logs) for k in range(n)]
 
 
 def pool_init(threads: int) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import submitit
 
 from ensemble_bench.config import RunConfig, make_run_config
-from ensemble_bench.members import limit_threads, member_task, member_task_count
-from ensemble_bench.runner import make_method, run_lock  # run_lock: the one lock per run id (plain runs take it too)
+from ensemble_bench.members import MemberTask, limit_threads, member_tasks
+from ensemble_bench.runner import run_lock  # run_lock: the one lock per run id (plain runs take it too)
 
 SUBMITIT_DIR = ".submitit"
 
@@ -72,23 +72,18 @@ class RunJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-class MemberJob(submitit.helpers.Checkpointable):
-    """Member task ``k`` of a run (``members_parallel``): trains that member alone
+class MemberJob(MemberTask, submitit.helpers.Checkpointable):
+    """Member task ``k`` of a run (``members_parallel``) as a Slurm job: trains that member alone
     (``ensemble_bench.members.execute_member``); the run's own job, started after all its member tasks,
     assembles the ensemble, evaluates it and writes the record. Requeued like a RunJob; the member resumes
     from its per-epoch checkpoint."""
 
-    def __init__(self, config: dict[str, Any], run_id: str, k: int, force: bool = False, prefix_logs: bool = False):
-        self.config = dict(config)
-        self.run_id = run_id
-        self.k = int(k)
-        self.force = force
-        self.prefix_logs = prefix_logs
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.requeues = 0
 
     def __call__(self) -> dict[str, Any]:
-        info = member_task(self.config, self.run_id, self.k, force=self.force, prefix_logs=self.prefix_logs)
-        return {**info, "requeues": self.requeues}
+        return {**super().__call__(), "requeues": self.requeues}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         self.requeues += 1
@@ -96,12 +91,8 @@ class MemberJob(submitit.helpers.Checkpointable):
 
 
 def member_jobs(cfg: RunConfig, force: bool = False, prefix_logs: bool = False) -> list[MemberJob]:
-    """The member tasks of a run with ``members_parallel`` (none when its method, with these options,
-    has no independent members: it then trains as one job)."""
-    if not getattr(cfg, "members_parallel", False):
-        return []
-    n = member_task_count(make_method(cfg))
-    return [MemberJob(cfg.to_dict(), cfg.run_id(), k, force, prefix_logs) for k in range(n)]
+    """The member tasks of a run with ``members_parallel`` as Slurm jobs (see ``members.member_tasks``)."""
+    return member_tasks(cfg, force, prefix_logs, task=MemberJob)
 
 
 # ----------------------------------------------------------------------------- queue and state
