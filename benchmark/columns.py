@@ -17,6 +17,7 @@ import numpy as np
 
 from ensemble_bench import recipe as _recipe
 from ensemble_bench.config import RUN_SETTING_FIELDS
+from ensemble_bench.record_types import Cost, Metrics, MethodInfo, RunRecord, Training
 from ensemble_bench.records import _jsonable
 
 METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature", "member_acc", "disagreement",
@@ -130,15 +131,24 @@ def stage_converged(stage: Mapping) -> bool | None:
     return not falling
 
 
-def record_converged(rec: Mapping) -> bool | None:
+def typed_record(rec: RunRecord | Mapping) -> RunRecord:
+    """``rec`` as a :class:`RunRecord`: a dict's typed fields are validated (not its identity, nor what a
+    complete record has: hand-made and partial records flatten to NaN where they lack a value)."""
+    if isinstance(rec, RunRecord):
+        return rec
+    return RunRecord.from_dict(rec, f"record {as_dict(rec).get('run_id')!r}", complete=False, identity=False)
+
+
+def record_converged(rec: RunRecord | Mapping) -> bool | None:
     """All stages of the run that are meant to converge have (None: the record has no curves)."""
-    stages = as_dict(as_dict(rec.get("training")).get("stages"))
+    training = typed_record(rec).training
+    stages = as_dict(training.stages if training is not None else None)
     verdicts = [stage_converged(s) for s in stages.values() if isinstance(s, dict) and s.get("converges", True)]
     verdicts = [v for v in verdicts if v is not None]
     return all(verdicts) if verdicts else None
 
 
-def _stage_recipes_text(training: Mapping) -> str:
+def _stage_recipes_text(training: Training) -> str:
     """The stage recipes that differ from the run's effective recipe: "explore: schedule=constant; ..."."""
     def show(v: Any) -> str:
         if isinstance(v, float):
@@ -148,38 +158,41 @@ def _stage_recipes_text(training: Mapping) -> str:
         return str(v)
 
     by_text: dict[str, list[str]] = {}
-    for name, st in as_dict(training.get("stages")).items():
+    for name, st in as_dict(training.stages).items():
         ch = as_dict(as_dict(st).get("recipe_changes"))
         if ch:
             by_text.setdefault(", ".join(f"{k}={show(v)}" for k, v in sorted(ch.items())), []).append(str(name))
     return "; ".join(f"{'+'.join(names)}: {text}" for text, names in by_text.items())
 
 
-def flatten_record(rec: dict) -> dict:
-    """One flat row of a record: identity columns, metrics, msp OOD metrics per set, cost, devices.
+def flatten_record(rec: RunRecord | Mapping) -> dict:
+    """One flat row of a record (a :class:`RunRecord`, or its dict): identity columns, metrics, msp OOD
+    metrics per set, cost, devices.
 
     Values that are absent from the record become NaN (numbers) or None (strings).
     """
-    cfg = as_dict(rec.get("config"))
-    meth = as_dict(rec.get("method"))
-    metrics = as_dict(rec.get("metrics"))
-    cost = as_dict(rec.get("cost"))
-    training = as_dict(rec.get("training"))
-    options = meth.get("options") if isinstance(meth.get("options"), dict) else as_dict(cfg.get("options"))
+    rec = typed_record(rec)
+    cfg = as_dict(rec.config)
+    meth = rec.method or MethodInfo()
+    metrics = rec.metrics or Metrics()
+    cost = rec.cost or Cost()
+    training = rec.training or Training()
+    data = as_dict(rec.data)
+    options = meth.options if isinstance(meth.options, dict) else as_dict(cfg.get("options"))
     # the effective recipe as trained (records before it existed: the run's settings)
     eff = {**cfg, **as_dict(cfg.get("effective_recipe"))}
-    code = as_dict(rec.get("code"))
-    p10, p90, med = num(cost.get("latency_ms_p10")), num(cost.get("latency_ms_p90")), num(cost.get("latency_ms"))
+    code = as_dict(rec.code)
+    p10, p90, med = num(cost.latency_ms_p10), num(cost.latency_ms_p90), num(cost.latency_ms)
     spread = (p90 - p10) / med if med > 0 else math.nan
     conv = record_converged(rec)
 
     row: dict[str, Any] = {
         # a user's dataset is a TOML path in the config: the table shows the name it declares
-        "dataset": (as_dict(rec.get("data")).get("name") or cfg.get("dataset")
-                    if str(cfg.get("dataset", "")).endswith(".toml") else cfg.get("dataset", rec.get("dataset"))),
+        "dataset": (data.get("name") or cfg.get("dataset")
+                    if str(cfg.get("dataset", "")).endswith(".toml") else cfg.get("dataset", rec.extra.get("dataset"))),
         "data_id": as_dict(cfg.get("data_id")).get("sha256"),
-        "backbone": cfg.get("backbone", rec.get("backbone")),
-        "method": meth.get("name") or cfg.get("method"),
+        "backbone": cfg.get("backbone", rec.extra.get("backbone")),
+        "method": meth.name or cfg.get("method"),
         "config_key": _canonical(options),
         "epochs": eff.get("epochs"),
         "batch_size": eff.get("batch_size"),
@@ -191,17 +204,17 @@ def flatten_record(rec: dict) -> dict:
         "latency_spread": spread,
         "latency_busy": bool(spread > LATENCY_BUSY_SPREAD) if spread == spread else None,
         "seed": cfg.get("seed"),
-        "run_id": rec.get("run_id"),
-        "status": rec.get("status"),
-        "combine": meth.get("combine"),
-        "num_members": num(meth.get("num_members")),
+        "run_id": rec.run_id,
+        "status": rec.status,
+        "combine": meth.combine,
+        "num_members": num(meth.num_members),
         # the method declares its members independent full copies of the backbone (api.Method.size_reference):
         # its records at sizes 1..M form the deep-ensemble size curve of DEE
-        "size_reference": bool(meth.get("size_reference", False)),
+        "size_reference": bool(meth.size_reference or False),
     }
     for k in METRIC_COLUMNS:
         row[k] = num(metrics.get(k))
-    for set_name, by_score in sorted(as_dict(metrics.get("ood")).items()):
+    for set_name, by_score in sorted(as_dict(metrics.ood).items()):
         by_score = as_dict(by_score)
         msp = as_dict(by_score.get("msp"))
         for m in MSP_OOD_METRICS:
@@ -209,13 +222,13 @@ def flatten_record(rec: dict) -> dict:
         for score, vals in sorted(by_score.items()):
             if score != "msp":
                 row[f"auroc_{set_name}_{score}"] = num(as_dict(vals).get("auroc"))
-    row.update(_shift_columns(metrics.get("shift"), as_dict(as_dict(rec.get("data")).get("shift"))))
+    row.update(_shift_columns(metrics.shift, as_dict(data.get("shift"))))
     for k in COST_COLUMNS:
         src = training if k in ("train_s", "train_flops") else cost
         row[k] = num(src.get(k))
-    row["latency_device"] = cost.get("latency_device") or cost.get("device")
-    row["throughput_device"] = cost.get("throughput_device") or cost.get("latency_device") or cost.get("device")
-    row["train_device"] = training.get("device")
+    row["latency_device"] = cost.latency_device or cost.device
+    row["throughput_device"] = cost.throughput_device or cost.latency_device or cost.device
+    row["train_device"] = training.device
     return row
 
 

@@ -8,7 +8,7 @@ the same directory, which is flushed, fsync'ed and then renamed over the final n
 ``os.replace``. A reader therefore sees either the previous complete file or the new complete file,
 never a partial one; two writers of the same run id leave one of the two complete versions.
 
-Record layout (a plain dict)::
+Record layout (a plain dict; typed and validated as :class:`ensemble_bench.record_types.RunRecord`)::
 
     {"schema_version": 1, "run_id": str, "status": "complete" | "failed" | "running",
      "config":   {method, backbone, dataset, epochs, seed, batch_size, lr, ..., "options": {...}},
@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -43,15 +42,19 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-STATUSES = ("complete", "failed", "running")
+from ensemble_bench.record_types import SCHEMA_VERSION as SCHEMA_VERSION
+from ensemble_bench.record_types import STATUSES as STATUSES
+from ensemble_bench.record_types import Cost as Cost
+from ensemble_bench.record_types import MethodInfo as MethodInfo
+from ensemble_bench.record_types import Metrics as Metrics
+from ensemble_bench.record_types import RecordError as RecordError
+from ensemble_bench.record_types import RunRecord as RunRecord
+from ensemble_bench.record_types import Training as Training
+from ensemble_bench.record_types import check_record as _check_record
+
 PREDS_SUFFIX = ".preds.npz"
 WEIGHTS_SUFFIX = ".weights.safetensors"
 _TMP_SUFFIX = ".tmp"
-
-
-class RecordError(ValueError):
-    """A file is not a readable result record (or a results directory is missing)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,37 +187,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 # records
 # --------------------------------------------------------------------------------------------
 
-_BAD_RUN_ID = re.compile(r"[/\\\x00]")
-
-
-def _check_record(rec: Any, where: str) -> dict:
-    if not isinstance(rec, dict):
-        raise RecordError(f"{where}: not a result record (top level is {type(rec).__name__}, not an object)")
-    missing = [k for k in ("schema_version", "run_id", "status") if k not in rec]
-    if missing:
-        raise RecordError(f"{where}: not a result record (missing {', '.join(missing)})")
-    version = rec["schema_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise RecordError(f"{where}: bad schema_version {version!r}")
-    if version > SCHEMA_VERSION:
-        raise RecordError(
-            f"{where}: schema_version {version} is newer than this code understands ({SCHEMA_VERSION}); update ensemble-bench"
-        )
-    run_id = rec["run_id"]
-    if not isinstance(run_id, str) or not run_id or run_id.startswith(".") or _BAD_RUN_ID.search(run_id):
-        raise RecordError(f"{where}: bad run_id {run_id!r} (must be a non-empty file name without / or leading .)")
-    if rec["status"] not in STATUSES:
-        raise RecordError(f"{where}: bad status {rec['status']!r} (expected one of {', '.join(STATUSES)})")
-    return rec
-
-
-def _check_complete(rec: dict, where: str) -> None:
-    """A record that counts (leaderboard, report) as complete has its config and metrics."""
-    metrics = rec.get("metrics")
-    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(k), (int, float)) for k in ("acc", "nll")):
-        raise RecordError(f"{where}: marked complete but has no metrics (acc, nll): not a finished result")
-    if not isinstance(rec.get("config"), dict):
-        raise RecordError(f"{where}: marked complete but has no config")
+def _check_complete(rec: dict, where: str) -> RunRecord:
+    """A record that counts (leaderboard, report) as complete has its config and metrics (acc, nll), every
+    typed field of the right type (:class:`RunRecord`); returns it typed."""
+    return RunRecord.from_dict(rec, where, complete=True)
 
 
 def record_path(out_dir: str | os.PathLike, run_id: str) -> Path:
@@ -231,9 +207,16 @@ def write_record(out_dir: str | os.PathLike, record: dict) -> Path:
     return write_json_atomic(record_path(out_dir, record["run_id"]), record)
 
 
-def read_record(path: str | os.PathLike) -> dict:
-    """Read and validate one record. Raises :class:`RecordError` (one-line message) if it is not one."""
-    path = Path(path)
+def read_record(path: str | os.PathLike, *, typed: bool = False) -> dict | RunRecord:
+    """Read and validate one record (its identity, and the type of every typed field it has; a complete
+    record's completeness is :func:`load_records`'s check). Raises :class:`RecordError` (one-line message)
+    if it is not one. ``typed``: a :class:`RunRecord` instead of the dict."""
+    rec, rr = _read(Path(path), complete=False)
+    return rr if typed else rec
+
+
+def _read(path: Path, *, complete: bool | None) -> tuple[dict, RunRecord]:
+    """A record file as (the dict, the validated RunRecord); ``complete`` as in RunRecord.from_dict."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -248,7 +231,7 @@ def read_record(path: str | os.PathLike) -> dict:
         raise RecordError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise RecordError(f"{path}: invalid JSON (nested too deeply)") from None
-    return _check_record(rec, str(path))
+    return rec, RunRecord.from_dict(rec, str(path), complete=complete)
 
 
 def _record_files(runs_dir: Path, recursive: bool) -> list[Path]:
@@ -269,25 +252,25 @@ def load_records(
     *,
     statuses: tuple[str, ...] | None = ("complete",),
     recursive: bool = False,
-) -> tuple[list[dict], list[str]]:
+    typed: bool = False,
+) -> tuple[list[dict], list[str]] | tuple[list[RunRecord], list[str]]:
     """Load every record in ``runs_dir`` whose status is in ``statuses`` (None: all statuses).
 
     Returns ``(records, problems)``: ``problems`` has one line per file that is not a readable
     record (corrupt, truncated, not a record, duplicate run id). Predictions (``*.preds.npz``)
     and temporary files are skipped. Records are in file-name order. A missing ``runs_dir``
-    raises :class:`RecordError`.
+    raises :class:`RecordError`. Every record is validated through :meth:`RunRecord.from_dict` (a complete
+    one must have its config and metrics); ``typed``: the records as :class:`RunRecord` instead of dicts.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise RecordError(f"{runs_dir}: results directory does not exist")
-    records: list[dict] = []
+    records: list = []
     problems: list[str] = []
     seen: dict[str, Path] = {}
     for p in _record_files(runs_dir, recursive):
         try:
-            rec = read_record(p)
-            if rec["status"] == "complete":
-                _check_complete(rec, str(p))
+            rec, rr = _read(p, complete=None)   # a complete one: its config and metrics too
         except RecordError as e:
             problems.append(str(e))
             continue
@@ -297,8 +280,13 @@ def load_records(
             continue
         seen[rid] = p
         if statuses is None or rec["status"] in statuses:
-            records.append(rec)
+            records.append(rr if typed else rec)
     return records, problems
+
+
+def load_typed(runs_dir: str | os.PathLike, **kw: Any) -> tuple[list[RunRecord], list[str]]:
+    """:func:`load_records` with the records as :class:`RunRecord`."""
+    return load_records(runs_dir, typed=True, **kw)
 
 
 def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:

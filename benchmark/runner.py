@@ -223,16 +223,13 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     method = make_method(cfg)
     device = resolve_device(cfg.device)
     bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    record: dict[str, Any] = {
-        "schema_version": records.SCHEMA_VERSION, "run_id": run_id, "status": "running",
-        "config": cfg.to_dict(),
-        "method": {"name": cfg.method, "options": dict(cfg.options),
-                   "size_reference": bool(getattr(type(method), "size_reference", False))},
-        "data": bundle.describe(),
-        "code": code,
-        "env": environment.environment_info(),
-        "timings": {"started": _now()}, "error": None,
-    }
+    record: dict[str, Any] = records.RunRecord(
+        run_id=run_id, status="running", config=cfg.to_dict(),
+        method=records.MethodInfo(name=cfg.method, options=dict(cfg.options),
+                                  size_reference=bool(getattr(type(method), "size_reference", False))),
+        data=bundle.describe(), code=code, env=environment.environment_info(),
+        timings={"started": _now()}, error=None,
+    ).to_dict()
     out.mkdir(parents=True, exist_ok=True)
     records.write_record(out, record)
     t_start = time.perf_counter()
@@ -287,14 +284,25 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         if cfg.save_predictions:
             predictions.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,
                                      val_labels=val_labels, ood=ood, combine=model.combine, extra=shift_logits)
-        record["method"].update({"combine": model.combine, "num_members": model.num_members, "info": ctx.info})
-        record.update(status="complete", metrics=metrics, cost=cost, training=training)
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start, eval_s=eval_s)
         if shift_s is not None:
             record["timings"]["shift_eval_s"] = shift_s
         if tasks:   # the wall time of the critical path: the slowest member task, then this assembly
             record["timings"]["critical_path_s"] = (max(t.get("wall_s") or 0.0 for t in tasks.values())
                                                     + record["timings"]["wall_s"])
+        # the complete record through its types (ensemble_bench.record_types): what every reader validates
+        started = records.RunRecord.from_dict(record, f"run {run_id}")
+        record = records.RunRecord(
+            run_id=run_id, status="complete", config=started.config,
+            method=records.MethodInfo(name=cfg.method, options=started.method.options,
+                                      size_reference=started.method.size_reference, combine=model.combine,
+                                      num_members=model.num_members, info=ctx.info),
+            data=started.data, code=started.code, env=started.env, timings=started.timings, error=None,
+            extra=started.extra,   # e.g. weights
+            metrics=records.Metrics.from_dict(metrics, f"run {run_id}", complete=True, path="metrics"),
+            cost=records.Cost.from_dict(cost, f"run {run_id}", path="cost"),
+            training=records.Training.from_dict(training, f"run {run_id}", path="training"),
+        ).to_dict()
         records.write_record(out, record)
         shutil.rmtree(out / ".ckpt" / run_id, ignore_errors=True)
         with contextlib.suppress(OSError):
