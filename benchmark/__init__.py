@@ -34,6 +34,7 @@ _API = {
     "register_dataset": ("ensemble_bench.userdata", "register_dataset"),
     "Recipe": ("ensemble_bench.recipe", "Recipe"),
     "stable_seed": ("ensemble_bench.train", "stable_seed"),
+    "Stage": ("ensemble_bench.train", "Stage"),
     "UsageError": ("ensemble_bench.errors", "UsageError"),
 }
 __all__ = sorted(_API)

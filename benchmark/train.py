@@ -19,7 +19,7 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,50 @@ from ensemble_bench.recipe import Recipe, lr_factor  # noqa: F401  (lr_factor: r
 
 def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The settings of one training stage, as one object (``Trainer.fit(model, Stage(...))``, or the same
+    fields as keywords: ``fit(model, stage="member0", seed=...)``). Everything left at its default is a
+    *plain* stage of the run's recipe, which the stage store can share between runs.
+
+    ``recipe`` (default: the run's effective recipe; ``epochs`` replaces its length); ``loss_fn(model, x,
+    y)`` (default: cross-entropy summed over members); ``batch_transform(x, y)`` on each global batch;
+    ``after_step(model, step)``; ``params`` (parameter groups; a group's ``lr_scale`` multiplies the lr and
+    its ``name`` labels it in the record); ``select`` ("last" or "best_val" on ``select_metric``);
+    ``val_fn(model)`` (a float recorded as ``val``, or a dict) or ``val_model`` (what predicts from images,
+    when the trained module is a wrapper); ``seed`` of the data order; ``split`` (default: the training
+    split); ``stateful`` objects saved in checkpoints; ``on_epoch_end(model, epoch)``;
+    ``optimizer_from`` (the stage whose optimiser state, e.g. momentum, this one continues);
+    ``converges=False`` for an exploration phase that the next stage continues (the convergence rule skips
+    it)."""
+
+    name: str = "main"
+    recipe: Recipe | None = None
+    epochs: int | None = None
+    loss_fn: Callable | None = None
+    batch_transform: Callable | None = None
+    after_step: Callable | None = None
+    params: Any = None
+    select: str = "last"
+    select_metric: str = "val_nll"
+    val_fn: Callable[[nn.Module], Any] | None = None
+    val_model: nn.Module | None = None
+    seed: Any = None
+    split: Split | None = None
+    stateful: tuple = ()
+    on_epoch_end: Callable[[nn.Module, int], None] | None = None
+    optimizer_from: str | None = None
+    converges: bool = True
+
+    @property
+    def plain(self) -> bool:
+        """Fully determined by the initial weights, the recipe, the data-order seed, the selection rule,
+        the precision and the code: no hook, no custom loss or parameters, the training split."""
+        return (self.loss_fn is None and self.batch_transform is None and self.after_step is None
+                and self.params is None and not self.stateful and self.val_fn is None and self.val_model is None
+                and self.on_epoch_end is None and self.optimizer_from is None and self.split is None)
 
 
 @dataclass
@@ -176,43 +220,33 @@ class Trainer:
         return self.val_metrics(model)["val_nll"]
 
     # ---------------------------------------------------------------------------------- fit
-    def fit(self, model: nn.Module, *, stage: str = "main", recipe: Recipe | None = None,
-            epochs: int | None = None, loss_fn: Callable | None = None, batch_transform: Callable | None = None,
-            after_step: Callable | None = None, params: Any = None,
-            select: str = "last", select_metric: str = "val_nll", val_fn: Callable[[nn.Module], Any] | None = None,
-            val_model: nn.Module | None = None, seed: Any = None, split: Split | None = None,
-            stateful: list | None = None, on_epoch_end: Callable[[nn.Module, int], None] | None = None,
-            optimizer_from: str | None = None, converges: bool = True) -> StageResult:
-        """Train one stage with ``recipe`` (default: the run's effective recipe; ``epochs`` replaces its
-        length) and return its StageResult, whose ``history`` is the stage's learning curve.
-
-        Every epoch ends with validation on the held-out split: ``val_fn(model)`` when given (a float,
-        recorded as ``val``, or a dict of named values), otherwise the accuracy and NLL of ``val_model``
-        (default: the trained module; a method that trains a wrapper, e.g. slot inputs, passes the model
-        that predicts from images). ``select="best_val"`` keeps the epoch with the best ``select_metric``
-        (``val_acc`` higher is better; any other lower). ``params`` may be parameter groups; a group's
-        ``lr_scale`` multiplies the scheduled lr and its ``name`` labels it in the recorded recipe.
-        ``converges=False`` marks a stage that is not meant to converge (an exploration phase that the
-        next stage continues): the leaderboard's convergence rule skips it."""
-        r = recipe if recipe is not None else self.recipe
-        if epochs is not None:
-            r = r.replace(epochs=int(epochs))
+    def fit(self, model: nn.Module, spec: Stage | None = None, /, **settings: Any) -> StageResult:
+        """Train one stage (a ``Stage``, or its fields as keywords; ``stage=`` names it) and return its
+        StageResult, whose ``history`` is the stage's learning curve. Every epoch ends with validation on
+        the held-out split (``Stage``: what is validated and selected)."""
+        if spec is None:
+            spec = Stage(**{("name" if k == "stage" else k): (tuple(v) if k == "stateful" and v else v)
+                            for k, v in settings.items() if not (k == "stateful" and v is None)})
+        elif settings:
+            raise TypeError("Trainer.fit takes a Stage or its settings as keywords, not both")
+        r = spec.recipe if spec.recipe is not None else self.recipe
+        if spec.epochs is not None:
+            r = r.replace(epochs=int(spec.epochs))
         epochs = r.epochs
-        if select not in ("last", "best_val"):
-            raise ValueError(f"select must be 'last' or 'best_val'; got {select!r}")
+        if spec.select not in ("last", "best_val"):
+            raise ValueError(f"select must be 'last' or 'best_val'; got {spec.select!r}")
         has_val = self.data.val is not None
-        if select == "best_val" and not has_val:
-            self.log(f"[{stage}] no validation split (val_fraction=0): keeping the last epoch")
-            select = "last"
-        if val_fn is not None and select_metric == "val_nll":
-            select_metric = "val"
+        if spec.select == "best_val" and not has_val:
+            self.log(f"[{spec.name}] no validation split (val_fraction=0): keeping the last epoch")
+            spec = replace(spec, select="last")
+        if spec.val_fn is not None and spec.select_metric == "val_nll":
+            spec = replace(spec, select_metric="val")
+        stage, seed, select, select_metric = spec.name, spec.seed, spec.select, spec.select_metric
+        stateful, optimizer_from = list(spec.stateful), spec.optimizer_from
         higher_better = select_metric == "val_acc"
-        custom_loss = loss_fn
-        loss_fn = loss_fn or default_loss
-        stateful = stateful or []
         model = self.prepare(model)
-        opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=r.lr, momentum=r.momentum,
-                              nesterov=r.nesterov, weight_decay=r.weight_decay)
+        opt = torch.optim.SGD(spec.params if spec.params is not None else model.parameters(), lr=r.lr,
+                              momentum=r.momentum, nesterov=r.nesterov, weight_decay=r.weight_decay)
         stage_recipe = r.to_dict()
         groups = [{k: g[k] for k in ("name", "lr_scale", "weight_decay") if k in g} for g in opt.param_groups]
         if any("lr_scale" in g or "name" in g for g in groups):
@@ -220,18 +254,15 @@ class Trainer:
 
         gen = torch.Generator().manual_seed(stable_seed(self.config.seed, stage) if seed is None else stable_seed(seed))
         result = StageResult(stage, epochs, recipe=stage_recipe, select=select,
-                             select_metric=select_metric if select == "best_val" else None, converges=converges)
+                             select_metric=select_metric if select == "best_val" else None, converges=spec.converges)
         best_state = None
         start_epoch = 0
         distributed.barrier()   # every rank decides from the same files (rank 0's, finished)
         ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
-        # A plain stage (the default loss, no hooks, no batch transform, all parameters) is fully determined
-        # by the model's initial weights, the stage recipe, the data-order seed, the selection rule, the
-        # precision and the code: a run that finds it finished in the store (an earlier run of another
-        # ensemble size, or the single model whose weights are member 0) loads it instead of training again.
-        plain = (custom_loss is None and batch_transform is None and after_step is None and params is None
-                 and not stateful and val_fn is None and val_model is None and on_epoch_end is None
-                 and optimizer_from is None and split is None)
+        # A plain stage is fully determined by what its key hashes: a run that finds it finished in the
+        # store (an earlier run of another ensemble size, or the single model whose weights are member 0)
+        # loads it instead of training again.
+        plain = spec.plain
         share = None
         if plain and self.share_dir is not None:
             # the key is taken from the initial weights, so a stage resumed from its own checkpoint (or
@@ -279,9 +310,8 @@ class Trainer:
                 g.update(h)
 
         with distributed.data_parallel(model, self.device) as dp_model:
-            self._train_epochs(model, dp_model, opt, r, result, gen, stage, epochs, start_epoch, split, loss_fn,
-                               batch_transform, after_step, has_val, val_fn, val_model, select, select_metric,
-                               higher_better, best_state, on_epoch_end, ckpt, stateful)
+            self._train_epochs(model, dp_model, opt, r, result, gen, spec, epochs, start_epoch, has_val,
+                               higher_better, best_state, ckpt, stateful)
         self.stages[stage] = result
         self._store(share, model, result, stage)
         return result
@@ -294,11 +324,13 @@ class Trainer:
         _atomic_torch_save({"model": model.state_dict(), "result": asdict(result),
                             "origin": f"{self.ckpt_dir.name}/{stage}"}, share)
 
-    def _train_epochs(self, model, dp_model, opt, r, result, gen, stage, epochs, start_epoch, split, loss_fn,
-                      batch_transform, after_step, has_val, val_fn, val_model, select, select_metric,
-                      higher_better, best_state, on_epoch_end, ckpt, stateful) -> None:
+    def _train_epochs(self, model, dp_model, opt, r, result, gen, spec: Stage, epochs, start_epoch, has_val,
+                      higher_better, best_state, ckpt, stateful) -> None:
         """The epochs of one stage (``fit``); ``dp_model`` is what the loss calls (``model`` itself on one
         process, its DistributedDataParallel wrapper on several ranks)."""
+        stage, split, loss_fn = spec.name, spec.split, spec.loss_fn or default_loss
+        batch_transform, after_step, on_epoch_end = spec.batch_transform, spec.after_step, spec.on_epoch_end
+        val_fn, val_model, select, select_metric = spec.val_fn, spec.val_model, spec.select, spec.select_metric
         ddp = dp_model is not model
         train_model = (torch.compile(dp_model) if getattr(self.config, "compile", False) and self.cuda
                        else dp_model)
