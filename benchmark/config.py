@@ -16,6 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ensemble_bench.errors import UsageError
+from ensemble_bench.registry import did_you_mean
 from ensemble_bench.recipe import RECIPE_FIELDS as _RECIPE_FIELDS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -274,13 +275,6 @@ def options_dict(opts: Any) -> dict[str, Any]:
 RUN_FIELDS = {f.name: f for f in fields(RunConfig)}
 USER_FIELDS = [k for k in RUN_FIELDS if k not in DERIVED_FIELDS]
 
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
-    import difflib
-
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def make_run_config(values: dict[str, Any]) -> RunConfig:

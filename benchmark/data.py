@@ -212,7 +212,7 @@ def check_name(name: str) -> str:
         return name
     if is_toml_path(name):
         return str(load_spec(name).file)
-    from ensemble_bench.config import did_you_mean
+    from ensemble_bench.registry import did_you_mean
 
     raise UsageError(f"unknown dataset {name!r}{did_you_mean(name, list(names()))}; choose from {', '.join(names())}, "
                      f"or a dataset described in a .toml file (README: Your own dataset)")

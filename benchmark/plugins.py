@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ensemble_bench.errors import UsageError
+from ensemble_bench.registry import error_line
 
 ENTRY_POINT_GROUP = "ensemble_bench.plugins"
 _loaded: dict[str, dict[str, Any]] = {}        # normalised spec -> {"spec", "module", "file", "sha256"}
@@ -58,11 +59,6 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _error_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
 def load(spec: str, base: str | Path | None = None) -> dict[str, Any]:
     """Import one plugin (once per process) and return what was imported: spec, module, file, sha256."""
     from ensemble_bench import methods
@@ -90,7 +86,7 @@ def load(spec: str, base: str | Path | None = None) -> dict[str, Any]:
     except UsageError as e:
         raise UsageError(f"plugin {spec}: {e}") from None
     except Exception as e:   # noqa: BLE001 - the user's code: one line with its error, no traceback
-        raise UsageError(f"plugin {spec} failed to import: {_error_line(e)}") from None
+        raise UsageError(f"plugin {spec} failed to import: {error_line(e)}") from None
     file = getattr(module, "__file__", None)
     info = {"spec": key, "module": module.__name__, "file": file,
             "sha256": file_sha256(file) if file and Path(file).is_file() else None}
@@ -116,5 +112,5 @@ def load_entry_points() -> dict[str, str]:
         try:
             ep.load()
         except Exception as e:   # noqa: BLE001 - reported, the rest still loads
-            errors[f"entry point {ep.name} = {ep.value}"] = _error_line(e)
+            errors[f"entry point {ep.name} = {ep.value}"] = error_line(e)
     return errors

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ensemble_bench.errors import UsageError
@@ -26,8 +25,15 @@ def source_of(obj: Any) -> str:
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line (``Type: first line of the message``), for import failures."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 class Registry:
@@ -78,12 +84,3 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def short_path(path: str | Path) -> str:
-    """A path as the user would type it: relative to the current folder when it is below it."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)

@@ -157,7 +157,7 @@ def parse_spec(doc: dict, where: str, base: Path, *, file: Path | None = None, o
     Validation is always the run's ``val_fraction`` (a run setting, so the TOML has no such key). Paths
     are relative to ``base`` (the TOML's folder). ``allow_arrays`` (register_dataset): ``train``/``test``
     may be ``(x, y)`` arrays and an OOD set an array ``x``."""
-    from ensemble_bench.config import did_you_mean
+    from ensemble_bench.registry import did_you_mean
 
     def bad(msg: str):
         raise UsageError(f"{where}: {msg}")

@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 
 from ensemble_bench.api import Method
-from ensemble_bench.registry import Registry
+from ensemble_bench.registry import Registry, error_line
 
 REGISTRY = Registry("method")
 _state = "new"                         # "new" -> "loading" -> "loaded"
@@ -33,11 +33,6 @@ def register(name: str):
     return deco
 
 
-def _error_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
 def _load_all() -> None:
     """Import every built-in method module, then the installed plugins' entry points (once)."""
     global _state
@@ -51,7 +46,7 @@ def _load_all() -> None:
             try:
                 importlib.import_module(f"{__name__}.{mod.name}")
             except Exception as e:   # noqa: BLE001 - reported by `list` and by unknown-name errors
-                _errors[f"{__name__}.{mod.name}"] = _error_line(e)
+                _errors[f"{__name__}.{mod.name}"] = error_line(e)
         from ensemble_bench import plugins
 
         _errors.update(plugins.load_entry_points())

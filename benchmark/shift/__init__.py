@@ -4,8 +4,8 @@
 generator is reproduced exactly are in ``ensemble_bench.shift.corruptions``; their constants and numerical
 helpers in ``ensemble_bench.shift.ops``; the command in ``ensemble_bench.shift.command``.
 
-Every image's randomness comes from its own ``numpy.random.Generator`` seeded by a hash of (corruption,
-severity, image index, seed), so an image is corrupted identically whatever the batch, ``--limit`` or order.
+Every image is corrupted with its own seeded generator (``ops.image_rng``; see ``corruptions``), so the same
+whatever the batch, ``--limit`` or order.
 
 The release layout (as the official CIFAR-10-C download): ``<dir>/<corruption>.npy`` uint8 [S * N, 32, 32,
 3] with the S severities stacked in order (official: 5 x 10,000), ``<dir>/labels.npy`` (the N labels tiled S

@@ -36,10 +36,6 @@ set records it in its metadata.json):
 
 Every image's randomness comes from its own ``numpy.random.Generator`` seeded by a hash of (corruption,
 severity, image index, seed), so an image is corrupted identically whatever the batch, ``--limit`` or order.
-
-The release layout (as the official CIFAR-10-C download): ``<dir>/<corruption>.npy`` uint8 [S * N, 32, 32,
-3] with the S severities stacked in order (official: 5 x 10,000), ``<dir>/labels.npy`` (the N labels tiled S
-times, uint8 as in the official file) and, for sets made here, ``<dir>/metadata.json``.
 """
 from __future__ import annotations
 
