@@ -84,7 +84,8 @@ RUN_KEYS = ("method", "backbone", "dataset", "data_dir", "download", "recipe", "
 
 
 def _run_config(args):
-    from ensemble_bench.config import make_run_config, parse_assignments, run_config_from_toml
+    from ensemble_bench.config import parse_assignments
+    from ensemble_bench.resolve import make_run_config, run_config_from_toml
 
     given = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
     opts = parse_assignments(args.sets)
@@ -239,7 +240,7 @@ def cmd_quickstart(args) -> int:
     """Every registered method on the offline default (digits, cnn_small, CPU), then the leaderboard."""
     import ensemble_bench.methods as methods
     from ensemble_bench import columns, formatting, leaderboard, records
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.runner import execute
 
     import time

@@ -1,4 +1,8 @@
-"""RunConfig: everything that defines one run, TOML loading, option parsing and the stable run id."""
+"""RunConfig: everything that defines one run, its fields' coercion, TOML reading and the stable run id.
+
+Plain data: nothing here imports a registry or loads data. Making a checked run from user input
+(names, option defaults, effective recipe, data identity) is :mod:`ensemble_bench.resolve`.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -127,6 +131,8 @@ class RunConfig:
         """What the run id is a hash of: the experiment (method, options, backbone, data as loaded, the
         effective recipe, seed, ...), not where or how it is executed, nor how its recipe was spelled."""
         if self.effective_recipe is None or self.data_id is None:
+            from ensemble_bench.resolve import resolve   # the registries and the data sit above this module
+
             resolve(self)
         d = self.to_dict()
         for k in (*NON_IDENTITY_FIELDS, *RUN_RECIPE_FIELDS, "recipe"):
@@ -277,47 +283,6 @@ USER_FIELDS = [k for k in RUN_FIELDS if k not in DERIVED_FIELDS]
 
 
 
-def make_run_config(values: dict[str, Any]) -> RunConfig:
-    """RunConfig from loose values (CLI strings or TOML types). Method options are resolved with the
-    method's defaults, so a run id does not depend on whether a default was typed out."""
-    hints = typing.get_type_hints(RunConfig)
-    kwargs: dict[str, Any] = {}
-    for k, v in values.items():
-        if k not in RUN_FIELDS or k in DERIVED_FIELDS:
-            if k in DERIVED_FIELDS:   # a record's config read back: derived again from the settings
-                continue
-            raise UsageError(f"unknown run setting {k!r}{did_you_mean(k, USER_FIELDS)}; "
-                             f"valid settings: {', '.join(USER_FIELDS)}")
-        if v is None:
-            continue
-        kwargs[k] = v if k == "options" else coerce(v, hints[k], k)
-    cfg = RunConfig(**kwargs)
-    return resolve(cfg)
-
-
-def resolve(cfg: RunConfig) -> RunConfig:
-    """Check method/backbone/dataset names, fill the method's option defaults, derive the effective
-    recipe (the run's recipe under its mode) and identify the data (loading it: a missing or bad data
-    file is bad input here, before anything is written)."""
-    import ensemble_bench.methods as methods
-    from ensemble_bench import backbones, data, plugins
-
-    plugins.load_all(cfg.plugins)       # the user's methods, backbones and datasets register themselves
-    method_cls = methods.get(cfg.method)
-    backbones.check_name(cfg.backbone)
-    method_cls.check_backbone(cfg.backbone)   # e.g. a staged-only method on a timm model: one line, here
-    cfg.dataset = data.check_name(cfg.dataset)   # a dataset TOML: its absolute path (data.check_name says why)
-    opts = build_options(method_cls.Config, dict(cfg.options or {}), cfg.method)
-    cfg.options = options_dict(opts)
-    cfg.effective_recipe = method_cls.effective_recipe(cfg.run_recipe(), cfg.recipe, cfg.backbone).to_dict()
-    from ensemble_bench.distributed import recipe_fields
-
-    cfg.effective_recipe.update(recipe_fields())   # data-parallel ranks: the world size (nothing on one process)
-    cfg.data_id = data.identity(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
-    load_shift(cfg)   # a missing or bad shift set is bad input here too (a sweep refuses it before submitting)
-    return cfg
-
-
 def check_shift(name: Any, dataset: str) -> None:
     """A shift set's name is known and is the corrupted test set of ``dataset`` (no file is read)."""
     from ensemble_bench.shift import SHIFT_SETS
@@ -330,23 +295,6 @@ def check_shift(name: Any, dataset: str) -> None:
                          f"evaluated on it (use --dataset {clean}, or leave out --shift)")
 
 
-def shift_data_dir(data_dir: Any) -> Path:
-    """The folder a shift set is read from: the run's data folder (default as for the clean data)."""
-    from ensemble_bench import data
-
-    return Path(data_dir) if data_dir is not None else data.default_data_dir()
-
-
-def load_shift(cfg: "RunConfig"):
-    """The run's shift set (ensemble_bench.shift.ShiftSet), loaded and checked (one UsageError line), or None."""
-    if cfg.shift is None:
-        return None
-    from ensemble_bench.shift import load_shift_set
-
-    check_shift(cfg.shift, cfg.dataset)
-    return load_shift_set(cfg.shift, shift_data_dir(cfg.data_dir))
-
-
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -356,23 +304,3 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot parse {p}: {e}") from None
-
-
-def run_config_from_toml(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    doc = load_toml(path)
-    derived = [k for k in doc if k in DERIVED_FIELDS]
-    if derived:
-        raise UsageError(f"{path}: {', '.join(derived)} is derived by the suite, not a setting")
-    values = {k: v for k, v in doc.items() if k != "options"}
-    if "options" in doc and not isinstance(doc["options"], dict):
-        raise UsageError(f"{path}: [options] must be a table")
-    values["options"] = dict(doc.get("options", {}))
-    for k, v in (overrides or {}).items():
-        if k == "options":
-            values["options"].update(v)
-        elif k == "plugins":   # --plugin adds to the file's plugins
-            have = values.get("plugins") or []
-            values["plugins"] = [*([have] if isinstance(have, str) else have), *v]
-        else:
-            values[k] = v
-    return make_run_config(values)

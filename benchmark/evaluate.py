@@ -54,7 +54,7 @@ def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: tor
     from safetensors.torch import load_file
 
     from ensemble_bench import records
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     run_id = record["run_id"]
@@ -119,7 +119,8 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
     other data) is one line on ``log`` and skipped; when none can be, UsageError (exit 2). Returns one
     summary per evaluated record."""
     from ensemble_bench import data as data_mod
-    from ensemble_bench.config import check_shift, shift_data_dir
+    from ensemble_bench.config import check_shift
+    from ensemble_bench.resolve import shift_data_dir
     from ensemble_bench.shift import SHIFT_SETS, load_shift_set
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import ensemble_bench.methods as methods
 from ensemble_bench.api import FitContext
-from ensemble_bench.config import RunConfig, make_run_config
+from ensemble_bench.config import RunConfig
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
 from ensemble_bench.runner import (_now, check_output_dir, code_identity, cost_device_name, make_method, make_trainer,
                                    resolve_device, run_lock, seed_everything)

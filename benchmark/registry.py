@@ -50,8 +50,10 @@ class Registry:
                              f"control characters, not {name!r}")
         source = source or source_of(obj)
         if name in self._items and self._items[name] is not obj:
-            if self._sources[name] != source or getattr(self._items[name], "__qualname__", None) != \
-                    getattr(obj, "__qualname__", object()):
+            # the same source registering the same thing again (a module imported twice) replaces it;
+            # anything else taking a name is an error that names both sources
+            old = self._items[name]
+            if self._sources[name] != source or getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", None):
                 raise UsageError(f"{self.kind} {name!r} is registered twice: by {self._sources[name]} and by "
                                  f"{source}")
         self._items[name] = obj
@@ -69,6 +71,11 @@ class Registry:
             raise UsageError(f"unknown {self.kind} {name!r}{did_you_mean(str(name), self.names())}; choose from "
                              f"{', '.join(self.names()) or '(none)'}{hint}")
         return self._items[name]
+
+    def remove(self, name: str) -> bool:
+        """Forget ``name`` (tests); whether it was registered."""
+        self._sources.pop(name, None)
+        return self._items.pop(name, None) is not None
 
     def source(self, name: str) -> str:
         return self._sources[name]

@@ -24,7 +24,8 @@ import torch
 
 import ensemble_bench.methods as methods
 from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext
-from ensemble_bench.config import RunConfig, build_options, load_shift
+from ensemble_bench.config import RunConfig, build_options
+from ensemble_bench.resolve import load_shift
 from ensemble_bench.errors import UsageError
 
 

@@ -24,6 +24,7 @@ from ensemble_bench.data import (DATASETS, Augment, DataBundle, _bundle, _check_
                                  is_toml_path)
 from ensemble_bench.datafiles import decode_imagefolder, decode_images, path_stamp, read_npz, shown
 from ensemble_bench.errors import UsageError
+from ensemble_bench.registry import Registry
 
 # The keys of a dataset TOML (and of a dict given to register_dataset); see parse_spec for each.
 SPEC_KEYS = ("name", "num_classes", "image_size", "channels", "mean", "std", "format", "train", "test",
@@ -80,13 +81,13 @@ class DatasetSpec:
                 "test_fraction": self.test_fraction, "ood": sorted(self.ood)}
 
 
-_REGISTERED: dict[str, tuple[DatasetSpec, str]] = {}   # name -> (spec, "file.py:line" that registered it)
+_REGISTERED = Registry("dataset")   # name -> DatasetSpec, its source the file and line that registered it
 _GENERATION = [0]                                       # bumped by every registration (identity's cache key)
 
 
 def registered_names() -> tuple[str, ...]:
-    """The names plugins registered (``register_dataset``), in registration order."""
-    return tuple(_REGISTERED)
+    """The names plugins registered (``register_dataset``)."""
+    return tuple(_REGISTERED.names())
 
 
 def user_spec(name: Any) -> DatasetSpec | None:
@@ -96,7 +97,7 @@ def user_spec(name: Any) -> DatasetSpec | None:
     if not isinstance(name, str):
         return None
     if name in _REGISTERED:
-        return _REGISTERED[name][0]
+        return _REGISTERED.get(name)
     if is_toml_path(name):
         return load_spec(name)
     return None
@@ -311,8 +312,8 @@ def register_dataset(name: str, spec: Any, *, base_dir: str | os.PathLike | None
                          f"ending in .toml) from {caller}")
     if name in DATASETS:
         raise UsageError(f"dataset {name!r} is registered twice: by ensemble_bench.data (built-in) and by {caller}")
-    if name in _REGISTERED and _REGISTERED[name][1] != caller:
-        raise UsageError(f"dataset {name!r} is registered twice: by {_REGISTERED[name][1]} and by {caller}")
+    if name in _REGISTERED and _REGISTERED.source(name) != caller:   # before the spec is read: one line
+        raise UsageError(f"dataset {name!r} is registered twice: by {_REGISTERED.source(name)} and by {caller}")
     origin = f"dataset {name!r} (registered by {caller})"
     base = Path(base_dir) if base_dir is not None else Path(frame.f_code.co_filename).resolve().parent
     if isinstance(spec, DatasetSpec):
@@ -330,14 +331,14 @@ def register_dataset(name: str, spec: Any, *, base_dir: str | os.PathLike | None
     if parsed.name != name:
         raise UsageError(f"{parsed.where}: declares name = {parsed.name!r} but is registered as {name!r} by {caller}; "
                          f"use one name")
-    _REGISTERED[name] = (parsed, caller)
+    _REGISTERED.add(name, parsed, source=caller)
     _GENERATION[0] += 1
     return parsed
 
 
 def unregister_dataset(name: str) -> None:
     """Remove a registered dataset (tests; a plugin has no need to)."""
-    if _REGISTERED.pop(name, None) is not None:
+    if _REGISTERED.remove(name):
         _GENERATION[0] += 1
 
 

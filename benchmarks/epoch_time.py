@@ -22,7 +22,7 @@ import torch
 
 from ensemble_bench import data as data_mod
 from ensemble_bench.backbones import build_backbone
-from ensemble_bench.config import make_run_config
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.cost import device_name
 from ensemble_bench.loader import augment_batch
 from ensemble_bench.train import Trainer

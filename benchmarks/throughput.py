@@ -377,7 +377,7 @@ def synthetic_bundle(n: int, num_classes: int, in_channels: int, image_size: int
 
 def measure_suite_fit(args, dev: torch.device, setting: Setting, row: dict, errors: list[str]) -> None:
     """The suite's own loop, Trainer.fit, on the plain backbone; images/s from its per-epoch times."""
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.train import Trainer
 
     try:

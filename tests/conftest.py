@@ -72,7 +72,8 @@ def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int 
     """Fit ``method`` through the real harness on ``bundle``; returns (model, trainer, ctx)."""
     import ensemble_bench.methods as methods
     from ensemble_bench.api import FitContext
-    from ensemble_bench.config import build_options, make_run_config
+    from ensemble_bench.config import build_options
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.train import Trainer
 
     torch.manual_seed(seed)

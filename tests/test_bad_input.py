@@ -435,7 +435,7 @@ class _Planted:
 def test_planted_pickle_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
     import torch
 
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.errors import UsageError
     from ensemble_bench.train import load_checkpoint
 
@@ -487,7 +487,7 @@ def _wait_until_running(proc: subprocess.Popen, out: Path, rid: str, timeout: fl
 
 
 def _tiny(tmp: Path, epochs: int = 1) -> tuple[Path, Path, str]:
-    from ensemble_bench.config import run_config_from_toml
+    from ensemble_bench.resolve import run_config_from_toml
 
     out = tmp / "out"
     cfg = tmp / "run.toml"

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 import ensemble_bench.methods as methods
 from ensemble_bench.api import FitContext
 from ensemble_bench.backbones import build_backbone
-from ensemble_bench.config import build_options, make_run_config
+from ensemble_bench.config import build_options
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.cost import count_flops, count_params
 from ensemble_bench.methods._lib.curves import Curve
 from ensemble_bench.errors import UsageError

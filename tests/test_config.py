@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from ensemble_bench.config import make_run_config, run_config_from_toml
+from ensemble_bench.resolve import make_run_config, run_config_from_toml
 from ensemble_bench.errors import UsageError
 
 BASE = {"method": "deep_ensemble", "backbone": "cnn_small", "dataset": "digits", "epochs": 3, "seed": 1}
@@ -16,7 +16,7 @@ def test_run_id_pinned_stable_literal():
 
 
 def test_run_id_stable_across_processes():
-    code = ("from ensemble_bench.config import make_run_config;"
+    code = ("from ensemble_bench.resolve import make_run_config;"
             f"print(make_run_config({dict(BASE, options={'num_members': 2})!r}).run_id())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == PINNED
@@ -70,3 +70,13 @@ def test_toml_config(tmp_path):
 
 
 PINNED = "deep_ensemble-9960b8a16e5ee348"
+
+
+def test_config_is_plain_data():
+    # config.py holds the run's fields and its id; the registries, the data and torch sit above it
+    # (ensemble_bench.resolve): importing it and building a RunConfig loads none of them
+    code = ("import sys; from ensemble_bench.config import RunConfig; RunConfig(method='single');"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(("
+            "'ensemble_bench.methods', 'ensemble_bench.data', 'ensemble_bench.backbones', 'ensemble_bench.runner'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

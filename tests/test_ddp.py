@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from ensemble_bench import distributed, runner
-from ensemble_bench.config import make_run_config
+from ensemble_bench.resolve import make_run_config
 
 ARGS = ["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "2",
         "--lr", "0.05", "--device", "cpu", "--no-progress"]

@@ -100,7 +100,7 @@ def test_run_with_shift_writes_shift_metrics_and_predictions(cifar_run, cifar_di
     assert rec["data"]["shift"]["generator"] == "ensemble-bench"
     assert rec["timings"]["shift_eval_s"] > 0
     # --shift is not part of the experiment: the same run id as without it
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
 
     values = {k: v for k, v in rec["config"].items() if k != "shift"}
     assert make_run_config(values).run_id() == rid
@@ -271,7 +271,7 @@ def test_every_method_rebuilds_from_its_weights(tmp_path, capsys):
     OOD metrics and changes nothing else; `--shift cifar10c` is refused for digits records."""
     import ensemble_bench.methods as methods
     from ensemble_bench import data
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.evaluate import rebuild
     from ensemble_bench.runner import execute
     from ensemble_bench.train import Trainer

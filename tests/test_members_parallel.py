@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ensemble_bench import members, records, runner, sweep
-from ensemble_bench.config import make_run_config
+from ensemble_bench.resolve import make_run_config
 
 TINY = dict(method="deep_ensemble", backbone="cnn_small", dataset="digits", epochs=1, lr=0.05, device="cpu",
             latency_runs=2, progress=False, seed=0)

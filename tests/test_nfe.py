@@ -181,7 +181,7 @@ def test_shared_recipe_trains_like_single_and_paper_recipe_is_the_released_sched
     """--recipe shared: NFE's per-epoch learning rates (and optimiser) are exactly the single model's.
     --recipe paper: lr 0.1 constant for the first half, linear to 0.01x between 50% and 90%, then 0.01x,
     Nesterov; the record's recipe says so and the run id differs."""
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.recipe import lr_factor
 
     captured = []
@@ -221,7 +221,7 @@ def test_gradient_mask_keeps_momentum_from_resurrecting_weights(digits):
     """With only the gradient mask (no re-masking of weights), nesterov SGD with momentum and weight
     decay leaves pruned weights at zero; without it the gradients make them non-zero at once."""
     from ensemble_bench.api import FitContext
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
 
     cfg = make_run_config({"method": "nfe", "backbone": "cnn_small", "dataset": "digits", "epochs": 1})
     ctx = FitContext(config=cfg, num_classes=10, in_channels=1, image_size=8, device=torch.device("cpu"))
@@ -314,7 +314,7 @@ def test_loss_is_ce_plus_t2_kl_with_detached_teacher(exits):
 def test_combine_rules_give_the_documented_predictions(digits, tmp_path):
     """Through the real runner: the record's metrics use the model's ``combine`` (the option), which is
     the mean of exit probabilities ("probs") or the softmax of the mean exit logits ("logits")."""
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.metrics import nll
     from ensemble_bench.runner import execute
 

@@ -11,7 +11,7 @@ import pytest
 
 from ensemble_bench import columns, formatting, leaderboard
 from ensemble_bench.cli import main
-from ensemble_bench.config import make_run_config
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
 from ensemble_bench.recipe import Recipe, lr_factor
 

@@ -237,7 +237,7 @@ def test_a_failing_job_is_recorded_with_its_error_and_the_others_finish(cluster,
 def epoch_seconds(out: Path) -> float:
     """Seconds per epoch of the requeue tests' run (single, cnn_small, digits, batch 16) here and now:
     the median of the epochs after the first of a short run."""
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.runner import execute
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 4,

@@ -151,7 +151,7 @@ def test_drop_smallest_grow_largest_gradient_grown_at_zero_with_zero_momentum(ze
 
 
 def _digits_trainer(bundle, **run):
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.train import Trainer
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 2,

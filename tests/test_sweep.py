@@ -13,7 +13,8 @@ import pytest
 
 from ensemble_bench import records, sweep
 from ensemble_bench.cli import main
-from ensemble_bench.config import DERIVED_FIELDS, RUN_FIELDS, NON_IDENTITY_FIELDS, make_run_config
+from ensemble_bench.config import DERIVED_FIELDS, RUN_FIELDS, NON_IDENTITY_FIELDS
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -66,7 +66,7 @@ def test_finished_stage_is_not_trained_again(digits, tmp_path):
 def test_best_val_selection_keeps_the_best_epoch(digits):
     import ensemble_bench.methods as methods
     from ensemble_bench.api import FitContext
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.train import Trainer
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 4, "progress": False})
@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     import json
 
     from ensemble_bench import predictions, records
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.runner import execute
 
     def cfg(out):
@@ -139,7 +139,7 @@ def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
     import copy
 
     from ensemble_bench.backbones import build_backbone
-    from ensemble_bench.config import make_run_config
+    from ensemble_bench.resolve import make_run_config
     from ensemble_bench.train import Trainer
 
     cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 1,

@@ -17,7 +17,7 @@ import pytest
 
 from ensemble_bench import data, userdata
 from ensemble_bench.cli import main
-from ensemble_bench.config import make_run_config
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
 
 N, S, C, K = 60, 8, 3, 3

@@ -102,6 +102,14 @@ def save(fig, out_dir: Path, stem: str) -> None:
     fig.savefig(path.with_suffix(".svg"), metadata={"Date": None})
 
 
+def finish(fig, sec: Section, out_dir: Path, stem: str, what: str, title: str, caption: str) -> Figure:
+    """Title the figure "<section title>: <what>", save it as PNG and SVG under out_dir/stem, and return its
+    report entry."""
+    fig.suptitle(f"{sec.title}: {what}", fontsize=10)
+    save(fig, out_dir, stem)
+    return Figure(stem, title, caption)
+
+
 def legend(fig, configs: Sequence[Config], extra: Sequence = ()) -> None:
     from matplotlib.lines import Line2D
 
@@ -196,12 +204,11 @@ def fig_pareto(sec: Section, out_dir: Path, base: str) -> list[Figure]:
             ax.set_ylabel(ylab + (" ↑" if hi else " ↓"))
             ax.set_xlabel(f"{xlabel} ({unit + ', ' if unit else ''}log)", fontsize=8)
         legend(fig, [c for c in sec.configs])
-        fig.suptitle(f"{sec.title}: quality vs {xlabel}\nPareto front dashed, its points ringed; bars ±1 std "
-                     f"over seeds", fontsize=10)
-        save(fig, out_dir, f"{base}/{stem}")
         what = {"flops": "inference FLOPs per sample (whole ensemble)", "params": "parameters (whole ensemble)"}.get(
             col, f"batch-1 latency measured on {device}")
-        figs.append(Figure(f"{base}/{stem}", f"Pareto fronts against {what}",
+        figs.append(finish(fig, sec, out_dir, f"{base}/{stem}",
+                           f"quality vs {xlabel}\nPareto front dashed, its points ringed; bars ±1 std over seeds",
+                           f"Pareto fronts against {what}",
                            f"One point per config (mean over seeds; bars: ±1 std over seeds), {n} config(s) "
                            f"with a value. The dashed step line is the Pareto front (no other config is at "
                            f"most as costly and at least as good); its points are ringed. Log-scaled cost axis."))
@@ -266,9 +273,8 @@ def fig_reliability(sec: Section, preds: dict, out_dir: Path, base: str, notes: 
         ax.set_ylabel("accuracy")
         n = int(b["count"].sum())
         ax.set_title(f"{c.label}\nECE {100 * b['ece']:.2f}% (n = {n}, {len(probs)} seed(s))", fontsize=8)
-    fig.suptitle(f"{sec.title}: reliability diagrams (test split, {N_BINS} equal-width bins)", fontsize=10)
-    save(fig, out_dir, f"{base}/reliability")
-    return [Figure(f"{base}/reliability", "Reliability diagrams",
+    return [finish(fig, sec, out_dir, f"{base}/reliability",
+                   f"reliability diagrams (test split, {N_BINS} equal-width bins)", "Reliability diagrams",
                    f"Per config, from the saved test predictions (ensemble predictive p̄, the config's "
                    f"combine rule), seeds pooled: bar = accuracy of the samples whose top confidence falls "
                    f"in the bin, hatched = gap to the bin's mean confidence, dashed = perfect calibration. "
@@ -311,10 +317,8 @@ def fig_ood(sec: Section, preds: dict, out_dir: Path, base: str) -> list[Figure]
             ax.set_xlabel("msp score = −max p̄ (higher: more OOD)", fontsize=8)
             ax.set_ylabel("density")
             ax.legend(fontsize=7, frameon=False)
-        fig.suptitle(f"{sec.title}: OOD score histograms, ID test vs {name}", fontsize=10)
-        stem = f"{base}/ood_hist_{k}_{make_slug(name)}"
-        save(fig, out_dir, stem)
-        figs.append(Figure(stem, f"OOD score histograms: ID test vs {name}",
+        figs.append(finish(fig, sec, out_dir, f"{base}/ood_hist_{k}_{make_slug(name)}",
+                           f"OOD score histograms, ID test vs {name}", f"OOD score histograms: ID test vs {name}",
                            f"msp score (−max p̄, the leaderboard's OOD score) of the ID test split and of the "
                            f"{name} set, per config from the saved predictions, seeds pooled; less overlap "
                            f"means better detection."))
@@ -363,9 +367,8 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
     curve = Line2D([], [], color="black", marker="o", label="size-reference runs: size curve")
     env_h = Line2D([], [], color="grey", linestyle=":", label="running best (DEE reads this)")
     legend(fig, others, [curve, env_h])
-    fig.suptitle(f"{sec.title}: deep-ensemble size curve; other configs at their DEE", fontsize=10)
-    save(fig, out_dir, f"{base}/size_curve")
-    return [Figure(f"{base}/size_curve", "Deep-ensemble size curve",
+    return [finish(fig, sec, out_dir, f"{base}/size_curve", "deep-ensemble size curve; other configs at their DEE",
+                   "Deep-ensemble size curve",
                    f"Metric against members M for the size curve ({family.reason}); mean ± std over "
                    f"seeds. Every other config of the same training recipe is drawn at its deep-ensemble-"
                    f"equivalent size (DEE, leaderboard.dee_size) for that metric: the M at which the (running-best) "
@@ -392,9 +395,8 @@ def fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         ax.set_xlabel(lab + (f" ({unit}, log)" if unit else " (log)"), fontsize=8)
         ax.set_ylabel("accuracy (%) ↑")
     legend(fig, sec.configs)
-    fig.suptitle(f"{sec.title}: training cost vs accuracy (front dashed)", fontsize=10)
-    save(fig, out_dir, f"{base}/train_cost")
-    return [Figure(f"{base}/train_cost", "Training cost vs accuracy",
+    return [finish(fig, sec, out_dir, f"{base}/train_cost", "training cost vs accuracy (front dashed)",
+                   "Training cost vs accuracy",
                    "Accuracy against the training FLOPs (counted by the trainer, every stage) and the training "
                    "wall time, one panel per training device (times from different devices are never mixed); "
                    "mean ± std over seeds, Pareto front dashed.")]
@@ -463,9 +465,8 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         hi = np.nanpercentile(np.concatenate([m[2] for _, m in lines]), 95)
         ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
     legend(fig, [c for c, _ in lines])
-    fig.suptitle(f"{sec.title}: learning curves (mean over seeds)", fontsize=10)
-    save(fig, out_dir, f"{base}/learning_curves")
-    return [Figure(f"{base}/learning_curves", "Learning curves",
+    return [finish(fig, sec, out_dir, f"{base}/learning_curves", "learning curves (mean over seeds)",
+                   "Learning curves",
                    "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "
                    "ensemble's members one after the other), against epochs and against the training FLOPs "
                    "spent so far; one line per config, mean over seeds. A curve still falling at its end is a "

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ensemble_bench.columns import as_dict, num
-from ensemble_bench.report.figures import Figure, legend, new_figure, probs_of, save
+from ensemble_bench.report.figures import Figure, finish, legend, new_figure, probs_of
 from ensemble_bench.report.model import Config, Section
 
 
@@ -85,10 +85,9 @@ def fig_shift(sec: Section, out_dir: Path, base: str, notes: list[str]) -> list[
             ax.set_ylabel(lab)
             ax.grid(alpha=0.3)
         legend(fig, [c for c, _, _ in lines])
-        fig.suptitle(f"{sec.title}: accuracy and calibration under corruption ({set_text})", fontsize=10)
         stem = f"{base}/shift_severity" + (f"_{k}" if len(by_set) > 1 else "")
-        save(fig, out_dir, stem)
-        figs.append(Figure(stem, f"Accuracy and ECE under distribution shift ({set_text})",
+        figs.append(finish(fig, sec, out_dir, stem, f"accuracy and calibration under corruption ({set_text})",
+                           f"Accuracy and ECE under distribution shift ({set_text})",
                            "In the style of Ovadia et al. (NeurIPS 2019): severity 0 is the clean test split, "
                            "1-5 the corrupted test set; the line is the mean over corruptions (each corruption "
                            "first averaged over the config's seeds), the band its 25th-75th percentile over "
@@ -161,9 +160,7 @@ def fig_risk_coverage(sec: Section, preds: dict, out_dir: Path, base: str, notes
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False, loc="upper left")
-    fig.suptitle(f"{sec.title}: risk-coverage", fontsize=10)
-    save(fig, out_dir, f"{base}/risk_coverage")
-    return [Figure(f"{base}/risk_coverage", "Risk-coverage curves",
+    return [finish(fig, sec, out_dir, f"{base}/risk_coverage", "risk-coverage", "Risk-coverage curves",
                    "Selective prediction from the saved predictions: samples are accepted in order of the "
                    "ensemble's confidence (max p̄); the error among the accepted against the fraction accepted; "
                    "one line per config, mean over seeds; on the clean test split and, where the predictions "

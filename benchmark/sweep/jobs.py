@@ -12,7 +12,8 @@ from typing import Any
 
 import submitit
 
-from ensemble_bench.config import RunConfig, make_run_config
+from ensemble_bench.config import RunConfig
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.members import MemberTask, limit_threads, member_tasks
 from ensemble_bench.runner import run_lock  # run_lock: the one lock per run id (plain runs take it too)
 

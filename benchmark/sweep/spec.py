@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ensemble_bench.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml, make_run_config
+from ensemble_bench.config import NON_IDENTITY_FIELDS, RUN_FIELDS, RunConfig, canonical_json, load_toml
+from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
 
 SPEC_KEYS = ("name", "grid", "options", "run", "slurm")
