@@ -214,19 +214,33 @@ def cmd_cost(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from ensemble_bench import formatting, leaderboard, records
+    from ensemble_bench import formatting, leaderboard, records, runlock
 
     if args.output:
         check_output_path(Path(args.output).parent, "-o")
+    folders = ", ".join(args.runs_dirs)
     try:
-        recs, problems = records.load_records(args.runs_dir)
+        pairs, problems = records.scan_records(args.runs_dirs, statuses=None, recursive=True)
     except records.RecordError as e:
         raise UsageError(str(e)) from None
+    recs = [r for _, r in pairs if r.get("status") == "complete"]
     if not recs:   # one line that says why, not a warning per file first
         why = f" ({len(problems)} unreadable or invalid record(s); first: {problems[0]})" if problems else ""
-        raise UsageError(f"no complete run records in {args.runs_dir}{why}")
+        raise UsageError(f"no complete run records in {folders}{why}")
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
+    running = [(p, r["run_id"]) for p, r in pairs if r.get("status") == "running"]
+    if running:   # not in the table; say so, and which were killed (a sweep or `run` resumes them)
+        states = [runlock.running_state(p.parent, rid) for p, rid in running]
+        stale = [rid for (_, rid), (is_stale, _) in zip(running, states) if is_stale]
+        print(f"note: {len(running)} record(s) still 'running' are not in the table"
+              + (f"; {len(stale)} of them stopped (no process holds the lock: killed or preempted; running them "
+                 f"again resumes them): {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}" if stale else ""),
+              file=sys.stderr)
+    failed = [r["run_id"] for _, r in pairs if r.get("status") == "failed"]
+    if failed:
+        print(f"note: {len(failed)} failed record(s) are not in the table: {', '.join(failed[:5])}"
+              f"{' ...' if len(failed) > 5 else ''}", file=sys.stderr)
     df = leaderboard.leaderboard(recs)
     md = formatting.format_markdown(df)
     if args.output:
@@ -335,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_cost)
 
     s = sub.add_parser("leaderboard", help="aggregate run records: mean and std over seeds")
-    s.add_argument("runs_dir")
+    s.add_argument("runs_dirs", nargs="+", metavar="runs_dir", help="folders of run records (subfolders too)")
     s.add_argument("-o", "--output", help="CSV path (a .md table is written beside it)")
     s.set_defaults(fn=cmd_leaderboard)
 
@@ -369,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_corrupt_parser(sub)   # `corrupt`: CIFAR-10-C / CIFAR-100-C style sets from the clean test split
 
     s = sub.add_parser("report", help="figures and a markdown/HTML report from run records")
-    s.add_argument("runs_dir")
+    s.add_argument("runs_dirs", nargs="+", metavar="runs_dir", help="folders of run records (subfolders too)")
     s.add_argument("-o", "--out", required=True)
     s.set_defaults(fn=report.cli_report)
     return p

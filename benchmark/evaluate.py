@@ -14,8 +14,8 @@ import ensemble_bench.methods as methods
 from ensemble_bench.api import EnsembleModel, FitContext
 from ensemble_bench.config import RunConfig
 from ensemble_bench.errors import UsageError
-from ensemble_bench.runner import (_now, check_model, code_identity, cost_device_name, lock_holder, make_method,
-                                   resolve_device, run_lock)
+from ensemble_bench.runlock import lock_holder, run_lock
+from ensemble_bench.runner import _now, check_model, code_identity, cost_device_name, make_method, resolve_device
 
 
 def _record_targets(target: str | os.PathLike) -> tuple[Path, list[tuple[Path, dict]], list[str]]:

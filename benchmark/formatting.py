@@ -4,6 +4,7 @@ markdown leaderboard itself (:func:`format_markdown`, one table per dataset and 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Iterable
@@ -51,6 +52,37 @@ def options_text(options: Any, keys: Iterable[str] | None = None, empty: str = "
     return text or empty
 
 
+@functools.lru_cache(maxsize=None)
+def _option_defaults(method: str) -> str | None:
+    """The method's default options as canonical JSON; None when the method is not registered here (a
+    plugin that was not loaded, a method from another version): its rows then show every option."""
+    try:
+        import ensemble_bench.methods as methods
+        from ensemble_bench.config import options_dict
+
+        return json.dumps(options_dict(methods.get(method).Config()), sort_keys=True)
+    except Exception:   # noqa: BLE001 - display only: fall back to the full options
+        return None
+
+
+def non_default_options(method: Any, options: Any) -> Any:
+    """The options of a row that differ from its method's defaults (a dict; every option when the defaults
+    are unknown). Rows are told apart by what was changed, not by a dozen default values (full options: CSV,
+    record, the HTML cell's tooltip)."""
+    if isinstance(options, str):
+        try:
+            options = json.loads(options) if options else {}
+        except json.JSONDecodeError:
+            return options
+    if not isinstance(options, dict) or not isinstance(method, str):
+        return options
+    defaults = _option_defaults(method)
+    if defaults is None:
+        return options
+    d = json.loads(defaults)
+    return {k: v for k, v in options.items() if k not in d or json.dumps(d[k], sort_keys=True) != json.dumps(v, sort_keys=True)}
+
+
 def md_cell(text: Any) -> str:
     """A markdown table cell: pipes escaped, one line."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -59,6 +91,16 @@ def md_cell(text: Any) -> str:
 def device_name(d: Any, unknown: str = "?") -> str:
     """The device of a timing column; ``unknown`` when the record names none."""
     return d if isinstance(d, str) and d else unknown
+
+
+def dee_cell(size: Any, bound: Any) -> str:
+    """A DEE cell: ``2.5``, ``>4`` (better than the largest ensemble), ``<1`` (worse than the smallest), "–"."""
+    v = num(size)
+    if not math.isfinite(v):
+        return "–"
+    if isinstance(bound, str) and bound in ("<", ">"):
+        return f"{bound}{v:g}"
+    return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
 def format_markdown(df) -> str:
@@ -74,6 +116,9 @@ def format_markdown(df) -> str:
     if df is None or len(df) == 0:
         return "_no results_\n"
     ood_sets = sorted(c[len("fpr95_"): -len("_mean")] for c in df.columns if c.startswith("fpr95_") and c.endswith("_mean"))
+    has_ts = "nll_ts_mean" in df.columns and df["nll_ts_mean"].map(lambda v: math.isfinite(num(v))).any()
+    dee_metrics = [c[len("dee_"):] for c in df.columns if c.startswith("dee_") and not c.endswith("_bound")
+                   and df[c].map(lambda v: math.isfinite(num(v))).any()]
     any_shift = "shift_acc_mean" in df.columns and df["shift_acc_mean"].map(lambda v: math.isfinite(num(v))).any()
     parts: list[str] = []
     for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
@@ -86,13 +131,15 @@ def format_markdown(df) -> str:
         show_combine = any(c not in ("probs", "") for c in t["combine"])
         out_rows = []
         for i, (_, r) in enumerate(t.iterrows()):
-            row: dict[str, str] = {"method": r["method"], "options": options_text(r["config_key"], empty="–")}
+            row: dict[str, str] = {"method": r["method"],
+                                   "options": options_text(non_default_options(r["method"], r["config_key"]), empty="–")}
             for k in varying:
                 row[k] = str(r[k])
             if any(recipe_text):
                 row["recipe"] = recipe_text[i] or "-"
             if show_combine:
                 row["combine"] = r["combine"] or "probs"
+            row["M"] = f"{num(r.get('num_members')):g}" if math.isfinite(num(r.get("num_members"))) else "?"
             row["n"] = str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
             conv = r.get("converged")
             row["converged"] = "?" if conv is None or conv != conv else ("yes" if conv else "**no**")
@@ -104,6 +151,10 @@ def format_markdown(df) -> str:
             row["nll"] = g("nll", 1, 3)
             row["ece (%)"] = g("ece", 100)
             row["brier"] = g("brier", 1, 4)
+            if has_ts:   # temperature-scaled on the validation split (runs with one)
+                row["nll TS"] = g("nll_ts", 1, 3)
+            for metric in dee_metrics:   # deep-ensemble-equivalent size on the size curve of the row's recipe
+                row[f"DEE by {metric}"] = dee_cell(r.get(f"dee_{metric}"), r.get(f"dee_{metric}_bound"))
             for s in ood_sets:
                 row[f"AUROC {s} (%)"] = g(f"auroc_{s}", 100)
             if any_shift:
@@ -130,7 +181,12 @@ def format_markdown(df) -> str:
         for row in out_rows:
             lines.append("| " + " | ".join(md_cell(row.get(h, "")) for h in header) + " |")
         parts.append("\n".join(lines))
-    note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; OOD AUROC uses the msp score; "
+    note = ("_mean ± std over seeds (sample std, ddof=1); n = number of seeds; M = members; options: those that "
+            "differ from the method's defaults (every option is in the CSV); OOD AUROC uses the msp score; "
+            + ("nll TS: NLL after temperature scaling fitted on the validation split; " if has_ts else "")
+            + ("DEE by X: deep-ensemble-equivalent size, the number of members at which the deep-ensemble size "
+               "curve of the same recipe reaches the row's X (>M better than the largest ensemble, <1 worse than "
+               "one model); " if dee_metrics else "") +
             "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
             "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen. "
             f"converged: in every seed, every training stage's validation NLL was not still falling at the end: "

@@ -17,8 +17,9 @@ from ensemble_bench.api import FitContext
 from ensemble_bench.config import RunConfig
 from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
+from ensemble_bench.runlock import run_lock
 from ensemble_bench.runner import (_now, check_output_dir, code_identity, cost_device_name, make_method, make_trainer,
-                                   resolve_device, run_lock, seed_everything)
+                                   resolve_device, seed_everything)
 
 def member_task_count(method: Any) -> int:
     """How many member tasks the method's members split into (0: not a method with independent members)."""

@@ -38,7 +38,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -247,28 +247,35 @@ def _record_files(runs_dir: Path, recursive: bool) -> list[Path]:
     return sorted(files)
 
 
-def load_records(
-    runs_dir: str | os.PathLike,
+def scan_records(
+    runs_dirs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     statuses: tuple[str, ...] | None = ("complete",),
     recursive: bool = False,
     typed: bool = False,
-) -> tuple[list[dict], list[str]] | tuple[list[RunRecord], list[str]]:
-    """Load every record in ``runs_dir`` whose status is in ``statuses`` (None: all statuses).
+) -> tuple[list[tuple[Path, Any]], list[str]]:
+    """Every record in one folder or several (``recursive``: their subfolders too; hidden folders such as
+    ``.ckpt`` never) whose status is in ``statuses`` (None: all), as ``(path, record)`` pairs.
 
-    Returns ``(records, problems)``: ``problems`` has one line per file that is not a readable
-    record (corrupt, truncated, not a record, duplicate run id). Predictions (``*.preds.npz``)
-    and temporary files are skipped. Records are in file-name order. A missing ``runs_dir``
-    raises :class:`RecordError`. Every record is validated through :meth:`RunRecord.from_dict` (a complete
-    one must have its config and metrics); ``typed``: the records as :class:`RunRecord` instead of dicts.
+    Returns ``(pairs, problems)``: ``problems`` has one line per file that is not a readable record
+    (corrupt, truncated, not a record, a run id already found in another file). Predictions
+    (``*.preds.npz``) and temporary files are skipped. Records are in folder, then file-name order. A
+    missing folder raises :class:`RecordError`. Every record is validated through
+    :meth:`RunRecord.from_dict` (a complete one must have its config and metrics); ``typed``: the records
+    as :class:`RunRecord` instead of dicts.
     """
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise RecordError(f"{runs_dir}: results directory does not exist")
-    records: list = []
+    dirs = [Path(runs_dirs)] if isinstance(runs_dirs, (str, os.PathLike)) else [Path(d) for d in runs_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise RecordError(f"{d}: results directory does not exist")
+    pairs: list[tuple[Path, Any]] = []
     problems: list[str] = []
     seen: dict[str, Path] = {}
-    for p in _record_files(runs_dir, recursive):
+    files: dict[Path, Path] = {}   # a folder named twice, or inside another one: each file once
+    for d in dirs:
+        for f in _record_files(d, recursive):
+            files.setdefault(f.resolve(), f)
+    for p in files.values():
         try:
             rec, rr = _read(p, complete=None)   # a complete one: its config and metrics too
         except RecordError as e:
@@ -280,13 +287,19 @@ def load_records(
             continue
         seen[rid] = p
         if statuses is None or rec["status"] in statuses:
-            records.append(rr if typed else rec)
-    return records, problems
+            pairs.append((p, rr if typed else rec))
+    return pairs, problems
 
 
-def load_typed(runs_dir: str | os.PathLike, **kw: Any) -> tuple[list[RunRecord], list[str]]:
+def load_records(runs_dirs: str | os.PathLike | Sequence[str | os.PathLike], **kw: Any) -> tuple[list, list[str]]:
+    """:func:`scan_records` without the paths: ``(records, problems)``."""
+    pairs, problems = scan_records(runs_dirs, **kw)
+    return [r for _, r in pairs], problems
+
+
+def load_typed(runs_dirs: str | os.PathLike | Sequence[str | os.PathLike], **kw: Any) -> tuple[list[RunRecord], list[str]]:
     """:func:`load_records` with the records as :class:`RunRecord`."""
-    return load_records(runs_dir, typed=True, **kw)
+    return load_records(runs_dirs, typed=True, **kw)
 
 
 def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:

@@ -12,13 +12,12 @@ import datetime as _dt
 import hashlib
 import inspect
 import os
-import socket
 import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +26,7 @@ from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext
 from ensemble_bench.config import RunConfig, build_options
 from ensemble_bench.resolve import load_shift
 from ensemble_bench.errors import UsageError
+from ensemble_bench.runlock import lock_holder, run_lock
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,61 +84,6 @@ def check_buildable(method: Any, cfg: RunConfig) -> None:
         pass
     finally:
         torch.set_rng_state(rng)
-
-
-LOCK_DIR = ".submitit/locks"   # one lock file per run id, shared by plain runs and sweeps
-
-
-@contextlib.contextmanager
-def run_lock(out: Path, run_id: str) -> Iterator[bool]:
-    """An exclusive, non-blocking lock on one run (``<out>/.submitit/locks/<run_id>.lock``): yields
-    False when another process holds it, so two processes never train the same run at once. The holder
-    writes "pid host" into the file (``lock_holder``); the kernel drops the lock when the process ends,
-    however it ends."""
-    import fcntl
-
-    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-            f.flush()
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def lock_holder(out: Path, run_id: str) -> str | None:
-    """"pid P on host H" of the process that holds (or last held) the run's lock, if it wrote one."""
-    try:
-        pid, host = (Path(out) / LOCK_DIR / f"{run_id}.lock").read_text().split()[:2]
-        return f"pid {pid} on {host}"
-    except (OSError, ValueError):
-        return None
-
-
-def lock_is_held(out: Path, run_id: str) -> bool:
-    """Whether a live process holds the run's lock now (a killed process's lock is released). A shared
-    lock probes without writing, so the holder line stays and a run starting now is never refused."""
-    import fcntl
-
-    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
-    if not path.is_file():
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
 
 
 def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,

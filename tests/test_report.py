@@ -18,8 +18,14 @@ from ensemble_bench import report
 from ensemble_bench.cli import main
 from ensemble_bench.leaderboard import DEE
 from ensemble_bench.report import pareto_front
-from ensemble_bench.report.model import dee_for, dee_metric, dee_text
+from ensemble_bench.formatting import dee_cell
+from ensemble_bench.report.model import dee_for, dee_metric
 from ensemble_bench.report.render import leaderboard_columns
+
+
+def dee_text(d: DEE) -> str:
+    """The DEE cell of the report (formatting.dee_cell; the report has no DEE text of its own)."""
+    return dee_cell(d.size, d.bound)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +397,8 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     md = (out / "report.md").read_text(encoding="utf-8")
     section = md.split("## Missing and incomplete runs", 1)[1].split("\n## ", 1)[0]
     assert "FAILED single-boom" in section and "CUDA out of memory (GPU 0)" in section
-    assert "RUNNING (or killed) single-still" in section
+    # no process holds its lock: the report says it was stopped and how to resume it
+    assert "STOPPED single-still" in section and "run it again to resume" in section
     assert "UNREADABLE" in section and "truncated.json" in section
     assert "FEWER SEEDS" in section and "deep_ensemble" in section     # 1 seed, single has 2
     assert sum(item.startswith("FAILED") for item in rep.notes) == 1
@@ -403,7 +410,7 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     from ensemble_bench.report import cli_report
 
     class Args:
-        runs_dir, out = str(runs), str(tmp_path / "again")
+        runs_dirs, out = [str(runs)], str(tmp_path / "again")
 
     report_build = report.build_report
     try:   # the same path as `ensemble-bench report`, without drawing the figures a second time
@@ -456,3 +463,145 @@ def test_empty_corrupt_and_missing_folders_give_one_line_and_exit_2(tmp_path, ca
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert "not a directory" in _bad(capsys, str(good), "-o", str(afile))
+
+
+# --------------------------------------------------------------------------------------------
+# the HTML table, the row order, colours and the reliability figure
+# --------------------------------------------------------------------------------------------
+class _Cells(HTMLParser):
+    """Every <td> of an HTML page: (text, attributes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self.cur = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "td":
+            self.cur = ["", dict(attrs)]
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cur is not None:
+            self.cells.append(tuple(self.cur))
+            self.cur = None
+
+    def handle_data(self, data):
+        if self.cur is not None:
+            self.cur[0] += data
+
+
+def _registered_defaults(method: str) -> dict:
+    import ensemble_bench.methods as methods
+    from ensemble_bench.config import options_dict
+
+    return options_dict(methods.get(method).Config())
+
+
+def test_html_options_cell_shows_non_default_options_with_every_option_in_its_title(tmp_path):
+    bridge = {**_registered_defaults("bridge"), "mixup_alpha": 0.2, "num_bridges": 2}
+    assert len(bridge) >= 6        # a method with many options: the cell shows only the two changed
+    de = _registered_defaults("deep_ensemble")       # every option at its default: "–"
+    kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
+    recs = [make_record("b0", "bridge", bridge, 0, 2, acc=0.91, nll=0.3, **kw),
+            make_record("d0", "deep_ensemble", de, 0, de["num_members"], acc=0.92, nll=0.3, **kw)]
+    out = tmp_path / "rep"
+    report.build_report(write_records(tmp_path / "runs", recs), out, figures=False)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    head, rows, _ = _table(page)
+    opt = head.index("options")
+    cells = _Cells()
+    cells.feed(page)
+    by_method = {r[0]: r for r in rows}
+    assert by_method["bridge"][opt] == "mixup_alpha=0.2, num_bridges=2"
+    assert by_method["deep_ensemble"][opt] == "–"
+    full = {text: attrs for text, attrs in cells.cells if "wrap" in attrs.get("class", "")}
+    title = full["mixup_alpha=0.2, num_bridges=2"]["title"]
+    for k, v in bridge.items():        # the tooltip holds every option, defaults included
+        assert f"{k}=" in title, (k, title)
+    assert "bridge_lr=0.1" in title and "mixup_alpha=0.2" in title
+    assert "num_members=" in full["–"]["title"] and "batched=" in full["–"]["title"]
+    # text columns wrap, numbers do not
+    assert "td.wrap{white-space:normal" in page and "white-space:nowrap" in page
+    acc_cells = [attrs for text, attrs in cells.cells if text in ("91.00", "92.00")]
+    assert len(acc_cells) == 2 and all("wrap" not in a["class"] for a in acc_cells)
+    # the markdown shows the same short options
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| bridge | mixup_alpha=0.2, num_bridges=2 |" in md
+
+
+def test_report_rows_are_ordered_by_accuracy_and_colours_are_stable_and_strong(tmp_path):
+    from ensemble_bench.report.model import PALETTE, relative_luminance
+
+    kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
+    accs = {"alpha": 0.80, "beta": 0.95, "gamma": 0.70, "delta": 0.90}
+    recs = [make_record(m, m, {}, 0, 1 if m == "alpha" else 2, acc=a, nll=1 - a, size_reference=m == "alpha", **kw)
+            for m, a in accs.items()]
+    recs += [make_record("beta1", "beta", {}, 1, 2, acc=0.87, nll=0.2, **kw)]   # beta: mean 0.91 over 2 seeds
+    recs += [make_record("eps", "eps", {"k": 1}, 0, 2, acc=0.90, nll=0.2, **kw),   # ties delta and beta: method
+             make_record("eps2", "eps", {"k": 2}, 0, 2, acc=0.90, nll=0.2, **kw)]  # then options break the tie
+    out = tmp_path / "rep"
+    report.build_report(write_records(tmp_path / "runs", recs), out, figures=False)
+    head, rows, _ = _table((out / "report.html").read_text(encoding="utf-8"))
+    expected = ["beta", "delta", "eps (k=1)", "eps (k=2)", "alpha", "gamma"]
+    assert [r[0] for r in rows] == expected
+    accs_shown = [float(r[head.index("acc (%)")].split()[0]) for r in rows]
+    assert accs_shown == sorted(accs_shown, reverse=True)
+    # the order of the leaderboard engine (and so of the markdown leaderboard)
+    from ensemble_bench.leaderboard import leaderboard
+
+    df = leaderboard(recs)
+    assert [m + (f" (k={json.loads(k)['k']})" if k != "{}" else "") for m, k in zip(df["method"], df["config_key"])] \
+        == expected
+    md = (out / "report.md").read_text(encoding="utf-8")
+    table = md.split("### Leaderboard", 1)[1].split("\n\n")[1]
+    assert [ln.split(" | ")[0].lstrip("| ") for ln in table.splitlines()[2:]] == expected
+    (sec,) = report.group_sections(recs)
+    assert [c.label for c in sec.configs] == expected
+    colours = {c.label: (c.color, c.marker) for c in sec.configs}
+    # the single model (size reference, M = 1) gets the first, dark colour
+    assert colours["alpha"][0] == PALETTE[0] and relative_luminance(PALETTE[0]) < 0.1
+    # colours and markers do not depend on the results: swapping accuracies keeps them
+    swapped = copy.deepcopy(recs)
+    for r in swapped:
+        r["metrics"]["acc"] = 1.0 - r["metrics"]["acc"]
+    (sec2,) = report.group_sections(swapped)
+    assert [c.label for c in sec2.configs] == ["gamma", "alpha", "delta", "eps (k=1)", "eps (k=2)", "beta"]
+    assert {c.label: (c.color, c.marker) for c in sec2.configs} == colours
+    # many configs: every colour is a strong one (no pale tab20 shade), every config looks different
+    many = [make_record(f"m{i}", "zeta", {"i": i}, 0, 2, acc=0.5 + i / 100, nll=0.5, **kw) for i in range(20)]
+    (sec3,) = report.group_sections(many + recs[:1])
+    assert all(relative_luminance(c.color) < 0.4 for c in sec3.configs)
+    assert len({(c.color, c.marker) for c in sec3.configs}) == len(sec3.configs)
+
+
+def test_reliability_figure_has_a_sample_count_panel_and_fades_sparse_bins(tmp_path, monkeypatch):
+    import matplotlib.colors as mcolors
+
+    from ensemble_bench.report import canvas, figures
+
+    kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
+    recs = [make_record("a", "alpha", {}, 0, 1, acc=0.9, nll=0.3, **kw),
+            make_record("b", "beta", {}, 0, 2, acc=0.8, nll=0.3, **kw)]
+    (sec,) = report.group_sections(recs)
+    rng = np.random.default_rng(0)
+    n, k = 400, 10
+    logits = rng.normal(size=(2, n, k)) * 0.5
+    logits[:, 0, 0] = 50.0               # one sample at confidence ~1: a bin of one sample (< 1% of 400)
+    labels = rng.integers(0, k, n)
+    preds = {id(c): [{"logits": logits[:int(c.num_members)], "labels": labels, "combine": "probs",
+                      "path": "x", "ood": {}}] for c in sec.configs}
+    drawn = []
+    monkeypatch.setattr(canvas, "save", lambda fig, out_dir, stem: drawn.append(fig))
+    (f,) = figures.fig_reliability(sec, preds, tmp_path, "figures/x", [])
+    (fig,) = drawn
+    counts = [ax for ax in fig.axes if ax.get_label().startswith("bin counts")]
+    diagrams = [ax for ax in fig.axes if ax.get_label().startswith("reliability")]
+    assert len(counts) == len(diagrams) == len(sec.configs) == 2
+    for ax in counts:
+        assert ax.get_yscale() == "log" and ax.get_ylabel() == "samples"
+        heights = sorted(round(p.get_height()) for p in ax.patches)
+        assert sum(heights) == n and heights[0] == 1      # the lone sample's bin is there, counted
+    for ax in diagrams:   # the bar of the one-sample bin is faded grey, the others in the config's colour
+        faces = [mcolors.to_hex(p.get_facecolor()[:3]) for p in ax.patches if p.get_fill()]
+        assert mcolors.to_hex("lightgrey") in faces and len(set(faces)) == 2
+    assert "sample count per bin" in f.caption and "faded" in f.caption and "1%" in f.caption
+    assert f.width_in > 0

@@ -349,3 +349,32 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     os.utime(stale, (old, old))
     records.write_record(tmp_path, make_record("a"))
     assert not stale.exists() and fresh.exists()
+
+
+def test_leaderboard_reads_several_folders_and_subfolders_and_names_running_records(tmp_path, capsys):
+    from ensemble_bench.cli import main
+    from ensemble_bench.runlock import run_lock
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    records.write_record(a, make_record("s0", seed=0, acc=0.8))
+    records.write_record(a / "sub", make_record("s1", seed=1, acc=0.9))       # a subfolder of a: found
+    records.write_record(b, make_record("s2", seed=2, acc=1.0))               # another folder: pooled as a seed
+    records.write_record(a / ".ckpt", make_record("hidden", seed=3, acc=0.0))  # hidden folders: never
+    for rid, seed in (("live", 4), ("killed", 5)):
+        rec = make_record(rid, seed=seed, status="running")
+        for k in ("metrics", "cost", "training"):
+            rec.pop(k)
+        records.write_record(b, rec)
+    csv = tmp_path / "lb.csv"
+    with run_lock(b, "live") as mine:     # this process holds "live"; nobody holds "killed"
+        assert mine
+        assert main(["leaderboard", str(a), str(b), "-o", str(csv)]) == 0
+    err = capsys.readouterr().err
+    df = pd.read_csv(csv)
+    assert len(df) == 1 and df["n_seeds"].iloc[0] == 3
+    assert df["acc_mean"].iloc[0] == pytest.approx(0.9)
+    assert "2 record(s) still 'running' are not in the table; 1 of them stopped" in err
+    assert "killed" in err.split("stopped", 1)[1] and "live" not in err.split("stopped", 1)[1]
+    # a folder named twice (or inside another one named) counts each record once
+    pairs, problems = records.scan_records([a, a / "sub"], recursive=True)
+    assert sorted(r["run_id"] for _, r in pairs) == ["s0", "s1"] and problems == []

@@ -1,6 +1,6 @@
 """Plots and a readable comparison report from a folder of result records.
 
-``ensemble-bench report RUNS_DIR -o OUT`` writes::
+``ensemble-bench report RUNS_DIR [RUNS_DIR ...] -o OUT`` (folders and their subfolders) writes::
 
     OUT/report.md                      the report (markdown; figures referenced relatively)
     OUT/report.html                    the same as a static page (inline CSS, no scripts, no network)
@@ -19,7 +19,8 @@ Figures per section:
   ECE and OOD AUROC (msp score, one panel per OOD set) against the cost on a log axis, error bars over
   seeds, the Pareto front (:func:`pareto_front`) drawn as a step line with ringed points;
 * ``reliability``: one reliability diagram per config from the saved test predictions (15
-  equal-width bins, the ECE binning of :mod:`ensemble_bench.metrics`; seeds pooled);
+  equal-width bins, the ECE binning of :mod:`ensemble_bench.metrics`; seeds pooled), with the samples
+  per bin below it (bins with under 1 % of the samples faded);
 * ``ood_hist_<set>``: the msp score (-max p̄) of the ID test split against each OOD set, per config;
 * ``size_curve``: metric against the number of members M for the deep-ensemble size curve (the records
   the methods mark ``method.size_reference``, see :func:`find_size_family`), the other configs of the
@@ -33,12 +34,14 @@ Figures per section:
   coverage on the clean test split and on the corrupted test set (cells pooled), one line per config (mean
   over seeds), with its AURC.
 
-Partial sweeps are reported, not fatal: failed runs (with their error), running runs, configs with
+Partial sweeps are reported, not fatal: failed runs (with their error), running runs (live, or stopped:
+no process holds the run's lock), configs with
 fewer seeds than the section's seed set, unreadable files and missing prediction files are listed.
 The harness never names a method here: everything is derived from what the records say.
 
 Every number comes from the leaderboard engine (:mod:`ensemble_bench.leaderboard`). The package:
-``model`` (sections, configs, the size family), ``render`` (tables, markdown and HTML), ``figures`` and
+``model`` (sections, configs in leaderboard order, colours, the size family), ``render`` (tables,
+markdown and HTML), ``canvas`` (the drawing kit every figure ends with), ``figures`` and
 ``figures_shift`` (one function per figure); this module builds the report.
 """
 from __future__ import annotations
@@ -50,15 +53,16 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ensemble_bench.columns import as_dict, flatten_record, num
 from ensemble_bench.errors import UsageError
 from ensemble_bench.formatting import options_text
 from ensemble_bench.leaderboard import leaderboard
-from ensemble_bench.records import RecordError, load_records, write_text_atomic
+from ensemble_bench.records import RecordError, scan_records, write_text_atomic
+from ensemble_bench.runlock import running_state
+from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.figures import (
-    Figure,
     fig_learning_curves,
     fig_ood,
     fig_pareto,
@@ -139,8 +143,8 @@ def _run_desc(rec: dict) -> str:
             + f" on {row.get('dataset') or '?'} · {row.get('backbone') or '?'}, seed {row.get('seed')}")
 
 
-def _incomplete_items(all_recs: list[dict], problems: list[str], sections: list[Section],
-                      notes: list[str]) -> list[str]:
+def _incomplete_items(all_recs: list[dict], folder_of: dict[str, Path], problems: list[str],
+                      sections: list[Section], notes: list[str]) -> list[str]:
     items = []
     for rec in all_recs:
         if rec.get("status") == "failed":
@@ -149,7 +153,9 @@ def _incomplete_items(all_recs: list[dict], problems: list[str], sections: list[
     for rec in all_recs:
         if rec.get("status") == "running":
             started = as_dict(rec.get("timings")).get("started")
-            items.append(f"RUNNING (or killed) {_run_desc(rec)}" + (f", started {started}" if started else ""))
+            stale, state = running_state(folder_of[rec["run_id"]], rec["run_id"])
+            items.append(f"{'STOPPED' if stale else 'RUNNING'} {_run_desc(rec)}" + (f", started {started}" if started else "")
+                         + f": {state}")
     for sec in sections:
         for c in sec.configs:
             missing = [s for s in sec.seed_set if s not in c.seeds]
@@ -161,20 +167,23 @@ def _incomplete_items(all_recs: list[dict], problems: list[str], sections: list[
     return items
 
 
-def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = True,
+def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, *, figures: bool = True,
                  log: Callable[[str], None] | None = None) -> Report:
-    """Build the report of every record in ``runs_dir`` into ``out_dir`` (``figures=False``: tables and
-    lists only, no figures and no prediction files read).
+    """Build the report of every record in ``runs_dirs`` (one folder or several, subfolders too) into
+    ``out_dir`` (``figures=False``: tables and lists only, no figures and no prediction files read).
 
     Raises :class:`~ensemble_bench.errors.UsageError` (one line) when ``runs_dir`` is missing, ``out_dir``
     is a file, or there is nothing to report (no records, only unreadable files, or no complete run).
     """
-    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    out_dir = Path(out_dir)
+    runs_dir = ", ".join(str(d) for d in ([runs_dirs] if isinstance(runs_dirs, (str, Path)) else runs_dirs))
     log = log or (lambda s: None)
     try:
-        all_recs, problems = load_records(runs_dir, statuses=None)
+        pairs, problems = scan_records(runs_dirs, statuses=None, recursive=True)
     except RecordError as e:
         raise UsageError(str(e)) from None
+    all_recs = [r for _, r in pairs]
+    folder_of = {r["run_id"]: p.parent for p, r in pairs}   # a run's predictions and lock are beside its record
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a directory")
     complete = [r for r in all_recs if r.get("status") == "complete"]
@@ -237,7 +246,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
         figs = []
         if figures:
             sec_doc.h(3, "Figures")
-            preds = load_preds(sec, runs_dir, sec_notes)
+            preds = load_preds(sec, folder_of, sec_notes)
             figs += fig_pareto(sec, out_dir, base)
             figs += fig_reliability(sec, preds, out_dir, base, sec_notes)
             figs += fig_ood(sec, preds, out_dir, base)
@@ -255,7 +264,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
         notes += [f"{sec.title}: {n}" for n in sec_notes]
         sec_blocks.append(sec_doc)
 
-    incomplete = _incomplete_items(all_recs, problems, sections, notes)
+    incomplete = _incomplete_items(all_recs, folder_of, problems, sections, notes)
     doc.h(2, "Missing and incomplete runs")
     if incomplete:
         doc.p("Partial sweeps are reported, not fatal: these runs or files are not in the tables and figures.")
@@ -276,11 +285,11 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, figures: bool = T
 
 
 def cli_report(args) -> int:
-    """``ensemble-bench report RUNS_DIR -o OUT``."""
+    """``ensemble-bench report RUNS_DIR [RUNS_DIR ...] -o OUT``."""
     from ensemble_bench.cli import check_output_path
 
     check_output_path(Path(args.out), "-o")
-    rep = build_report(args.runs_dir, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rep = build_report(args.runs_dirs, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
     for item in rep.notes:
         if item.startswith(("FAILED", "UNREADABLE")):
             print(f"warning: {item}", file=sys.stderr)

@@ -7,21 +7,20 @@ training cost and learning curves. Each ``fig_*`` draws one kind for a section a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping
 
 import numpy as np
 
 from ensemble_bench.columns import as_dict, num
+from ensemble_bench.formatting import dee_cell
 from ensemble_bench.predictions import load_predictions
+from ensemble_bench.report.canvas import Figure, finish, legend, log_x, new_figure, panel_title
 from ensemble_bench.report.model import (
-    Config,
     Section,
     SizeFamily,
     cost_axes,
     dee_for,
-    dee_text,
     make_slug,
     pareto_front,
     scale_prefix,
@@ -29,7 +28,7 @@ from ensemble_bench.report.model import (
 
 N_BINS = 15          # reliability diagram bins (= the ECE of specs/metrics.md)
 HIST_BINS = 30       # OOD score histograms
-DPI = 100
+FEW_SAMPLES = 0.01   # reliability bins holding less than this fraction of the samples are drawn faded
 # direction of the metrics plotted against cost: (column prefix, axis label, scale, higher is better)
 _FRONT_METRICS = (("acc", "accuracy (%)", 100.0, True), ("nll", "NLL", 1.0, False),
                   ("ece", "ECE (%)", 100.0, False))
@@ -67,85 +66,6 @@ def reliability_bins(probs_bar: np.ndarray, labels: np.ndarray, n_bins: int = N_
 
 
 
-@dataclass
-class Figure:
-    stem: str          # path relative to OUT without suffix, e.g. figures/digits_cnn_small/pareto_flops
-    title: str
-    caption: str
-
-    @property
-    def png(self) -> str:
-        return self.stem + ".png"
-
-    @property
-    def svg(self) -> str:
-        return self.stem + ".svg"
-
-
-def new_figure(n_panels: int, ncols: int, panel_w: float = 4.0, panel_h: float = 3.2):
-    from matplotlib.figure import Figure as MplFigure
-
-    ncols = max(1, min(ncols, n_panels))
-    nrows = max(1, math.ceil(n_panels / ncols))
-    fig = MplFigure(figsize=(panel_w * ncols, panel_h * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, list(axes[:n_panels])
-
-
-def save(fig, out_dir: Path, stem: str) -> None:
-    path = out_dir / stem
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=DPI, metadata={"Software": None})
-    fig.set_layout_engine("none")   # keep the layout just computed: the SVG does not redo it
-    fig.savefig(path.with_suffix(".svg"), metadata={"Date": None})
-
-
-def finish(fig, sec: Section, out_dir: Path, stem: str, what: str, title: str, caption: str) -> Figure:
-    """Title the figure "<section title>: <what>", save it as PNG and SVG under out_dir/stem, and return its
-    report entry."""
-    fig.suptitle(f"{sec.title}: {what}", fontsize=10)
-    save(fig, out_dir, stem)
-    return Figure(stem, title, caption)
-
-
-def legend(fig, configs: Sequence[Config], extra: Sequence = ()) -> None:
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label)
-               for c in configs]
-    handles += list(extra)
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
-                   frameon=False)
-
-
-def _log_x(ax) -> None:
-    """Log-scaled cost axis with plain numbers (2, 5, 10, 20, ...) instead of 2x10^0."""
-    from matplotlib.ticker import FuncFormatter
-
-    def major(v, _pos):
-        return f"{v:g}"
-
-    ax.set_xscale("log")
-    lo, hi = ax.get_xlim()
-    span = hi / max(lo, 1e-300)
-    shown = ({1, 2, 3, 4, 5, 6, 7, 8, 9} if span < 3 else {2, 3, 5} if span < 30
-             else {2, 5} if span < 1e3 else set())
-
-    def minor(v, _pos):
-        if v <= 0:
-            return ""
-        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
-        return f"{v:.3g}" if lead in shown else ""
-
-    ax.xaxis.set_major_formatter(FuncFormatter(major))
-    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
-    ax.tick_params(axis="x", which="both", labelsize=7)
-
-
-
 def _front_panels(sec: Section) -> list[tuple[str, str, float, bool]]:
     panels = [(col, lab, s, hi) for col, lab, s, hi in _FRONT_METRICS if sec.has(col)]
     for name in sec.ood_sets():
@@ -174,7 +94,7 @@ def _draw_front(ax, sec: Section, xs_col: str, device: str | None, y_col: str, y
                     xerr=xs * x_scale if math.isfinite(xs) else None,
                     yerr=ys * y_scale if math.isfinite(ys) else None,
                     color=c.color, marker=c.marker, markersize=7, linestyle="", capsize=2,
-                    alpha=1.0 if id(c) in on_front else 0.45,
+                    alpha=1.0 if id(c) in on_front else 0.6,
                     markeredgecolor="black" if id(c) in on_front else c.color,
                     markeredgewidth=1.5 if id(c) in on_front else 0.5, zorder=3)
     if len(front) >= 1:
@@ -182,7 +102,7 @@ def _draw_front(ax, sec: Section, xs_col: str, device: str | None, y_col: str, y
         fy = [pts[i][1] * y_scale for i in front]
         ax.step(fx, fy, where="post", color="black", linewidth=1, linestyle="--", alpha=0.7, zorder=2)
     if drawn:
-        _log_x(ax)
+        log_x(ax)
     ax.grid(True, which="both", alpha=0.25)
     return len(drawn)
 
@@ -215,13 +135,14 @@ def fig_pareto(sec: Section, out_dir: Path, base: str) -> list[Figure]:
     return figs
 
 
-def load_preds(sec: Section, runs_dir: Path, notes: list[str]) -> dict[int, list[dict]]:
+def load_preds(sec: Section, folder_of: Mapping[str, Path], notes: list[str]) -> dict[int, list[dict]]:
+    """The saved test predictions of every run of the section, read from its record's folder (``folder_of``)."""
     out: dict[int, list[dict]] = {}
     for c in sec.configs:
         for r in c.rows:
             rid = r.get("run_id")
             try:
-                p = load_predictions(runs_dir, rid)
+                p = load_predictions(folder_of[rid], rid)
             except FileNotFoundError:
                 notes.append(f"{rid} ({c.label}): no saved predictions; left out of the reliability diagrams "
                              "and OOD histograms")
@@ -241,11 +162,23 @@ def probs_of(logits: np.ndarray, combine: str) -> np.ndarray:
 
 
 def fig_reliability(sec: Section, preds: dict, out_dir: Path, base: str, notes: list[str]) -> list[Figure]:
+    """One reliability diagram per config, each over a panel of the sample count per bin (log scale): a bin
+    of a handful of samples can draw a full-height bar, the count shows what each bar weighs; bins with
+    less than FEW_SAMPLES of the samples are drawn faded."""
+    from matplotlib.figure import Figure as MplFigure
+
     cfgs = [c for c in sec.configs if preds.get(id(c))]
     if not cfgs:
         return []
-    fig, axes = new_figure(len(cfgs), ncols=4, panel_w=3.2, panel_h=3.2)
-    for ax, c in zip(axes, cfgs):
+    ncols = min(4, len(cfgs))
+    nrows = math.ceil(len(cfgs) / ncols)
+    fig = MplFigure(figsize=(3.2 * ncols, 4.3 * nrows), layout="constrained")
+    gs = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3.2, 1.1] * nrows)
+    w = 1.0 / N_BINS
+    for k, c in enumerate(cfgs):
+        row, col = divmod(k, ncols)
+        ax = fig.add_subplot(gs[2 * row, col], label=f"reliability {k}")
+        axc = fig.add_subplot(gs[2 * row + 1, col], sharex=ax, label=f"bin counts {k}")
         probs, labels = [], []
         for p in preds[id(c)]:
             try:
@@ -255,30 +188,49 @@ def fig_reliability(sec: Section, preds: dict, out_dir: Path, base: str, notes: 
                 notes.append(f"{p['path']}: test predictions unusable ({e})")
         if not probs:
             ax.set_visible(False)
+            axc.set_visible(False)
             continue
         b = reliability_bins(np.concatenate(probs), np.concatenate(labels), N_BINS)
-        w = 1.0 / N_BINS
         centers = b["edges"][:-1] + w / 2
+        n = int(b["count"].sum())
         has = b["count"] > 0
-        ax.bar(centers[has], b["acc"][has], width=w, color=c.color, alpha=0.8, edgecolor="black",
-               linewidth=0.5, label="accuracy")
-        gap_lo = np.minimum(b["acc"], b["conf"])[has]
-        gap_hi = np.maximum(b["acc"], b["conf"])[has]
-        ax.bar(centers[has], gap_hi - gap_lo, bottom=gap_lo, width=w, fill=False, hatch="//",
-               edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+        few = has & (b["count"] < FEW_SAMPLES * n)
+        ok = has & ~few
+        gap_lo = np.minimum(b["acc"], b["conf"])
+        gap_hi = np.maximum(b["acc"], b["conf"])
+        for sel, face, alpha, hatch_col in ((ok, c.color, 0.85, "tab:red"), (few, "lightgrey", 0.6, "#e8a0a0")):
+            if not sel.any():
+                continue
+            ax.bar(centers[sel], b["acc"][sel], width=w, color=face, alpha=alpha, edgecolor="black",
+                   linewidth=0.5)
+            ax.bar(centers[sel], (gap_hi - gap_lo)[sel], bottom=gap_lo[sel], width=w, fill=False, hatch="//",
+                   edgecolor=hatch_col, linewidth=0.5)
+            axc.bar(centers[sel], b["count"][sel], width=w, color=face, alpha=alpha, edgecolor="black",
+                    linewidth=0.5)
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (max p̄)")
         ax.set_ylabel("accuracy")
-        n = int(b["count"].sum())
-        ax.set_title(f"{c.label}\nECE {100 * b['ece']:.2f}% (n = {n}, {len(probs)} seed(s))", fontsize=8)
+        ax.tick_params(axis="x", labelbottom=False)
+        panel_title(ax, f"{c.label}\nECE {100 * b['ece']:.2f}% (n = {n}, {len(probs)} seed(s))", 8)
+        axc.set_yscale("log")
+        axc.set_ylim(0.7, max(float(b["count"].max()), 1.0) * 3)
+        axc.axhline(FEW_SAMPLES * n, color="grey", linestyle=":", linewidth=1)
+        axc.set_ylabel("samples", fontsize=8)
+        axc.set_xlabel("confidence (max p̄)")
+        axc.tick_params(axis="y", labelsize=7)
+        axc.grid(True, axis="y", alpha=0.25)
     return [finish(fig, sec, out_dir, f"{base}/reliability",
-                   f"reliability diagrams (test split, {N_BINS} equal-width bins)", "Reliability diagrams",
+                   f"reliability diagrams (test split, {N_BINS} equal-width bins) and samples per bin",
+                   "Reliability diagrams",
                    f"Per config, from the saved test predictions (ensemble predictive p̄, the config's "
                    f"combine rule), seeds pooled: bar = accuracy of the samples whose top confidence falls "
                    f"in the bin, hatched = gap to the bin's mean confidence, dashed = perfect calibration. "
-                   f"ECE on the pooled samples, the binning of the ECE metric ({N_BINS} bins).")]
+                   f"Below each diagram, the sample count per bin (log scale; dotted line: "
+                   f"{FEW_SAMPLES:.0%} of the samples), so a reader sees what each bar weighs: bins with "
+                   f"fewer than {FEW_SAMPLES:.0%} of the samples are drawn faded (grey), their accuracy rests "
+                   f"on few samples and they weigh little in the ECE. ECE on the pooled samples, the binning "
+                   f"of the ECE metric ({N_BINS} bins).")]
 
 
 def fig_ood(sec: Section, preds: dict, out_dir: Path, base: str) -> list[Figure]:
@@ -312,8 +264,10 @@ def fig_ood(sec: Section, preds: dict, out_dir: Path, base: str) -> list[Figure]
             ax.hist(o, bins=bins, density=True, histtype="stepfilled", alpha=0.55, color="tab:orange",
                     label=f"{name} ({len(o)})")
             auroc = c.stat(f"auroc_{name}")[0]
-            ax.set_title(c.label + (f"\nAUROC {100 * auroc:.2f}% (mean of {len(c.rows)} run(s); "
-                                    f"{len(s_id)} with predictions)" if math.isfinite(auroc) else ""), fontsize=8)
+            runs = f"{len(c.rows)} run{'s' if len(c.rows) != 1 else ''}"
+            drawn = "" if len(s_id) == len(c.rows) else f"; {len(s_id)} drawn"
+            panel_title(ax, c.label + (f"\nAUROC {100 * auroc:.2f}% ({runs}{drawn})" if math.isfinite(auroc)
+                                       else ""), 8)
             ax.set_xlabel("msp score = −max p̄ (higher: more OOD)", fontsize=8)
             ax.set_ylabel("density")
             ax.legend(fontsize=7, frameon=False)
@@ -321,8 +275,29 @@ def fig_ood(sec: Section, preds: dict, out_dir: Path, base: str) -> list[Figure]
                            f"OOD score histograms, ID test vs {name}", f"OOD score histograms: ID test vs {name}",
                            f"msp score (−max p̄, the leaderboard's OOD score) of the ID test split and of the "
                            f"{name} set, per config from the saved predictions, seeds pooled; less overlap "
-                           f"means better detection."))
+                           f"means better detection. Panel titles: the config's AUROC (msp), the mean over its "
+                           f"runs (n runs); 'k drawn' when only k of them have saved predictions for the "
+                           f"histograms."))
     return figs
+
+
+def _label_ends(ax, ends: dict[tuple[str, float], list[float]]) -> None:
+    """The "<1" / ">4" labels of the configs beyond the ends of the size curve: at one end, markers closer
+    than about a label's height share one label (beside the middle of the group), so labels never overlap."""
+    lo, hi = ax.get_ylim()
+    gap = 0.07 * abs(hi - lo)    # ~ a 7-pt label's height on a panel of the default size
+    for (bound, size), vs in sorted(ends.items()):
+        vs = sorted(vs)
+        groups = [[vs[0]]]
+        for v in vs[1:]:
+            if v - groups[-1][-1] < gap:
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        text = dee_cell(size, bound)
+        for g in groups:
+            ax.annotate(text + (f" ({len(g)})" if len(g) > 1 else ""), (size, (g[0] + g[-1]) / 2),
+                        textcoords="offset points", xytext=(8, 0), va="center", fontsize=7)
 
 
 def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base: str) -> list[Figure]:
@@ -350,6 +325,7 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
         env = np.maximum.accumulate([sign * y[0] for y in ys]) * sign
         if not np.allclose(env, [y[0] for y in ys]):   # DEE reads the running best: show it where it differs
             ax.plot(sizes, env * sc, color="grey", linestyle=":", linewidth=1.2, zorder=1)
+        ends: dict[tuple[str, float], list[float]] = {}
         for c in others:
             d = dee_for(family, c, col, hi)
             if d is None:
@@ -359,7 +335,8 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
             ax.plot([d.size], [v], marker=marker, color=c.color, markersize=8, linestyle="",
                     markeredgecolor="black", zorder=3)
             if d.bound:
-                ax.annotate(dee_text(d), (d.size, v), textcoords="offset points", xytext=(6, 4), fontsize=7)
+                ends.setdefault((d.bound, d.size), []).append(v)
+        _label_ends(ax, ends)
         ax.set_xlabel("ensemble size M (members)")
         ax.set_xticks(sizes)
         ax.set_ylabel(lab + (" ↑" if hi else " ↓"))
@@ -373,7 +350,8 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
                    f"seeds. Every other config of the same training recipe is drawn at its deep-ensemble-"
                    f"equivalent size (DEE, leaderboard.dee_size) for that metric: the M at which the (running-best) "
                    f"curve reaches its value, linear between sizes; ◀/▶ at the ends mean worse than the "
-                   f"smallest / better than the largest ensemble.")]
+                   f"smallest / better than the largest ensemble; markers close together at one end share "
+                   f"one label, with their number in brackets.")]
 
 
 def fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:

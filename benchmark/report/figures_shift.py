@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 
 from ensemble_bench.columns import as_dict, num
-from ensemble_bench.report.figures import Figure, finish, legend, new_figure, probs_of
+from ensemble_bench.report.canvas import Figure, finish, legend, new_figure
+from ensemble_bench.report.figures import probs_of
 from ensemble_bench.report.model import Config, Section
 
 

@@ -27,6 +27,11 @@ from ensemble_bench.leaderboard import (
 )
 
 MARKERS = "osD^vP*Xh<>p"
+# strong colours only, every one readable on white (WCAG relative luminance below 0.4): tab10 with its pale
+# olive and cyan replaced by darker shades and its grey moved last (faded reliability bars are light grey),
+# then more dark ones. The first, a dark blue, goes to the single model (see _label_configs).
+PALETTE = ("#1f4e9c", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#00838f",
+           "#8a8a00", "#b8860b", "#000000", "#6a3d9a", "#a6005a", "#33691e", "#4e342e", "#636363")
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[int]:
@@ -169,15 +174,39 @@ def _label_configs(sec: Section) -> None:
             c.label += f" #{seen[c.label]}"
         else:
             seen[c.label] = 1
-    # order: method, then members, then label (stable colours across figures)
-    sec.configs.sort(key=lambda c: (c.method, num(c.num_members) if math.isfinite(c.num_members) else 0, c.label))
-    from matplotlib import colormaps
+    # colours and markers: assigned in an order that does not depend on the results (size-reference configs
+    # first, smallest M first, so the single model gets the first, darkest colour; then method, members,
+    # label), so a config keeps its colour when a number changes
+    def _identity(c: Config) -> tuple:
+        m = c.num_members if math.isfinite(c.num_members) else math.inf
+        if c.fields.get("size_reference") is True:
+            return (0, "", m, c.method, c.label)
+        return (1, c.method, m, c.method, c.label)
 
-    cmap = colormaps["tab10"] if len(sec.configs) <= 10 else colormaps["tab20"]
     methods = sorted(by_method)
-    for i, c in enumerate(sec.configs):
-        c.color = cmap(i % cmap.N)
-        c.marker = MARKERS[methods.index(c.method) % len(MARKERS)]
+    for i, c in enumerate(sorted(sec.configs, key=_identity)):
+        c.color = PALETTE[i % len(PALETTE)]
+        # past the palette, the marker changes too, so no two configs of a method look the same
+        c.marker = MARKERS[(methods.index(c.method) + i // len(PALETTE)) % len(MARKERS)]
+    # rows, legends and panels: best accuracy first, as the markdown leaderboard (leaderboard.leaderboard)
+    sec.configs.sort(key=config_order)
+
+
+def config_order(c: Config) -> tuple:
+    """The leaderboard's row order within a section: accuracy mean descending (missing last), then method,
+    then options (config_key), then the label (other training settings)."""
+    acc = c.stat("acc").mean
+    return (not math.isfinite(acc), -acc if math.isfinite(acc) else 0.0, c.method,
+            str(c.fields.get("config_key") or ""), c.label)
+
+
+def relative_luminance(color: str) -> float:
+    """WCAG relative luminance of a ``#rrggbb`` colour (0 black .. 1 white)."""
+    def lin(x: float) -> float:
+        return x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(color[k:k + 2], 16) / 255 for k in (1, 3, 5))
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,13 +292,6 @@ def dee_for(family: SizeFamily, config: Config, col: str, higher: bool) -> DEE |
     if not family.covers(config) or not math.isfinite(v) or not curve:
         return None
     return dee_size(v, curve, higher)
-
-
-def dee_text(d: DEE) -> str:
-    """``>4`` / ``<1`` beyond the curve, else the size with up to two decimals (``2.5``, ``3``)."""
-    if d.bound:
-        return f"{d.bound}{d.size:g}"
-    return f"{d.size:.2f}".rstrip("0").rstrip(".")
 
 
 def dee_metric(family: SizeFamily | None) -> tuple[str, bool] | None:

@@ -8,16 +8,15 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, recipe_differences
-from ensemble_bench.formatting import md_cell, mean_std_text, options_text
+from ensemble_bench.formatting import dee_cell, md_cell, mean_std_text, non_default_options, options_text
 from ensemble_bench.leaderboard import mce_values
-from ensemble_bench.report.figures import Figure
+from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.model import (
     Section,
     SizeFamily,
     cost_axes,
     dee_for,
     dee_metric,
-    dee_text,
     hashable,
     pareto_front,
     scale_prefix,
@@ -43,18 +42,24 @@ _TIMED_HEADER = {"latency_ms": ("latency (ms, batch 1)", False, None),
                  "throughput": ("throughput (img/s)", True, 0),
                  "peak_mem_mb": ("peak memory (MB)", False, 1),
                  "train_s": ("train time (s)", False, 1)}
-# direction of the metrics plotted against cost: (column prefix, axis label, scale, higher is better)
+FIG_PX_PER_INCH = 180   # the HTML shows a figure at most this many CSS px per inch wide (PNGs: canvas.DPI)
 
 # --------------------------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Column:
+    """A table column: its header (``title``: the header's tooltip), cells, which cells are the best (bold)
+    and, per cell, a tooltip (``cell_titles``, "" for none: the HTML ``<td title>``). ``wrap``: a text
+    column whose cells may wrap in the HTML (numbers never do)."""
+
     header: str
     cells: list[str]
     best: list[bool]
     align: str = "right"
     title: str = ""
+    cell_titles: list[str] | None = None
+    wrap: bool = False
 
 
 
@@ -97,8 +102,13 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     """The report table of a section: one row per config, mean ± std, best in bold, units in the
     headers and one column per (timing, device)."""
     cf = sec.configs
-    cols = [Column("method", [c.label for c in cf], [False] * len(cf), "left"),
-            Column("options", [options_text(c.options) or "–" for c in cf], [False] * len(cf), "left"),
+    cols = [Column("method", [c.label for c in cf], [False] * len(cf), "left", wrap=True),
+            # the options that differ from the method's defaults, as the markdown leaderboard; every option
+            # in the cell's tooltip (and the CSV)
+            Column("options", [options_text(non_default_options(c.method, c.options), empty="–") for c in cf],
+                   [False] * len(cf), "left",
+                   title="options that differ from the method's defaults (hover a cell for every option)",
+                   cell_titles=[options_text(c.options) for c in cf], wrap=True),
             Column("combine", [str(c.fields.get("combine") or "probs") for c in cf], [False] * len(cf), "left"),
             Column("M", [f"{c.num_members:g}" if math.isfinite(c.num_members) else "?" for c in cf],
                    [False] * len(cf))]
@@ -107,7 +117,7 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
             cols.append(Column(k, [str(c.fields.get(k)) for c in cf], [False] * len(cf)))
     recipe_text = recipe_differences([c.fields.get("recipe") for c in cf])
     if any(recipe_text):
-        cols.append(Column("recipe", [t or "–" for t in recipe_text], [False] * len(cf), "left"))
+        cols.append(Column("recipe", [t or "–" for t in recipe_text], [False] * len(cf), "left", wrap=True))
     n_max = len(sec.seed_set)
     cols.append(Column("seeds", [str(len(c.rows)) + (f" of {n_max}" if len(c.seeds) < n_max else "") for c in cf],
                        [False] * len(cf), title="runs aggregated (of the section's seed set)"))
@@ -136,7 +146,7 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
                 vals.append(math.nan)
                 continue
             d = dee_for(family, c, col, higher)
-            cells.append(dee_text(d) if d else "–")
+            cells.append(dee_cell(d.size, d.bound) if d else "–")
             vals.append(math.nan if d is None else d.size if not d.bound
                         else math.inf if d.bound == ">" else -math.inf)
         finite = [v for v in vals if not math.isnan(v)]
@@ -214,9 +224,14 @@ def _html_table(cols: list[Column]) -> str:
         out.append(f'<th class="{c.align}"{t}>{e(c.header)}</th>')
     out.append("</tr></thead><tbody>")
     for i in range(len(cols[0].cells)):
-        out.append("<tr>" + "".join(
-            f'<td class="{c.align}">' + (f"<strong>{e(c.cells[i])}</strong>" if c.best[i] else e(c.cells[i])) + "</td>"
-            for c in cols) + "</tr>")
+        tds = []
+        for c in cols:
+            cls = c.align + (" wrap" if c.wrap else "")
+            tip = c.cell_titles[i] if c.cell_titles else ""
+            t = f' title="{e(tip)}"' if tip else ""
+            text = f"<strong>{e(c.cells[i])}</strong>" if c.best[i] else e(c.cells[i])
+            tds.append(f'<td class="{cls}"{t}>{text}</td>')
+        out.append("<tr>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -274,15 +289,20 @@ class Doc:
                 body.append('<div class="scroll">' + _html_table(b[1]) + "</div>")
             elif b[0] == "fig":
                 f = b[1]
-                body.append(f'<figure><img src="{e(f.png)}" alt="{e(f.title)}" loading="lazy">'
+                # the content width, up to FIG_PX_PER_INCH px per inch of the figure (a one-panel figure is
+                # not blown up to the page)
+                cap = f' style="max-width:{round(f.width_in * FIG_PX_PER_INCH)}px"' if f.width_in else ""
+                body.append(f'<figure><img src="{e(f.png)}" alt="{e(f.title)}" loading="lazy"{cap}>'
                             f"<figcaption><b>{e(f.title)}.</b> {e(f.caption)} "
                             f'<a href="{e(f.svg)}">SVG</a></figcaption></figure>')
         css = ("body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1400px;margin:2em auto;"
                "padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;font-size:13px}"
-               "th,td{border:1px solid #ccc;padding:3px 7px;white-space:nowrap}th{background:#f3f3f3}"
+               "th,td{border:1px solid #ccc;padding:3px 7px;white-space:nowrap;vertical-align:top}"
+               "th{background:#f3f3f3}td.wrap{white-space:normal;min-width:9em;max-width:22em;"
+               "overflow-wrap:break-word}td[title]{cursor:help}"
                ".right{text-align:right}.left{text-align:left}.scroll{overflow-x:auto}"
-               "figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;"
-               "color:#444;max-width:1000px}li{margin:2px 0}")
+               "figure{margin:1.5em 0}figure img{display:block;width:100%;height:auto;border:1px solid #eee}"
+               "figcaption{font-size:13px;color:#444;max-width:1000px}li{margin:2px 0}")
         return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<title>{e(title)}</title><style>{css}</style></head><body>\n" + "\n".join(body)
                 + "\n</body></html>\n")

@@ -36,8 +36,8 @@ from typing import Any
 
 from ensemble_bench.config import RunConfig
 from ensemble_bench.errors import UsageError
-from ensemble_bench.sweep.jobs import (SUBMITIT_DIR, MemberJob, RunJob, lock_owner, member_jobs, read_manifest,
-                                       run_lock, write_manifest)
+from ensemble_bench.runlock import lock_owner, run_lock
+from ensemble_bench.sweep.jobs import SUBMITIT_DIR, MemberJob, RunJob, member_jobs, read_manifest, write_manifest
 from ensemble_bench.sweep.local import LocalOutcome, format_duration, progress_line, run_local
 from ensemble_bench.sweep.slurm import (RunState, _to_submit, run_states, slurm_available, slurm_parameters,
                                         slurm_queue, submit_slurm)

@@ -1,11 +1,10 @@
 """What a sweep runs: :class:`RunJob` (one run) and :class:`MemberJob` (one member task of a
 ``members_parallel`` run), picklable ``submitit.helpers.Checkpointable`` jobs for Slurm and the local pool;
-the manifest that remembers which Slurm job runs which run (``<out>/.submitit/runs/<run_id>.json``); and
-who holds a run's lock (``lock_owner``)."""
+and the manifest that remembers which Slurm job runs which run (``<out>/.submitit/runs/<run_id>.json``).
+Who holds a run's lock is :mod:`ensemble_bench.runlock`."""
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import submitit
 from ensemble_bench.config import RunConfig
 from ensemble_bench.resolve import make_run_config
 from ensemble_bench.members import MemberTask, limit_threads, member_tasks
-from ensemble_bench.runner import run_lock  # run_lock: the one lock per run id (plain runs take it too)
+from ensemble_bench.runlock import run_lock  # the one lock per run id (plain runs take it too)
 
 SUBMITIT_DIR = ".submitit"
 
@@ -116,51 +115,3 @@ def write_manifest(out: Path, run_id: str, entry: dict) -> None:
     from ensemble_bench.records import write_json_atomic
 
     write_json_atomic(_manifest_path(out, run_id), entry)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # alive, another user's
-        return True
-    except OSError:
-        return True
-    return True
-
-
-def lock_owner(out: Path, run_id: str) -> tuple[bool | None, str | None]:
-    """(whether a live process holds the run's lock, "pid P on host H" of the holder or last holder).
-    None for the first when it cannot be told (the lock file cannot be opened, e.g. a read-only folder).
-
-    The lock (``ensemble_bench.runner.run_lock``) is released by the kernel however its process ends, so a
-    killed run's lock is free. Probing it means taking it for an instant, which a run starting at that
-    very instant would take for another process's, so the probe is avoided where the answer is certain
-    without it: no lock file (never locked: not held), a holder on this host whose pid is gone (killed:
-    not held). A holder on another host, or a live pid here (it holds the lock, or its pid was reused),
-    is probed."""
-    import socket
-
-    from ensemble_bench.runner import LOCK_DIR, lock_holder, lock_is_held
-
-    path = Path(out) / LOCK_DIR / f"{run_id}.lock"
-    if not path.is_file():
-        return False, None
-    holder = lock_holder(out, run_id)    # read first: a probe that takes the lock rewrites the file
-    if holder is not None:
-        pid, host = holder.split()[1], holder.split()[-1]
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-            return False, holder
-    try:
-        held = lock_is_held(out, run_id)
-    except OSError:
-        return None, holder
-    return held, holder
-
-
-def _on_this_host(holder: str | None) -> bool:
-    import socket
-
-    return bool(holder) and holder.split()[-1] == socket.gethostname()
-

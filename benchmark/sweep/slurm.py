@@ -15,8 +15,8 @@ import submitit
 
 from ensemble_bench.config import RunConfig
 from ensemble_bench.errors import UsageError
-from ensemble_bench.sweep.jobs import (SUBMITIT_DIR, RunJob, _now, _on_this_host, lock_owner, member_jobs,
-                                       read_manifest, write_manifest)
+from ensemble_bench.runlock import lock_owner, on_this_host
+from ensemble_bench.sweep.jobs import SUBMITIT_DIR, RunJob, _now, member_jobs, read_manifest, write_manifest
 from ensemble_bench.sweep.spec import SLURM_DEFAULTS, SLURM_KEYS, SweepSpec, expand
 
 # squeue states of a job that has not ended yet
@@ -122,7 +122,7 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
             if entry is not None and queue is not None:
                 # sent to Slurm, its job is gone, the record says running: killed or cancelled mid-run
                 states.append(RunState(cfg, rid, "pending", "interrupted", job_id=job_id))
-            elif held is False and (entry is None or _on_this_host(holder)):
+            elif held is False and (entry is None or on_this_host(holder)):
                 # nobody holds its lock: the process that wrote "running" was killed; resumable
                 states.append(RunState(cfg, rid, "pending", "interrupted", job_id=job_id))
             else:               # cannot tell (a Slurm run without squeue, a lock that cannot be probed)
