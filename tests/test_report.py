@@ -528,8 +528,17 @@ def test_html_options_cell_shows_non_default_options_with_every_option_in_its_ti
     assert "| bridge | mixup_alpha=0.2, num_bridges=2 |" in md
 
 
+def relative_luminance(color: str) -> float:
+    """WCAG 2 relative luminance of a ``#rrggbb`` colour (0 black .. 1 white)."""
+    def lin(x: float) -> float:
+        return x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(color[k:k + 2], 16) / 255 for k in (1, 3, 5))
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
+
+
 def test_report_rows_are_ordered_by_accuracy_and_colours_are_stable_and_strong(tmp_path):
-    from ensemble_bench.report.model import PALETTE, relative_luminance
+    from ensemble_bench.report.model import PALETTE
 
     kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
     accs = {"alpha": 0.80, "beta": 0.95, "gamma": 0.70, "delta": 0.90}

@@ -200,15 +200,6 @@ def config_order(c: Config) -> tuple:
             str(c.fields.get("config_key") or ""), c.label)
 
 
-def relative_luminance(color: str) -> float:
-    """WCAG relative luminance of a ``#rrggbb`` colour (0 black .. 1 white)."""
-    def lin(x: float) -> float:
-        return x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4
-
-    r, g, b = (int(color[k:k + 2], 16) / 255 for k in (1, 3, 5))
-    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
-
-
 # --------------------------------------------------------------------------------------------
 # the deep-ensemble reference family and DEE
 # --------------------------------------------------------------------------------------------
