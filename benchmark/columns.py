@@ -154,7 +154,10 @@ def _stage_recipes_text(training: Training) -> str:
         if isinstance(v, float):
             return f"{v:g}"
         if isinstance(v, list):
-            return "[" + ",".join(show(x) for x in v) + "]"
+            return "[" + ", ".join(show(x) for x in v) + "]"
+        if isinstance(v, dict):   # a parameter group: "fast_weights(lr_scale=0.5 weight_decay=0)"
+            rest = " ".join(f"{k}={show(x)}" for k, x in v.items() if k != "name")
+            return f"{v['name']}({rest})" if "name" in v else "{" + rest + "}"
         return str(v)
 
     by_text: dict[str, list[str]] = {}

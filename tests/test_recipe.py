@@ -195,3 +195,13 @@ def test_a_plain_stage_trained_by_another_run_is_reused_bitwise(tmp_path, capsys
     # a changed recipe makes every stage another one: nothing reused
     c = run_cli([*de, "--out", str(out), "--weight-decay", "1e-4"], capsys)
     assert json.loads((out / f"{c['run_id']}.json").read_text())["training"]["reused_stages"] == {}
+
+
+def test_stage_recipe_text_names_parameter_groups():
+    # a stage's optimiser groups (BatchEnsemble's fast weights) read as "name(setting=value ...)", not a dict repr
+    from ensemble_bench.columns import _stage_recipes_text
+    from ensemble_bench.record_types import Training
+
+    t = Training(stages={"s": {"recipe_changes": {"param_groups": [
+        {"name": "slow", "weight_decay": 0.0005}, {"name": "fast_weights", "lr_scale": 0.5, "weight_decay": 0.0}]}}})
+    assert _stage_recipes_text(t) == "s: param_groups=[slow(weight_decay=0.0005), fast_weights(lr_scale=0.5 weight_decay=0)]"
