@@ -218,7 +218,7 @@ def cmd_leaderboard(args) -> int:
 
     if args.output:
         check_output_path(Path(args.output).parent, "-o")
-    folders = ", ".join(args.runs_dirs)
+    folders = ", ".join(str(d) for d in records.as_folders(args.runs_dirs))
     try:
         pairs, problems = records.scan_records(args.runs_dirs, statuses=None, recursive=True)
     except records.RecordError as e:

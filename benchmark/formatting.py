@@ -116,10 +116,13 @@ def format_markdown(df) -> str:
     if df is None or len(df) == 0:
         return "_no results_\n"
     ood_sets = sorted(c[len("fpr95_"): -len("_mean")] for c in df.columns if c.startswith("fpr95_") and c.endswith("_mean"))
-    has_ts = "nll_ts_mean" in df.columns and df["nll_ts_mean"].map(lambda v: math.isfinite(num(v))).any()
+    def has_values(col: str) -> bool:   # a column some row has a number in (else it is not shown)
+        return col in df.columns and bool(df[col].map(lambda v: math.isfinite(num(v))).any())
+
+    has_ts = has_values("nll_ts_mean")
     dee_metrics = [c[len("dee_"):] for c in df.columns if c.startswith("dee_") and not c.endswith("_bound")
-                   and df[c].map(lambda v: math.isfinite(num(v))).any()]
-    any_shift = "shift_acc_mean" in df.columns and df["shift_acc_mean"].map(lambda v: math.isfinite(num(v))).any()
+                   and has_values(c)]
+    any_shift = has_values("shift_acc_mean")
     parts: list[str] = []
     for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
         lat_devs = sorted({device_name(d) for d in t["latency_device"]})
@@ -139,7 +142,8 @@ def format_markdown(df) -> str:
                 row["recipe"] = recipe_text[i] or "-"
             if show_combine:
                 row["combine"] = r["combine"] or "probs"
-            row["M"] = f"{num(r.get('num_members')):g}" if math.isfinite(num(r.get("num_members"))) else "?"
+            members = num(r.get("num_members"))
+            row["M"] = f"{members:g}" if math.isfinite(members) else "?"
             row["n"] = str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
             conv = r.get("converged")
             row["converged"] = "?" if conv is None or conv != conv else ("yes" if conv else "**no**")

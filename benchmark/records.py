@@ -247,6 +247,12 @@ def _record_files(runs_dir: Path, recursive: bool) -> list[Path]:
     return sorted(files)
 
 
+def as_folders(runs_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """One folder or several, as a list of paths (what :func:`scan_records` and the commands that name
+    their folders take)."""
+    return [Path(runs_dirs)] if isinstance(runs_dirs, (str, os.PathLike)) else [Path(d) for d in runs_dirs]
+
+
 def scan_records(
     runs_dirs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -264,7 +270,7 @@ def scan_records(
     :meth:`RunRecord.from_dict` (a complete one must have its config and metrics); ``typed``: the records
     as :class:`RunRecord` instead of dicts.
     """
-    dirs = [Path(runs_dirs)] if isinstance(runs_dirs, (str, os.PathLike)) else [Path(d) for d in runs_dirs]
+    dirs = as_folders(runs_dirs)
     for d in dirs:
         if not d.is_dir():
             raise RecordError(f"{d}: results directory does not exist")

@@ -97,8 +97,8 @@ def lock_owner(out: Path, run_id: str) -> tuple[bool | None, str | None]:
         return False, None
     holder = lock_holder(out, run_id)    # read first: a probe that takes the lock rewrites the file
     if holder is not None:
-        pid, host = holder.split()[1], holder.split()[-1]
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        pid = holder.split()[1]
+        if on_this_host(holder) and pid.isdigit() and not _pid_alive(int(pid)):
             return False, holder
     try:
         held = lock_is_held(out, run_id)

@@ -59,7 +59,7 @@ from ensemble_bench.columns import as_dict, flatten_record, num
 from ensemble_bench.errors import UsageError
 from ensemble_bench.formatting import options_text
 from ensemble_bench.leaderboard import leaderboard
-from ensemble_bench.records import RecordError, scan_records, write_text_atomic
+from ensemble_bench.records import RecordError, as_folders, scan_records, write_text_atomic
 from ensemble_bench.runlock import running_state
 from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.figures import (
@@ -176,7 +176,7 @@ def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Pa
     is a file, or there is nothing to report (no records, only unreadable files, or no complete run).
     """
     out_dir = Path(out_dir)
-    runs_dir = ", ".join(str(d) for d in ([runs_dirs] if isinstance(runs_dirs, (str, Path)) else runs_dirs))
+    runs_dir = ", ".join(str(d) for d in as_folders(runs_dirs))
     log = log or (lambda s: None)
     try:
         pairs, problems = scan_records(runs_dirs, statuses=None, recursive=True)
