@@ -10,6 +10,7 @@ import math
 from typing import Any, Iterable
 
 from ensemble_bench.columns import (
+    BUDGET_TOL,
     CONVERGENCE_MIN_EPOCHS,
     CONVERGENCE_NOISE,
     CONVERGENCE_TOL,
@@ -103,6 +104,17 @@ def dee_cell(size: Any, bound: Any) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
+def converged_text(verdict: Any, budget_epochs: Any, budget_gain: Any, strong: str = "**") -> str:
+    """A row's converged cell: yes / **no** / ? (no curves); a longer budget that did clearly better is named
+    with its gain in validation NLL ("**no** (60 ep: val NLL -9.8 %)"). ``strong``: the markdown emphasis."""
+    if verdict is None or verdict != verdict:
+        return "?"
+    gain = num(budget_gain)
+    longer = (f" ({num(budget_epochs):g} ep: val NLL {-100 * gain:+.1f} %)"
+              if math.isfinite(gain) and gain >= BUDGET_TOL else "")
+    return "yes" if verdict else f"{strong}no{strong}" + longer
+
+
 def format_markdown(df) -> str:
     """Compact human tables of a leaderboard, one per (dataset, backbone).
 
@@ -145,8 +157,7 @@ def format_markdown(df) -> str:
             members = num(r.get("num_members"))
             row["M"] = f"{members:g}" if math.isfinite(members) else "?"
             row["n"] = str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
-            conv = r.get("converged")
-            row["converged"] = "?" if conv is None or conv != conv else ("yes" if conv else "**no**")
+            row["converged"] = converged_text(r.get("converged"), r.get("budget_epochs"), r.get("budget_gain"))
 
             def g(col: str, scale: float = 1.0, digits: int = 2) -> str:
                 return mean_std_text(r.get(f"{col}_mean"), r.get(f"{col}_std"), scale, digits)
@@ -197,6 +208,8 @@ def format_markdown(df) -> str:
             f"**no** when the least-squares line through its last {CONVERGENCE_WINDOW:.0%} of epochs (at least "
             f"{CONVERGENCE_MIN_EPOCHS}) falls by more than {CONVERGENCE_TOL:.0%} and its slope is more than "
             f"{CONVERGENCE_NOISE:g} standard errors below zero; "
+            f"also **no** when the table holds the same configuration trained longer whose end-of-training "
+            f"validation NLL is {BUDGET_TOL:.0%} or more lower (the cell names that budget and the gain); "
             "**no** = still improving when it stopped, so the row is not a verdict on the method; "
             f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "

@@ -23,6 +23,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from ensemble_bench.columns import (
+    BUDGET_TOL,
+    CONFIG_KEYS,
     COST_COLUMNS,
     GROUP_KEYS,
     MCE_KEYS,
@@ -178,6 +180,53 @@ def _flags(g: Group) -> dict:
     }
 
 
+class Budget(NamedTuple):
+    """A longer budget of the same configuration: its epochs and how much lower (relative) its mean end-of-training
+    validation NLL was than this row's; ``short``: at least columns.BUDGET_TOL, so this budget was too short."""
+
+    epochs: int
+    gain: float
+
+    @property
+    def short(self) -> bool:
+        return self.gain >= BUDGET_TOL
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two key values are equal, a missing number (NaN) equal to a missing number (as group_rows groups them)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def longer_budgets(groups: Sequence[Group]) -> list[Budget | None]:
+    """Per group, the longest budget among the groups that are the same configuration (CONFIG_KEYS, devices
+    aside) trained for more epochs, with a mean end-of-training validation NLL in both (None: no such group)."""
+    keys = [k for k in CONFIG_KEYS if k != "epochs"]
+    out: list[Budget | None] = []
+    for g in groups:
+        mine, ep = g.stat("val_nll_end").mean, num(g.fields.get("epochs"))
+        best = None
+        for h in groups:
+            other = num(h.fields.get("epochs"))
+            theirs = h.stat("val_nll_end").mean
+            if (other > ep and math.isfinite(mine) and mine > 0 and math.isfinite(theirs)
+                    and all(_same(h.fields.get(k), g.fields.get(k)) for k in keys)
+                    and (best is None or other > best.epochs)):
+                best = Budget(int(other), (mine - theirs) / mine)
+        out.append(best)
+    return out
+
+
+def converged_verdicts(groups: Sequence[Group]) -> list[tuple[bool | None, Budget | None]]:
+    """Per group, the row's convergence verdict and the longer budget it was judged against: converged when
+    every seed's curves converged (columns.record_converged) and no longer budget of the same configuration
+    ended clearly better (:func:`longer_budgets`); None when the curves cannot say."""
+    out = []
+    for g, budget in zip(groups, longer_budgets(groups)):
+        verdict = _flags(g)["converged"]
+        out.append((None if verdict is None else verdict and not (budget is not None and budget.short), budget))
+    return out
+
+
 def leaderboard(records: list[dict]):
     """Aggregate records into one row per configuration and device; mean and std over seeds.
 
@@ -186,7 +235,8 @@ def leaderboard(records: list[dict]):
     different devices are never averaged). For every numeric column ``x``: ``x_mean`` and
     ``x_std`` (:func:`mean_std`: sample std, ddof=1; NaN with one seed; a value missing in any seed
     of a group makes that group's mean/std NaN). Also ``n_seeds`` (runs in the group), ``seeds``
-    (sorted list as a string) and ``run_ids``; ``mce`` with shift evaluations; ``dee_<metric>`` and
+    (sorted list as a string) and ``run_ids``; ``converged`` (:func:`converged_verdicts`) with
+    ``budget_epochs`` / ``budget_gain`` (:func:`longer_budgets`); ``mce`` with shift evaluations; ``dee_<metric>`` and
     ``dee_<metric>_bound`` when a deep-ensemble curve exists (:data:`DEE_LEADERBOARD_METRICS`).
     Records whose status is not "complete" are left out with a warning. Sorted by dataset,
     backbone, then ``acc_mean`` descending.
@@ -205,7 +255,7 @@ def leaderboard(records: list[dict]):
     value_cols = aggregated_columns(flat)
     has_shift = any("_shift_errors" in r for r in flat)
     rows = []
-    for g in groups:
+    for g, (verdict, budget) in zip(groups, converged_verdicts(groups)):
         row = dict(g.fields)
         seeds = sorted(int(s) for s in (r.get("seed") for r in g.rows) if num(s) == num(s))
         if len(set(seeds)) != len(seeds):
@@ -213,6 +263,9 @@ def leaderboard(records: list[dict]):
         row["n_seeds"] = len(g.rows)
         row["seeds"] = str(seeds)
         row.update(_flags(g))
+        row["converged"] = verdict
+        row["budget_epochs"] = budget.epochs if budget is not None else math.nan
+        row["budget_gain"] = budget.gain if budget is not None else math.nan
         for c in value_cols:
             row[f"{c}_mean"], row[f"{c}_std"], _ = g.stat(c)
         row["run_ids"] = ",".join(sorted(str(r.get("run_id")) for r in g.rows))

@@ -119,6 +119,36 @@ def test_convergence_rule():
     assert "**no**" in md and f"{columns.CONVERGENCE_TOL:.0%}" in md
 
 
+def test_a_longer_budget_that_ends_clearly_better_marks_the_shorter_row_not_converged():
+    def rec(epochs, end, seed=0, method="single"):
+        flat = epochs // 5 + 4                                            # flat at its end: converged by the curve
+        r = _rec({"member0": [2.0] * (epochs - flat) + [end] * flat}, seed)
+        r["run_id"] = f"{method}-{epochs}-{seed}"
+        r["config"] = {**r["config"], "epochs": epochs, "method": method}
+        r["method"] = {**r["method"], "name": method}
+        return r
+    assert columns.record_end_val_nll(rec(30, 0.74)) == pytest.approx(0.74)
+    # 60 epochs ends 10 % lower than 30: the 30-epoch row was too short; 120 only 1 % below 60: 60 stands
+    recs = [rec(30, 0.74), rec(30, 0.76, 1), rec(60, 0.675), rec(120, 0.668),
+            rec(30, 0.74, method="other"), rec(60, 0.735, method="other")]   # another method: 0.7 % gain
+    df = leaderboard.leaderboard(recs).set_index(["method", "epochs"])
+    assert df.loc[("single", 30), "budget_epochs"] == 120
+    assert df.loc[("single", 30), "budget_gain"] == pytest.approx((0.75 - 0.668) / 0.75)
+    assert df.loc[("single", 30), "converged"] == False   # noqa: E712
+    assert df.loc[("single", 60), "budget_gain"] == pytest.approx((0.675 - 0.668) / 0.675)
+    assert df.loc[("single", 60), "converged"] == True    # noqa: E712
+    assert math.isnan(df.loc[("single", 120), "budget_gain"]) and df.loc[("single", 120), "converged"] == True  # noqa: E712
+    assert df.loc[("other", 30), "converged"] == True     # noqa: E712  (never compared with another method)
+    md = formatting.format_markdown(df.reset_index())
+    assert "**no** (120 ep: val NLL -10.9 %)" in md and f"{columns.BUDGET_TOL:.0%} or more lower" in md
+    # a row whose own curve was still falling stays not converged, with or without a longer budget
+    falling = rec(60, 0.675)
+    for i, e in enumerate(falling["training"]["stages"]["member0"]["curve"]):
+        e["val_nll"] = 2.0 - 0.02 * i
+    df = leaderboard.leaderboard([rec(30, 0.74), falling]).set_index("epochs")
+    assert df.loc[60, "converged"] == False   # noqa: E712
+
+
 def test_busy_latency_is_marked():
     rec = _rec({"a": [1.0, 1.0]})
     rec["cost"] = {"latency_ms": 151.0, "latency_ms_p10": 15.0, "latency_ms_p90": 160.0}

@@ -7,9 +7,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, recipe_differences
-from ensemble_bench.formatting import dee_cell, md_cell, mean_std_text, non_default_options, options_text
-from ensemble_bench.leaderboard import mce_values
+from ensemble_bench.columns import BUDGET_TOL, NUMERIC_RECIPE_KEYS, recipe_differences
+from ensemble_bench.formatting import (
+    converged_text,
+    dee_cell,
+    md_cell,
+    mean_std_text,
+    non_default_options,
+    options_text,
+)
+from ensemble_bench.leaderboard import converged_verdicts, mce_values
 from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.model import (
     Section,
@@ -121,6 +128,11 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     n_max = len(sec.seed_set)
     cols.append(Column("seeds", [str(len(c.rows)) + (f" of {n_max}" if len(c.seeds) < n_max else "") for c in cf],
                        [False] * len(cf), title="runs aggregated (of the section's seed set)"))
+    verdicts = converged_verdicts(cf)
+    cols.append(Column("converged", [converged_text(v, b.epochs if b else None, b.gain if b else None, strong="")
+                                     for v, b in verdicts], [False] * len(cf), "left",
+                       title="every seed's validation NLL flat at its end, and no longer budget of the same config "
+                             f"ending {BUDGET_TOL:.0%} or more lower (the leaderboard's rule; README)", wrap=True))
     for col, header, scale, higher, digits in _QUALITY:
         if sec.has(col):
             cols.append(_numeric_column(header, [c.stat(col) for c in cf], scale, digits, higher))
