@@ -198,8 +198,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def longer_budgets(groups: Sequence[Group]) -> list[Budget | None]:
-    """Per group, the longest budget among the groups that are the same configuration (CONFIG_KEYS, devices
-    aside) trained for more epochs, with a mean end-of-training validation NLL in both (None: no such group)."""
+    """Per group, among the groups that are the same configuration (CONFIG_KEYS, devices aside) trained for
+    more epochs, the one whose mean end-of-training validation NLL is lowest relative to this group's (the
+    strongest evidence that this budget was short; a still longer run may overfit); None: no such group."""
     keys = [k for k in CONFIG_KEYS if k != "epochs"]
     out: list[Budget | None] = []
     for g in groups:
@@ -210,7 +211,7 @@ def longer_budgets(groups: Sequence[Group]) -> list[Budget | None]:
             theirs = h.stat("val_nll_end").mean
             if (other > ep and math.isfinite(mine) and mine > 0 and math.isfinite(theirs)
                     and all(_same(h.fields.get(k), g.fields.get(k)) for k in keys)
-                    and (best is None or other > best.epochs)):
+                    and (best is None or (mine - theirs) / mine > best.gain)):
                 best = Budget(int(other), (mine - theirs) / mine)
         out.append(best)
     return out

@@ -137,6 +137,9 @@ def test_a_longer_budget_that_ends_clearly_better_marks_the_shorter_row_not_conv
     assert df.loc[("single", 30), "converged"] == False   # noqa: E712
     assert df.loc[("single", 60), "budget_gain"] == pytest.approx((0.675 - 0.668) / 0.675)
     assert df.loc[("single", 60), "converged"] == True    # noqa: E712
+    # the strongest longer budget is the evidence, not the longest: a 240-epoch run that overfits changes nothing
+    over = leaderboard.leaderboard(recs + [rec(240, 0.70)]).set_index(["method", "epochs"])
+    assert over.loc[("single", 30), "budget_epochs"] == 120 and over.loc[("single", 60), "budget_epochs"] == 120
     assert math.isnan(df.loc[("single", 120), "budget_gain"]) and df.loc[("single", 120), "converged"] == True  # noqa: E712
     assert df.loc[("other", 30), "converged"] == True     # noqa: E712  (never compared with another method)
     md = formatting.format_markdown(df.reset_index())
