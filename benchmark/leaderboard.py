@@ -122,6 +122,11 @@ def _key_value(k: str, v: Any) -> Any:
     return v
 
 
+def _key_tuple(fields: Mapping, keys: Sequence[str]) -> tuple:
+    """The values of ``keys`` as a comparable tuple: a missing number (NaN) is None, so it equals another."""
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in (fields.get(k) for k in keys))
+
+
 def group_rows(rows: Sequence[dict], keys: Sequence[str], records: Sequence[dict] | None = None) -> list[Group]:
     """Flat rows grouped by ``keys``, groups in the order of their first row. Text keys are compared as text
     (missing = ""), the numeric recipe keys as numbers, a missing number equals a missing number. The rows'
@@ -130,7 +135,7 @@ def group_rows(rows: Sequence[dict], keys: Sequence[str], records: Sequence[dict
     for i, row in enumerate(rows):
         for k in keys:
             row[k] = _key_value(k, row.get(k))
-        key = tuple(None if isinstance(row[k], float) and math.isnan(row[k]) else row[k] for k in keys)
+        key = _key_tuple(row, keys)
         g = groups.get(key)
         if g is None:
             g = groups[key] = Group({k: row[k] for k in keys})
@@ -192,25 +197,18 @@ class Budget(NamedTuple):
         return self.gain >= BUDGET_TOL
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Two key values are equal, a missing number (NaN) equal to a missing number (as group_rows groups them)."""
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
 def longer_budgets(groups: Sequence[Group]) -> list[Budget | None]:
     """Per group, among the groups that are the same configuration (CONFIG_KEYS, devices aside) trained for
     more epochs, the one whose mean end-of-training validation NLL is lowest relative to this group's (the
     strongest evidence that this budget was short; a still longer run may overfit); None: no such group."""
     keys = [k for k in CONFIG_KEYS if k != "epochs"]
+    # (configuration without the epochs, epochs, mean end-of-training validation NLL) of every group, once
+    facts = [(_key_tuple(g.fields, keys), num(g.fields.get("epochs")), g.stat("val_nll_end").mean) for g in groups]
     out: list[Budget | None] = []
-    for g in groups:
-        mine, ep = g.stat("val_nll_end").mean, num(g.fields.get("epochs"))
+    for config, ep, mine in facts:
         best = None
-        for h in groups:
-            other = num(h.fields.get("epochs"))
-            theirs = h.stat("val_nll_end").mean
-            if (other > ep and math.isfinite(mine) and mine > 0 and math.isfinite(theirs)
-                    and all(_same(h.fields.get(k), g.fields.get(k)) for k in keys)
+        for other_config, other, theirs in facts:
+            if (other > ep and math.isfinite(mine) and mine > 0 and math.isfinite(theirs) and other_config == config
                     and (best is None or (mine - theirs) / mine > best.gain)):
                 best = Budget(int(other), (mine - theirs) / mine)
         out.append(best)
