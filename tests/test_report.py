@@ -614,3 +614,27 @@ def test_reliability_figure_has_a_sample_count_panel_and_fades_sparse_bins(tmp_p
         assert mcolors.to_hex("lightgrey") in faces and len(set(faces)) == 2
     assert "sample count per bin" in f.caption and "faded" in f.caption and "1%" in f.caption
     assert f.width_in > 0
+
+
+def test_shared_legend_fits_inside_its_figure_however_long_the_labels():
+    """A legend wider than its figure is cut at both edges (the reference report lost the first column's
+    markers and the last column's text): the columns are chosen, and overlong labels wrapped, to fit."""
+    from types import SimpleNamespace
+
+    from ensemble_bench.report.canvas import legend, legend_columns, new_figure
+
+    assert legend_columns(["single"] * 5, 8.0) == 3
+    assert legend_columns(["deep_ensemble (num_members=4, epochs=30)"] * 5, 8.0) == 2
+    assert legend_columns(["x" * 200], 8.0) == 1
+    for labels, lines in ([f"deep_ensemble (num_members={k}, epochs={e})" for k in (2, 3, 4) for e in (30, 60)]
+                          + ["dst_ensemble (update_frequency=80, epochs=60)"], False), (["packed (alpha=2, gamma=2, num_estimators=4, "
+                                                                  "epochs=60, recipe=paper, " * 6, "single"], True):
+        fig, axes = new_figure(4, ncols=2)
+        for ax in axes:
+            ax.plot([0, 1], [0, 1])
+        configs = [SimpleNamespace(label=s, color="#1f4e9c", marker="o") for s in labels]
+        legend(fig, configs, lines=lines)
+        fig.canvas.draw()
+        box, page = fig.legends[0].get_window_extent(), fig.bbox
+        assert box.x0 >= page.x0 - 0.5 and box.x1 <= page.x1 + 0.5, (box, page)
+        assert box.y0 >= page.y0 - 0.5

@@ -76,15 +76,33 @@ def finish(fig, sec: Section, out_dir: Path, stem: str, what: str, title: str, c
     return Figure(stem, title, caption, width)
 
 
-def legend(fig, configs: Sequence[Config], extra: Sequence = ()) -> None:
+def legend_columns(labels: Sequence[str], width_in: float, fontsize: float = 8, most: int = 3) -> int:
+    """How many legend columns fit ``width_in`` inches: a legend wider than its figure is cut at both edges
+    (the markers of the first column and the text of the last). An entry is its longest label (about 0.6 em
+    a character) plus the handle and the gaps (about 0.6 inch); a column is as wide as its widest entry."""
+    if not labels:
+        return 1
+    entry = max(len(s) for s in labels) * 0.6 * fontsize / 72 + 0.6
+    return max(1, min(most, len(labels), int(width_in // entry)))
+
+
+def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = False) -> None:
+    """The figure's shared legend below its panels, as many columns as fit its width. ``lines``: the
+    handles are line segments in the config's colour (for figures of curves) rather than its marker."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label)
+    fontsize = 8
+    handles = [Line2D([], [], color=c.color, lw=1.6, label=c.label) if lines else
+               Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label)
                for c in configs]
     handles += list(extra)
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
-                   frameon=False)
+        width = float(fig.get_size_inches()[0])
+        for h in handles:      # a label longer than the whole figure is wrapped to fit one column
+            h.set_label(wrap_text(h.get_label(), width - 0.8, fontsize))
+        longest = [max(h.get_label().split("\n"), key=len) for h in handles]
+        fig.legend(handles=handles, loc="outside lower center", ncols=legend_columns(longest, width, fontsize),
+                   fontsize=fontsize, frameon=False)
 
 
 def log_x(ax) -> None:

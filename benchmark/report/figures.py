@@ -442,7 +442,7 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         lo = min(float(np.nanmin(m[2])) for _, m in lines)
         hi = np.nanpercentile(np.concatenate([m[2] for _, m in lines]), 95)
         ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
-    legend(fig, [c for c, _ in lines])
+    legend(fig, [c for c, _ in lines], lines=True)
     return [finish(fig, sec, out_dir, f"{base}/learning_curves", "learning curves (mean over seeds)",
                    "Learning curves",
                    "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "
