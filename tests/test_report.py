@@ -638,3 +638,35 @@ def test_shared_legend_fits_inside_its_figure_however_long_the_labels():
         box, page = fig.legends[0].get_window_extent(), fig.bbox
         assert box.x0 >= page.x0 - 0.5 and box.x1 <= page.x1 + 0.5, (box, page)
         assert box.y0 >= page.y0 - 0.5
+
+
+def test_fronts_rank_only_converged_configs_and_busy_latency_is_marked(tmp_path):
+    """An underfit row is shown, never recommended: "which config at my budget" and the Pareto fronts leave
+    out a config the leaderboard marks as not converged, even when it would be on the front; a latency whose
+    spread shows a busy machine gets the leaderboard's dagger in the report too, and is never bold."""
+    from ensemble_bench.report.render import budget_lines
+
+    flat = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.01, 1.005, 1.003, 1.002]
+    falling = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
+    kw = dict(params=1_000, flops=1e6, device=DEV_A)
+    recs = [make_record("good", "alpha", {}, 0, 1, acc=0.80, nll=0.5, latency=2.0, **kw),
+            # cheaper and better, but still falling when it stopped: would be the whole front
+            make_record("fast", "beta", {}, 0, 1, acc=0.90, nll=0.3, latency=1.0, **kw)]
+    for r, curve in zip(recs, (flat, falling)):
+        r["training"]["stages"] = {"member0": {"curve": [{"epoch": i + 1, "val_nll": v} for i, v in enumerate(curve)]}}
+    recs[0]["cost"].update(latency_ms_p10=0.5, latency_ms_p90=4.0)          # spread 175 %: a busy machine
+    (sec,) = report.group_sections(recs)
+    assert {c.label: c.converged for c in sec.configs} == {"alpha": True, "beta": False}
+    lines = budget_lines(sec)
+    assert lines and all("beta" not in ln for ln in lines[:-1]) and all("alpha" in ln for ln in lines[:-1])
+    assert lines[-1].startswith("left out, not converged") and "beta" in lines[-1]
+    out = tmp_path / "rep"
+    report.build_report(write_records(tmp_path / "runs", recs), out)
+    head, rows, _ = _table((out / "report.html").read_text(encoding="utf-8"))
+    lat = next(i for i, h in enumerate(head) if h.startswith("latency"))
+    by = {r[0]: r for r in rows}
+    assert by["alpha"][lat].endswith("†") and not by["beta"][lat].endswith("†")
+    assert by["beta"][head.index("converged")] == "no"
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "† a busy machine" in md and "**2.00 †**" not in md
+    assert "Hollow markers" in md

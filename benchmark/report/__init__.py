@@ -225,7 +225,11 @@ def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Pa
         sec_doc = Doc()
         sec_doc.h(2, sec.title)
         sec_doc.h(3, "Leaderboard")
-        sec_doc.table(leaderboard_columns(sec, family))
+        cols = leaderboard_columns(sec, family)
+        sec_doc.table(cols)
+        for col in cols:   # a marked cell's meaning is in the text too, not only in the HTML tooltip
+            if any(t.endswith(" †") for t in col.cells):
+                sec_doc.p(col.title)
         dm = dee_metric(family)
         if family is not None and dm is not None:
             sec_doc.p(f"DEE: deep-ensemble-equivalent size by {dm[0]} on the reference size curve "
@@ -241,7 +245,8 @@ def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Pa
         if budget:
             sec_doc.h(3, "Which config at my budget")
             sec_doc.p("The Pareto-optimal configs per cost, cheapest first (each next one costs more and is "
-                      "better): pick the last one within your budget.")
+                      "better): pick the last one within your budget. Only converged configs are ranked: a row "
+                      "the leaderboard marks as not converged is left out (listed last).")
             sec_doc.ul(budget)
         figs = []
         if figures:

@@ -88,12 +88,14 @@ def legend_columns(labels: Sequence[str], width_in: float, fontsize: float = 8, 
 
 def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = False) -> None:
     """The figure's shared legend below its panels, as many columns as fit its width. ``lines``: the
-    handles are line segments in the config's colour (for figures of curves) rather than its marker."""
+    handles are line segments in the config's colour (for figures of curves) rather than its marker; a
+    marker is hollow for a config that is not converged (as the Pareto figures draw it)."""
     from matplotlib.lines import Line2D
 
     fontsize = 8
     handles = [Line2D([], [], color=c.color, lw=1.6, label=c.label) if lines else
-               Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label)
+               Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label,
+                      markerfacecolor=c.color if getattr(c, "comparable", True) else "none")
                for c in configs]
     handles += list(extra)
     if handles:

@@ -83,7 +83,8 @@ def _draw_front(ax, sec: Section, xs_col: str, device: str | None, y_col: str, y
         pts.append((xm, ym) if xm > 0 else (math.nan, ym))   # a log axis has no place for cost <= 0
         if math.isfinite(pts[-1][0]) and math.isfinite(ym):
             drawn.add(id(c))
-    front = pareto_front(pts, higher)
+    # the front is drawn through converged configs only: an underfit row is shown (hollow), never ranked
+    front = pareto_front([p if c.comparable else (math.nan, math.nan) for c, p in zip(sec.configs, pts)], higher)
     on_front = {id(sec.configs[i]) for i in front}
     for c, (xm, ym) in zip(sec.configs, pts):
         if id(c) not in drawn:
@@ -95,8 +96,9 @@ def _draw_front(ax, sec: Section, xs_col: str, device: str | None, y_col: str, y
                     yerr=ys * y_scale if math.isfinite(ys) else None,
                     color=c.color, marker=c.marker, markersize=7, linestyle="", capsize=2,
                     alpha=1.0 if id(c) in on_front else 0.6,
+                    markerfacecolor=c.color if c.comparable else "none",
                     markeredgecolor="black" if id(c) in on_front else c.color,
-                    markeredgewidth=1.5 if id(c) in on_front else 0.5, zorder=3)
+                    markeredgewidth=1.5 if id(c) in on_front else 0.5 if c.comparable else 1.2, zorder=3)
     if len(front) >= 1:
         fx = [pts[i][0] * x_scale for i in front]
         fy = [pts[i][1] * y_scale for i in front]
@@ -131,7 +133,9 @@ def fig_pareto(sec: Section, out_dir: Path, base: str) -> list[Figure]:
                            f"Pareto fronts against {what}",
                            f"One point per config (mean over seeds; bars: ±1 std over seeds), {n} config(s) "
                            f"with a value. The dashed step line is the Pareto front (no other config is at "
-                           f"most as costly and at least as good); its points are ringed. Log-scaled cost axis."))
+                           f"most as costly and at least as good); its points are ringed. Hollow markers: configs the "
+                           f"leaderboard marks as not converged, shown but never on the front. Log-scaled cost "
+                           f"axis."))
     return figs
 
 

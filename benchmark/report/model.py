@@ -18,6 +18,7 @@ from ensemble_bench.leaderboard import (
     DEE,
     DEE_KEYS,
     Group,
+    converged_verdicts,
     dee_curves,
     dee_key,
     dee_size,
@@ -74,6 +75,14 @@ class Config(Group):
     label: str = ""
     color: Any = None
     marker: str = "o"
+    converged: bool | None = None     # the leaderboard's verdict (leaderboard.converged_verdicts)
+    budget: Any = None                # the longer budget it was judged against (leaderboard.Budget), or None
+
+    @property
+    def comparable(self) -> bool:
+        """May stand on a Pareto front or in "which config at my budget": not marked as not converged (an
+        underfit row is shown, never ranked; None, curves that cannot say, is not a verdict against it)."""
+        return self.converged is not False
 
     @property
     def method(self) -> str:
@@ -144,6 +153,8 @@ def group_sections(complete: list[dict]) -> list[Section]:
         used_slugs.add(slug)
         sec = Section(dataset, backbone, configs, slug)
         sec.seed_set = sorted({s for c in configs for s in c.seeds}, key=str)
+        for c, (verdict, budget) in zip(configs, converged_verdicts(configs)):
+            c.converged, c.budget = verdict, budget
         _label_configs(sec)
         sections.append(sec)
     return sections

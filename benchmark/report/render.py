@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from ensemble_bench.columns import BUDGET_TOL, NUMERIC_RECIPE_KEYS, recipe_differences
+from ensemble_bench.columns import BUDGET_TOL, LATENCY_BUSY_SPREAD, NUMERIC_RECIPE_KEYS, recipe_differences
 from ensemble_bench.formatting import (
     converged_text,
     dee_cell,
@@ -16,7 +16,7 @@ from ensemble_bench.formatting import (
     non_default_options,
     options_text,
 )
-from ensemble_bench.leaderboard import converged_verdicts, mce_values
+from ensemble_bench.leaderboard import mce_values, timing_device
 from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.model import (
     Section,
@@ -128,9 +128,9 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     n_max = len(sec.seed_set)
     cols.append(Column("seeds", [str(len(c.rows)) + (f" of {n_max}" if len(c.seeds) < n_max else "") for c in cf],
                        [False] * len(cf), title="runs aggregated (of the section's seed set)"))
-    verdicts = converged_verdicts(cf)
-    cols.append(Column("converged", [converged_text(v, b.epochs if b else None, b.gain if b else None, strong="")
-                                     for v, b in verdicts], [False] * len(cf), "left",
+    cols.append(Column("converged", [converged_text(c.converged, c.budget.epochs if c.budget else None,
+                                                    c.budget.gain if c.budget else None, strong="")
+                                     for c in cf], [False] * len(cf), "left",
                        title="every seed's validation NLL flat at its end, and no longer budget of the same config "
                              f"ending {BUDGET_TOL:.0%} or more lower (the leaderboard's rule; README)", wrap=True))
     for col, header, scale, higher, digits in _QUALITY:
@@ -178,6 +178,14 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
             continue
         cols.append(_numeric_column(f"{label} · {dev}", [c.stat(col, dev) for c in cf], 1.0, digits,
                                     higher, n_all))
+        if col == "latency_ms":   # a spread that shows a busy machine: marked, never the best (as the leaderboard)
+            busy = [any(r.get("latency_busy") is True for r in c.rows if timing_device(r, col) == dev) for c in cf]
+            if any(busy):
+                last = cols[-1]
+                last.cells = [t + " †" if b else t for t, b in zip(last.cells, busy)]
+                last.best = [bo and not b for bo, b in zip(last.best, busy)]
+                last.title = (f"† a busy machine: the latency's spread (p90 - p10) / median is above "
+                              f"{LATENCY_BUSY_SPREAD:.0%} in a seed; the median is not a clean measurement")
     for col, dev in sec.timed_columns():
         if col == "train_s":
             label, higher, digits = _TIMED_HEADER[col]
@@ -192,11 +200,12 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
 def budget_lines(sec: Section) -> list[str]:
     """Plain-text answer to 'which config at my budget': the accuracy and NLL fronts per cost axis."""
     lines = []
+    ranked = [c for c in sec.configs if c.comparable]     # an underfit row is shown, never recommended
     for col, dev, _stem, xlabel in cost_axes(sec):
         scale, unit = ((1.0, "ms") if col == "latency_ms"
                        else scale_prefix((c.stat(col)[0] for c in sec.configs), "FLOPs" if col == "flops" else ""))
         for ycol, yname, ysc, hi in (("acc", "accuracy", 100.0, True), ("nll", "NLL", 1.0, False)):
-            pts = [(c.stat(col, dev)[0], c.stat(ycol)[0]) for c in sec.configs]
+            pts = [(c.stat(col, dev)[0], c.stat(ycol)[0]) for c in ranked]
             front = pareto_front(pts, hi)
             if not front:
                 continue
@@ -204,15 +213,18 @@ def budget_lines(sec: Section) -> list[str]:
             for i in front:
                 x, y = pts[i]
                 if steps and (steps[-1][1], steps[-1][2]) == (x, y):   # identical cost and value: one step
-                    steps[-1][0].append(sec.configs[i].label)
+                    steps[-1][0].append(ranked[i].label)
                 else:
-                    steps.append(([sec.configs[i].label], x, y))
+                    steps.append(([ranked[i].label], x, y))
             texts = []
             for names, x, y in steps:
                 yt = f"{y * ysc:.2f}%" if ycol == "acc" else f"{y:.3f}"
                 xt = f"{x * scale:.{_digits_for([x], scale)}f} {unit}".rstrip()
                 texts.append(f"{' = '.join(names)} ({xt}, {yt})")
             lines.append(f"{yname} by {xlabel}: " + " → ".join(texts))
+    left_out = [c.label for c in sec.configs if not c.comparable]
+    if lines and left_out:
+        lines.append("left out, not converged (the leaderboard's converged column): " + ", ".join(left_out))
     return lines
 
 
