@@ -16,3 +16,4 @@ done
 "$POST" leaderboard results/reference/runs -o results/reference/leaderboard.csv
 "$POST" report results/reference/runs -o results/reference/report
 python results/reference/budget_check.py
+python results/reference/latency.py "$POST"     # batch-1 latency with nothing else running (README: Latency)
