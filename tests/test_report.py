@@ -670,3 +670,31 @@ def test_fronts_rank_only_converged_configs_and_busy_latency_is_marked(tmp_path)
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "† a busy machine" in md and "**2.00 †**" not in md
     assert "Hollow markers" in md
+
+
+def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
+    """Several budgets of one method: a panel per method, every stage from its own epoch 1, the legend
+    naming each config's verdict; with one config per method the figure is not drawn (the section-wide
+    figure suffices)."""
+    from ensemble_bench.report.figures import _stage_curves, fig_learning_curves_by_method
+
+    kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
+    recs = []
+    for run_id, method, epochs, seed, end in (("a30", "alpha", 30, 0, 0.74), ("a60", "alpha", 60, 0, 0.66),
+                                               ("a60s1", "alpha", 60, 1, 0.68), ("b30", "beta", 30, 0, 0.9)):
+        r = make_record(run_id, method, {}, seed, 2, acc=0.8, nll=end, epochs=epochs, **kw)
+        flat = epochs // 5 + 4
+        r["training"]["stages"] = {f"member{k}": {"curve": [{"epoch": i + 1, "val_nll": v} for i, v in
+                                                            enumerate([2.0] * (epochs - flat) + [end + k / 100] * flat)]}
+                                   for k in range(2)}
+        recs.append(r)
+    (sec,) = report.group_sections(recs)
+    a60 = next(c for c in sec.configs if c.method == "alpha" and c.fields.get("epochs") == 60)
+    st = _stage_curves(a60.records)
+    assert list(st) == ["member0", "member1"] and st["member1"][-1] == pytest.approx((0.67 + 0.69) / 2)
+    figs = fig_learning_curves_by_method(sec, tmp_path, "f")
+    assert [f.stem for f in figs] == ["f/learning_curves_by_method"] and (tmp_path / "f/learning_curves_by_method.svg").is_file()
+    svg = (tmp_path / "f/learning_curves_by_method.svg").read_text(encoding="utf-8")
+    assert "epochs=30: NOT converged (2 stages)" in svg and "epochs=60: converged (2 stages)" in svg
+    (one,) = report.group_sections([recs[1], recs[3]])
+    assert fig_learning_curves_by_method(one, tmp_path, "g") == []

@@ -64,6 +64,7 @@ from ensemble_bench.runlock import running_state
 from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.figures import (
     fig_learning_curves,
+    fig_learning_curves_by_method,
     fig_ood,
     fig_pareto,
     fig_reliability,
@@ -258,6 +259,7 @@ def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Pa
             figs += fig_size_curve(sec, family, out_dir, base)
             figs += fig_train_cost(sec, out_dir, base)
             figs += fig_learning_curves(sec, out_dir, base)
+            figs += fig_learning_curves_by_method(sec, out_dir, base)
             figs += fig_shift(sec, out_dir, base, sec_notes)
             figs += fig_risk_coverage(sec, preds, out_dir, base, sec_notes)
         if figures and not figs:

@@ -421,6 +421,65 @@ def _mean_curve(curves: list[tuple]) -> tuple | None:
     return tuple(np.mean([c[i][:n] for c in curves], axis=0) for i in range(4))
 
 
+def _stage_curves(records: list[dict]) -> dict[str, np.ndarray]:
+    """Per training stage (in training order), its validation NLL after each epoch, mean over the seeds
+    that have the stage (point by point over the epochs they share)."""
+    per: dict[str, list[list[float]]] = {}
+    for rec in records:
+        for name, st in as_dict(as_dict(rec.get("training")).get("stages")).items():
+            curve = [c for c in as_dict(st).get("curve") or [] if isinstance(c, dict)]
+            nll = [float(c["val_nll"]) if isinstance(c.get("val_nll"), (int, float)) else math.nan for c in curve]
+            if any(math.isfinite(v) for v in nll):
+                per.setdefault(str(name), []).append(nll)
+    out = {}
+    for name, curves in per.items():
+        n = min(len(c) for c in curves)
+        out[name] = np.mean([c[:n] for c in curves], axis=0)
+    return out
+
+
+def fig_learning_curves_by_method(sec: Section, out_dir: Path, base: str) -> list[Figure]:
+    """Small multiples of the learning curves: one panel per method, one colour per config of it (budgets,
+    recipes, options), every training stage drawn from its own first epoch (a deep ensemble's members
+    overlaid), its legend entry ending with the leaderboard's converged verdict. Drawn only when some method
+    has several configs: the section-wide figure then holds too many lines to tell a row's curve, and the
+    convergence rule is checked per stage, which is what this figure shows."""
+    by_method: dict[str, list] = {}
+    for c in sec.configs:
+        stages = _stage_curves(c.records)
+        if stages:
+            by_method.setdefault(c.method, []).append((c, stages))
+    if not any(len(v) > 1 for v in by_method.values()):
+        return []
+    fig, axes = new_figure(len(by_method), ncols=min(3, len(by_method)), panel_w=4.2, panel_h=3.0)
+    verdict = {True: "converged", False: "NOT converged", None: "no verdict"}
+    for ax, (method, lines) in zip(axes, by_method.items()):
+        values = []
+        for c, stages in lines:
+            short = c.label[len(method):].strip(" ()") or "defaults"
+            for k, nll in enumerate(stages.values()):
+                ax.plot(np.arange(1, len(nll) + 1), nll, color=c.color, lw=1.1, alpha=0.85,
+                        linestyle="-" if c.converged is not False else (0, (4, 2)),
+                        label=f"{short}: {verdict[c.converged]}" + (f" ({len(stages)} stages)" if len(stages) > 1
+                                                                     else "") if k == 0 else None)
+                values.append(nll)
+        allv = np.concatenate(values)
+        lo, hi = float(np.nanmin(allv)), float(np.nanpercentile(allv, 95))
+        ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
+        panel_title(ax, method, 9)
+        ax.set_xlabel("epoch of the stage", fontsize=8)
+        ax.set_ylabel("validation NLL ↓", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1)
+    return [finish(fig, sec, out_dir, f"{base}/learning_curves_by_method", "learning curves per method and stage",
+                   "Learning curves per method",
+                   "Validation NLL after every epoch, one panel per method and one colour per config of it (its "
+                   "budget, recipe or options; mean over seeds); every training stage (a member, a base model, "
+                   "an exploration phase) starts at its own epoch 1, so the members of an ensemble overlay. "
+                   "Each legend entry ends with the leaderboard's converged verdict (dashed: not converged, by "
+                   "a stage's own curve or because a longer budget of the same config ended clearly lower).")]
+
+
 def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
     lines = [(c, _mean_curve([run_curve(r) for r in c.records])) for c in sec.configs]
     lines = [(c, m) for c, m in lines if m is not None]
