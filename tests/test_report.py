@@ -580,6 +580,7 @@ def test_report_rows_are_ordered_by_accuracy_and_colours_are_stable_and_strong(t
     (sec3,) = report.group_sections(many + recs[:1])
     assert all(relative_luminance(c.color) < 0.4 for c in sec3.configs)
     assert len({(c.color, c.marker) for c in sec3.configs}) == len(sec3.configs)
+    assert len({(c.color, str(c.linestyle)) for c in sec3.configs}) == len(sec3.configs)   # curves too
 
 
 def test_reliability_figure_has_a_sample_count_panel_and_fades_sparse_bins(tmp_path, monkeypatch):

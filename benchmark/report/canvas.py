@@ -93,7 +93,8 @@ def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = F
     from matplotlib.lines import Line2D
 
     fontsize = 8
-    handles = [Line2D([], [], color=c.color, lw=1.6, label=c.label) if lines else
+    handles = [Line2D([], [], color=c.color, lw=1.6, linestyle=getattr(c, "linestyle", "-"), label=c.label)
+               if lines else
                Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label,
                       markerfacecolor=c.color if getattr(c, "comparable", True) else "none")
                for c in configs]

@@ -488,7 +488,7 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
     fig, axes = new_figure(4, ncols=2)
     f_scale, f_unit = scale_prefix((float(m[1][-1]) for _, m in lines if np.isfinite(m[1][-1])), "FLOPs")
     for c, (ep, fl, nll, acc) in lines:
-        kw = dict(color=c.color, lw=1.2, alpha=0.9)
+        kw = dict(color=c.color, lw=1.2, alpha=0.9, linestyle=c.linestyle)
         axes[0].plot(ep, nll, **kw)
         axes[1].plot(ep, 100 * acc, **kw)
         if np.isfinite(fl).all():

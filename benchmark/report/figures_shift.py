@@ -78,7 +78,7 @@ def fig_shift(sec: Section, out_dir: Path, base: str, notes: list[str]) -> list[
         for ax, (m, lab, sc) in zip(axes, panels):
             for c, curves, _ in lines:
                 xs, mean, lo, hi = curves[m]
-                ax.plot(xs, mean * sc, color=c.color, marker=c.marker, lw=1.4, ms=5)
+                ax.plot(xs, mean * sc, color=c.color, marker=c.marker, linestyle=c.linestyle, lw=1.4, ms=5)
                 ax.fill_between(xs[1:], lo[1:] * sc, hi[1:] * sc, color=c.color, alpha=0.12, lw=0)
             ax.set_xticks(range(0, 6))
             ax.set_xticklabels(["clean", "1", "2", "3", "4", "5"])
@@ -151,7 +151,7 @@ def fig_risk_coverage(sec: Section, preds: dict, out_dir: Path, base: str, notes
     titles = {"clean": "clean test split", "shifted": "corrupted test set (all cells pooled)"}
     for ax, (part, lines) in zip(axes, panels.items()):
         for c, risk, aurc, n in lines:
-            ax.plot(RC_GRID * 100, risk * 100, color=c.color, lw=1.4,
+            ax.plot(RC_GRID * 100, risk * 100, color=c.color, lw=1.4, linestyle=c.linestyle,
                     label=f"{c.label}: AURC {100 * aurc:.2f}%" + (" (pooled)" if part == "shifted" else "")
                     + (f" ({n} seeds)" if n > 1 else ""))
         ax.set_title(titles[part], fontsize=9)

@@ -28,6 +28,9 @@ from ensemble_bench.leaderboard import (
 )
 
 MARKERS = "osD^vP*Xh<>p"
+# line styles of the configs past the palette's length (solid, dashed, dotted, dash-dot), so that no two
+# configs' curves look the same in a figure of lines
+LINESTYLES = ("-", (0, (5, 2)), (0, (1, 1.2)), (0, (6, 2, 1, 2)))
 # strong colours only, every one readable on white (WCAG relative luminance below 0.4): tab10 with its pale
 # olive and cyan replaced by darker shades and its grey moved last (faded reliability bars are light grey),
 # then more dark ones. The first, a dark blue, goes to the single model (see _label_configs).
@@ -75,6 +78,7 @@ class Config(Group):
     label: str = ""
     color: Any = None
     marker: str = "o"
+    linestyle: Any = "-"              # for lines: changes past the palette, as the marker does for points
     converged: bool | None = None     # the leaderboard's verdict (leaderboard.converged_verdicts)
     budget: Any = None                # the longer budget it was judged against (leaderboard.Budget), or None
 
@@ -199,6 +203,7 @@ def _label_configs(sec: Section) -> None:
         c.color = PALETTE[i % len(PALETTE)]
         # past the palette, the marker changes too, so no two configs of a method look the same
         c.marker = MARKERS[(methods.index(c.method) + i // len(PALETTE)) % len(MARKERS)]
+        c.linestyle = LINESTYLES[(i // len(PALETTE)) % len(LINESTYLES)]
     # rows, legends and panels: best accuracy first, as the markdown leaderboard (leaderboard.leaderboard)
     sec.configs.sort(key=config_order)
 
