@@ -671,6 +671,7 @@ def test_fronts_rank_only_converged_configs_and_busy_latency_is_marked(tmp_path)
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "† a busy machine" in md and "**2.00 †**" not in md
     assert "Hollow markers" in md
+    assert "alpha (2.00 ms †, 80.00%)" in md     # the budget line by latency carries the dagger too
 
 
 def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):

@@ -179,7 +179,7 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
         cols.append(_numeric_column(f"{label} · {dev}", [c.stat(col, dev) for c in cf], 1.0, digits,
                                     higher, n_all))
         if col == "latency_ms":   # a spread that shows a busy machine: marked, never the best (as the leaderboard)
-            busy = [any(r.get("latency_busy") is True for r in c.rows if timing_device(r, col) == dev) for c in cf]
+            busy = [latency_busy(c, dev) for c in cf]
             if any(busy):
                 last = cols[-1]
                 last.cells = [t + " †" if b else t for t, b in zip(last.cells, busy)]
@@ -197,6 +197,11 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     return cols
 
 
+def latency_busy(c, device: str) -> bool:
+    """Whether a seed's latency on ``device`` shows a busy machine (the leaderboard's † flag)."""
+    return any(r.get("latency_busy") is True for r in c.rows if timing_device(r, "latency_ms") == device)
+
+
 def budget_lines(sec: Section) -> list[str]:
     """Plain-text answer to 'which config at my budget': the accuracy and NLL fronts per cost axis."""
     lines = []
@@ -209,18 +214,20 @@ def budget_lines(sec: Section) -> list[str]:
             front = pareto_front(pts, hi)
             if not front:
                 continue
-            steps: list[tuple[list[str], float, float]] = []
+            steps: list[tuple[list, float, float]] = []
             for i in front:
                 x, y = pts[i]
                 if steps and (steps[-1][1], steps[-1][2]) == (x, y):   # identical cost and value: one step
-                    steps[-1][0].append(ranked[i].label)
+                    steps[-1][0].append(ranked[i])
                 else:
-                    steps.append(([ranked[i].label], x, y))
+                    steps.append(([ranked[i]], x, y))
             texts = []
-            for names, x, y in steps:
+            for configs, x, y in steps:
                 yt = f"{y * ysc:.2f}%" if ycol == "acc" else f"{y:.3f}"
                 xt = f"{x * scale:.{_digits_for([x], scale)}f} {unit}".rstrip()
-                texts.append(f"{' = '.join(names)} ({xt}, {yt})")
+                if col == "latency_ms" and any(latency_busy(c, dev) for c in configs):
+                    xt += " †"
+                texts.append(f"{' = '.join(c.label for c in configs)} ({xt}, {yt})")
             lines.append(f"{yname} by {xlabel}: " + " → ".join(texts))
     left_out = [c.label for c in sec.configs if not c.comparable]
     if lines and left_out:
