@@ -28,7 +28,7 @@ CONFIGS = [("single", "single", {}), *[(f"deep_ensemble M={m}", "deep_ensemble",
            ("edst_ensemble", "edst_ensemble", {}), ("nfe", "nfe", {}), ("bridge", "bridge", {}),
            ("batch_ensemble", "batch_ensemble", {}), ("mc_dropout", "mc_dropout", {}), ("snapshot", "snapshot", {})]
 BACKBONES = ["resnet8", "resnet8x2"]
-WIDE = {"single", "deep_ensemble", "packed", "mimo"}     # 6-wide-shared.toml
+WIDE = {"single", "deep_ensemble", "packed", "mimo"}     # 6-wide-shared-seed0.toml, 7-wide-shared-seeds12.toml
 
 
 def measure(exe: list[str], backbone: str, method: str, options: dict) -> dict:
