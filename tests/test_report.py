@@ -700,3 +700,22 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     assert "epochs=30: NOT converged (2 stages)" in svg and "epochs=60: converged (2 stages)" in svg
     (one,) = report.group_sections([recs[1], recs[3]])
     assert fig_learning_curves_by_method(one, tmp_path, "g") == []
+
+
+def test_size_family_prefers_a_converged_recipe_over_an_underfit_one():
+    """The budget check leaves a deep-ensemble family at 30 epochs beside its 60-epoch twin, with as many
+    sizes and runs: the size curve (and so every DEE the report draws) is the converged one."""
+    kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
+    recs = []
+    for run_id, method, opts, m, epochs, end in (("s30", "alpha", {}, 1, 30, 0.74), ("b30", "beta", {"m": 2}, 2, 30, 0.70),
+                                                  ("s60", "alpha", {}, 1, 60, 0.66), ("b60", "beta", {"m": 2}, 2, 60, 0.62)):
+        r = make_record(run_id, method, opts, 0, m, acc=1 - end / 2, nll=end, epochs=epochs, size_reference=True, **kw)
+        flat = epochs // 5 + 4
+        r["training"]["stages"] = {"member0": {"curve": [{"epoch": i + 1, "val_nll": v} for i, v in
+                                                         enumerate([2.0] * (epochs - flat) + [end] * flat)]}}
+        recs.append(r)
+    (sec,) = report.group_sections(recs)
+    assert {(c.method, c.fields["epochs"]): c.converged for c in sec.configs} == {
+        ("alpha", 30): False, ("beta", 30): False, ("alpha", 60): True, ("beta", 60): True}
+    fam = report.find_size_family(sec.configs)
+    assert fam.recipe[0] == 60 and "epochs=60" in fam.reason

@@ -89,7 +89,7 @@ def legend_columns(labels: Sequence[str], width_in: float, fontsize: float = 8, 
 def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = False) -> None:
     """The figure's shared legend below its panels, as many columns as fit its width. ``lines``: the
     handles are line segments in the config's colour (for figures of curves) rather than its marker; a
-    marker is hollow for a config that is not converged (as the Pareto figures draw it)."""
+    marker is hollow for a config that is not converged, as every figure of points draws it."""
     from matplotlib.lines import Line2D
 
     fontsize = 8

@@ -337,7 +337,8 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
             v = c.stat(col)[0] * sc
             marker = {"": c.marker, "<": "<", ">": ">"}.get(d.bound, c.marker)
             ax.plot([d.size], [v], marker=marker, color=c.color, markersize=8, linestyle="",
-                    markeredgecolor="black", zorder=3)
+                    markerfacecolor=c.color if c.comparable else "none",     # hollow: not converged
+                    markeredgecolor="black" if c.comparable else c.color, zorder=3)
             if d.bound:
                 ends.setdefault((d.bound, d.size), []).append(v)
         _label_ends(ax, ends)
@@ -355,7 +356,8 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
                    f"equivalent size (DEE, leaderboard.dee_size) for that metric: the M at which the (running-best) "
                    f"curve reaches its value, linear between sizes; ◀/▶ at the ends mean worse than the "
                    f"smallest / better than the largest ensemble; markers close together at one end share "
-                   f"one label, with their number in brackets.")]
+                   f"one label, with their number in brackets. Hollow markers: configs the leaderboard marks "
+                   f"as not converged.")]
 
 
 def fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:

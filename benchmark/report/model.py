@@ -262,8 +262,10 @@ def find_size_family(configs: Sequence[Config]) -> SizeFamily | None:
     of the backbone trained with the single-model recipe (the single model as size 1, deep ensembles of
     any size); nothing is guessed from params or FLOPs. The family is the size-reference configs of one
     training recipe (epochs, batch size, lr), M = their member count, and it needs M = 1 and at least one
-    other size (the rule of leaderboard.dee_curves). When several recipes qualify, the one with the most sizes wins
-    (then the most runs, then the smallest recipe). Configs of one size are pooled, as in leaderboard.dee_curves.
+    other size (the rule of leaderboard.dee_curves). When several recipes qualify, one whose configs are all
+    converged wins (a size curve of underfit runs is no reference: the budget check's 30-epoch ensembles beside
+    their 60-epoch twins), then the one with the most sizes, then the most runs, then the smallest recipe.
+    Configs of one size are pooled, as in leaderboard.dee_curves.
     """
     groups: dict[tuple, dict[float, list[Config]]] = {}
     for c in configs:
@@ -275,11 +277,12 @@ def find_size_family(configs: Sequence[Config]) -> SizeFamily | None:
         if 1.0 not in by_size or len(by_size) < 2:
             continue
         runs = sum(len(c.rows) for cs in by_size.values() for c in cs)
-        candidates.append((-len(by_size), -runs, str(key[2:]), key, by_size))
+        underfit = any(not c.comparable for cs in by_size.values() for c in cs)
+        candidates.append((underfit, -len(by_size), -runs, str(key[2:]), key, by_size))
     if not candidates:
         return None
-    candidates.sort(key=lambda t: t[:3])
-    _, _, _, key, by_size = candidates[0]
+    candidates.sort(key=lambda t: t[:4])
+    *_, key, by_size = candidates[0]
     for cs in by_size.values():
         cs.sort(key=lambda c: c.label)
     sizes = ", ".join(f"{m:g}" for m in sorted(by_size))
