@@ -620,9 +620,8 @@ def test_reliability_figure_has_a_sample_count_panel_and_fades_sparse_bins(tmp_p
 def test_shared_legend_fits_inside_its_figure_however_long_the_labels():
     """A legend wider than its figure is cut at both edges (the reference report lost the first column's
     markers and the last column's text): the columns are chosen, and overlong labels wrapped, to fit."""
-    from types import SimpleNamespace
-
     from ensemble_bench.report.canvas import legend, legend_columns, new_figure
+    from ensemble_bench.report.model import Config
 
     assert legend_columns(["single"] * 5, 8.0) == 3
     assert legend_columns(["deep_ensemble (num_members=4, epochs=30)"] * 5, 8.0) == 2
@@ -633,7 +632,7 @@ def test_shared_legend_fits_inside_its_figure_however_long_the_labels():
         fig, axes = new_figure(4, ncols=2)
         for ax in axes:
             ax.plot([0, 1], [0, 1])
-        configs = [SimpleNamespace(label=s, color="#1f4e9c", marker="o") for s in labels]
+        configs = [Config({}, label=s, color="#1f4e9c", marker="o") for s in labels]
         legend(fig, configs, lines=lines)
         fig.canvas.draw()
         box, page = fig.legends[0].get_window_extent(), fig.bbox

@@ -93,10 +93,9 @@ def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = F
     from matplotlib.lines import Line2D
 
     fontsize = 8
-    handles = [Line2D([], [], color=c.color, lw=1.6, linestyle=getattr(c, "linestyle", "-"), label=c.label)
-               if lines else
+    handles = [Line2D([], [], color=c.color, lw=1.6, linestyle=c.linestyle, label=c.label) if lines else
                Line2D([], [], color=c.color, marker=c.marker, linestyle="", markersize=7, label=c.label,
-                      markerfacecolor=c.color if getattr(c, "comparable", True) else "none")
+                      markerfacecolor=c.face)
                for c in configs]
     handles += list(extra)
     if handles:

@@ -96,7 +96,7 @@ def _draw_front(ax, sec: Section, xs_col: str, device: str | None, y_col: str, y
                     yerr=ys * y_scale if math.isfinite(ys) else None,
                     color=c.color, marker=c.marker, markersize=7, linestyle="", capsize=2,
                     alpha=1.0 if id(c) in on_front else 0.6,
-                    markerfacecolor=c.color if c.comparable else "none",
+                    markerfacecolor=c.face,
                     markeredgecolor="black" if id(c) in on_front else c.color,
                     markeredgewidth=1.5 if id(c) in on_front else 0.5 if c.comparable else 1.2, zorder=3)
     if len(front) >= 1:
@@ -337,7 +337,7 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
             v = c.stat(col)[0] * sc
             marker = {"": c.marker, "<": "<", ">": ">"}.get(d.bound, c.marker)
             ax.plot([d.size], [v], marker=marker, color=c.color, markersize=8, linestyle="",
-                    markerfacecolor=c.color if c.comparable else "none",     # hollow: not converged
+                    markerfacecolor=c.face,
                     markeredgecolor="black" if c.comparable else c.color, zorder=3)
             if d.bound:
                 ends.setdefault((d.bound, d.size), []).append(v)
@@ -423,6 +423,14 @@ def _mean_curve(curves: list[tuple]) -> tuple | None:
     return tuple(np.mean([c[i][:n] for c in curves], axis=0) for i in range(4))
 
 
+def _nll_ylim(ax, curves: list[np.ndarray]) -> None:
+    """A validation-NLL axis from just below the lowest point to the 95th percentile of all points: the
+    first epochs' spikes would flatten the end of training, which is what a reader compares."""
+    points = np.concatenate(curves)
+    lo, hi = float(np.nanmin(points)), float(np.nanpercentile(points, 95))
+    ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
+
+
 def _stage_curves(records: list[dict]) -> dict[str, np.ndarray]:
     """Per training stage (in training order), its validation NLL after each epoch, mean over the seeds
     that have the stage (point by point over the epochs they share)."""
@@ -465,9 +473,7 @@ def fig_learning_curves_by_method(sec: Section, out_dir: Path, base: str) -> lis
                         label=f"{short}: {verdict[c.converged]}" + (f" ({len(stages)} stages)" if len(stages) > 1
                                                                      else "") if k == 0 else None)
                 values.append(nll)
-        allv = np.concatenate(values)
-        lo, hi = float(np.nanmin(allv)), float(np.nanpercentile(allv, 95))
-        ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
+        _nll_ylim(ax, values)
         panel_title(ax, method, 9)
         ax.set_xlabel("epoch of the stage", fontsize=8)
         ax.set_ylabel("validation NLL ↓", fontsize=8)
@@ -504,9 +510,7 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         ax.set_ylabel(y, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in (axes[0], axes[2]):
-        lo = min(float(np.nanmin(m[2])) for _, m in lines)
-        hi = np.nanpercentile(np.concatenate([m[2] for _, m in lines]), 95)
-        ax.set_ylim(lo * 0.95, max(hi, lo * 1.1))
+        _nll_ylim(ax, [m[2] for _, m in lines])
     legend(fig, [c for c, _ in lines], lines=True)
     return [finish(fig, sec, out_dir, f"{base}/learning_curves", "learning curves (mean over seeds)",
                    "Learning curves",

@@ -79,7 +79,7 @@ def fig_shift(sec: Section, out_dir: Path, base: str, notes: list[str]) -> list[
             for c, curves, _ in lines:
                 xs, mean, lo, hi = curves[m]
                 ax.plot(xs, mean * sc, color=c.color, marker=c.marker, linestyle=c.linestyle, lw=1.4, ms=5,
-                        markerfacecolor=c.color if c.comparable else "none")   # hollow: not converged
+                        markerfacecolor=c.face)
                 ax.fill_between(xs[1:], lo[1:] * sc, hi[1:] * sc, color=c.color, alpha=0.12, lw=0)
             ax.set_xticks(range(0, 6))
             ax.set_xticklabels(["clean", "1", "2", "3", "4", "5"])

@@ -89,6 +89,12 @@ class Config(Group):
         return self.converged is not False
 
     @property
+    def face(self) -> Any:
+        """The marker face colour: the config's colour, or hollow ("none") when it is not comparable, the one
+        rule every figure of points and the shared legend draw."""
+        return self.color if self.comparable else "none"
+
+    @property
     def method(self) -> str:
         return str(self.fields.get("method") or "?")
 
