@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Commit what the reference sweep has made so far, so that the next session continues it from a fresh clone:
+#  - every complete record (<run_id>.json, .curves.csv, .preds.npz, .weights.safetensors);
+#  - the resume state of the unfinished runs (runs/.ckpt/<run_id>/*.pt, one file per stage, rewritten
+#    atomically after every epoch) and the stage store (runs/.members/*.pt, the plain stages that later runs
+#    reuse). Both are ignored by .gitignore everywhere else and are force-added here; a run that completes
+#    deletes its checkpoints, and the next save removes them from git too.
+# Records still running (status "running") are not committed: their checkpoints are what resumes them.
+# From the repository root (or anywhere: it changes to it). Commits only these paths.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=results/reference/runs
+mapfile -t done_ids < <(python3 - "$R" <<'EOF'
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*.json")):
+    try:
+        if json.loads(f.read_text()).get("status") == "complete":
+            print(f.stem)
+    except (ValueError, OSError):
+        pass          # a record being rewritten at this moment: the next save takes it
+EOF
+)
+paths=()
+for id in "${done_ids[@]}"; do
+    for ext in json curves.csv preds.npz weights.safetensors; do
+        [[ -e "$R/$id.$ext" ]] && paths+=("$R/$id.$ext")
+    done
+done
+[[ ${#paths[@]} -gt 0 ]] && git add -- "${paths[@]}"
+mapfile -t state < <(find "$R/.ckpt" "$R/.members" -name '*.pt' 2>/dev/null)
+mapfile -t gone < <(git ls-files -d -- "$R/.ckpt" "$R/.members")     # committed, then deleted: run completed
+[[ ${#state[@]} -gt 0 ]] && git add -f -- "${state[@]}"
+[[ ${#gone[@]} -gt 0 ]] && git rm -q --cached -- "${gone[@]}"
+if git diff --cached --quiet; then
+    echo "save.sh: nothing new"
+    exit 0
+fi
+n_rec=$(git diff --cached --name-only --diff-filter=A -- "$R/*.json" | wc -l)
+n_ckpt=$(git diff --cached --name-only -- "$R/.ckpt" | wc -l)
+n_mem=$(git diff --cached --name-only -- "$R/.members" | wc -l)
+git commit -q -m "Reference sweep: $n_rec new complete record(s); resume state: $n_ckpt checkpoint file(s) changed, $n_mem stage-store file(s) changed" \
+    -m "$(git diff --cached --name-status -- "$R" | sed 's/^/  /')"
+git log --oneline -1
