@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -35,20 +36,24 @@ COST_COLUMNS = (
 )
 DEVICE_COLUMNS = ("latency_device", "throughput_device", "train_device")
 MSP_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
-# rows of the leaderboard are one group of these keys; everything else numeric is mean/std over seeds
+# a row of the leaderboard (a configuration of the report) is one group of these keys: one experiment, whose
+# seeds are pooled whatever machine each ran on (the machine is where a run ran, not what was run: it moves
+# its numbers by floating-point rounding, as a seed does); everything else numeric is mean/std over seeds,
+# except the timed columns, which are never averaged across devices (TIMED, DEVICE_OF)
 GROUP_KEYS = (
     "dataset", "data_id", "backbone", "method", "config_key", "epochs", "batch_size", "lr", "recipe",
-    "combine", "num_members", "size_reference", *DEVICE_COLUMNS,
+    "precision", "combine", "num_members", "size_reference",
 )
-TEXT_KEYS = ("dataset", "data_id", "backbone", "method", "config_key", "recipe", "combine", *DEVICE_COLUMNS)
+TEXT_KEYS = ("dataset", "data_id", "backbone", "method", "config_key", "recipe", "precision", "combine",
+             *DEVICE_COLUMNS)
 # per-record columns that are not averaged over seeds (the row says how its seeds agree instead)
 ROW_FLAGS = ("converged", "code_id", "stage_recipes", "latency_busy")
-NOT_AGGREGATED = set(GROUP_KEYS) | {"seed", "run_id", "status", "_shift_errors", *ROW_FLAGS}
-# a configuration (the report's unit): the group keys without the devices; its timings are per device
-CONFIG_KEYS = tuple(k for k in GROUP_KEYS if k not in DEVICE_COLUMNS)
-# device-dependent columns -> the column naming their device (timings are never averaged across devices)
+NOT_AGGREGATED = set(GROUP_KEYS) | set(DEVICE_COLUMNS) | {"seed", "run_id", "status", "_shift_errors", *ROW_FLAGS}
+# the timed columns (a figure or a table column each, per device) -> the column naming their device
 TIMED = {"latency_ms": "latency_device", "throughput": "throughput_device",
          "peak_mem_mb": "latency_device", "train_s": "train_device"}
+# every device-dependent column -> the column naming its device: aggregated only over the seeds of one device
+DEVICE_OF = {**TIMED, "latency_spread": "latency_device"}
 # the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
 NUMERIC_RECIPE_KEYS = _recipe.OWN_COLUMN_FIELDS   # ("epochs", "batch_size", "lr"): declared on Recipe
 # the rest of the effective training recipe (ensemble_bench.recipe.Recipe, as trained) and the run settings that
@@ -191,6 +196,17 @@ def _stage_recipes_text(training: Training) -> str:
     return "; ".join(f"{'+'.join(names)}: {text}" for text, names in by_text.items())
 
 
+def train_precision(cfg: Mapping, device: Any) -> str:
+    """The arithmetic a run trained in: "bf16" (autocast: ``bf16`` set and a CUDA device, as
+    ``train.Trainer`` decides) or "fp32"; "" when the record names no training device. A group key: seeds
+    of one row may come from different machines, never from different precisions."""
+    if not isinstance(device, str) or not device:
+        return ""
+    # cost.device_name: "cpu: <model> (N threads)" on CPU ("N x cpu: ..." for DDP), the device's name on CUDA
+    on_cuda = re.search(r"(^|x )(cpu|mps)\b", device) is None
+    return "bf16" if on_cuda and bool(cfg.get("bf16", False)) else "fp32"
+
+
 def flatten_record(rec: RunRecord | Mapping) -> dict:
     """One flat row of a record (a :class:`RunRecord`, or its dict): identity columns, metrics, msp OOD
     metrics per set, cost, devices.
@@ -224,6 +240,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
         "batch_size": eff.get("batch_size"),
         "lr": eff.get("lr"),
         "recipe": _canonical({k: eff[k] for k in RECIPE_FIELDS if k in eff}),
+        "precision": train_precision(cfg, training.device),
         "stage_recipes": _stage_recipes_text(training),
         "converged": None if conv is None else bool(conv),
         "val_nll_end": record_end_val_nll(rec),

@@ -120,8 +120,9 @@ def format_markdown(df) -> str:
 
     Columns: method, options, n (seeds), acc (%), nll, ece (%), brier, AUROC (%) per OOD set (msp
     score), params (M), GFLOPs, latency ms, train s, as ``mean ± std`` (just the mean when there
-    is one seed or no spread). The latency / training device is named in the column header when it
-    is the same for every row of a table, otherwise in a devices column. Columns for epochs,
+    is one seed or no spread). The latency / training device (a row's main device: most of its seeds) is
+    named in the column header when it is the same for every row of a table, otherwise in a devices column;
+    § marks a row whose seeds trained on different machines. Columns for epochs,
     batch size, lr, the rest of the recipe and members' combine rule appear only when they differ between
     rows of a table.
     """
@@ -135,6 +136,7 @@ def format_markdown(df) -> str:
     dee_metrics = [c[len("dee_"):] for c in df.columns if c.startswith("dee_") and not c.endswith("_bound")
                    and has_values(c)]
     any_shift = has_values("shift_acc_mean")
+    mixed = "train_devices" in df.columns and bool((df["train_devices"].map(num) > 1).any())
     parts: list[str] = []
     for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
         lat_devs = sorted({device_name(d) for d in t["latency_device"]})
@@ -142,6 +144,7 @@ def format_markdown(df) -> str:
         lat_hdr = "latency ms" + (f" ({lat_devs[0]})" if len(lat_devs) == 1 else "")
         train_hdr = "train s" + (f" ({train_devs[0]})" if len(train_devs) == 1 else "")
         varying = [k for k in NUMERIC_RECIPE_KEYS if t[k].astype(str).nunique() > 1]
+        show_precision = "precision" in t.columns and t["precision"].astype(str).nunique() > 1
         recipe_text = recipe_differences(list(t["recipe"]))
         show_combine = any(c not in ("probs", "") for c in t["combine"])
         out_rows = []
@@ -152,11 +155,14 @@ def format_markdown(df) -> str:
                 row[k] = str(r[k])
             if any(recipe_text):
                 row["recipe"] = recipe_text[i] or "-"
+            if show_precision:
+                row["precision"] = r["precision"] or "?"
             if show_combine:
                 row["combine"] = r["combine"] or "probs"
             members = num(r.get("num_members"))
             row["M"] = f"{members:g}" if math.isfinite(members) else "?"
-            row["n"] = str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
+            row["n"] = (str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
+                        + (" §" if num(r.get("train_devices")) > 1 else ""))
             row["converged"] = converged_text(r.get("converged"), r.get("budget_epochs"), r.get("budget_gain"))
 
             def g(col: str, scale: float = 1.0, digits: int = 2) -> str:
@@ -191,7 +197,7 @@ def format_markdown(df) -> str:
         header = list(out_rows[0])
         lines = [f"### {dataset or '?'} · {backbone or '?'}", ""]
         lines.append("| " + " | ".join(md_cell(h) for h in header) + " |")
-        text_cols = {"method", "options", "combine", "devices", "converged", "stage recipes", "recipe"}
+        text_cols = {"method", "options", "combine", "devices", "converged", "stage recipes", "recipe", "precision"}
         lines.append("|" + "|".join("---" if h in text_cols else "---:" for h in header) + "|")
         for row in out_rows:
             lines.append("| " + " | ".join(md_cell(row.get(h, "")) for h in header) + " |")
@@ -215,6 +221,9 @@ def format_markdown(df) -> str:
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
             "(harness or method file hash). stage recipes: stages that a method trains with its own "
             "recipe (part of the method, recorded per stage)."
+            + (" § seeds trained on different machines: every metric pools them (the machine moves a number by "
+               "floating-point rounding, as a seed does); a timing is the mean over the seeds timed on the "
+               "device its header (or the devices column) names, never across devices." if mixed else "")
             + (" shift: mean over every corruption x severity of the corrupted test set; mCE: corruption error "
                "relative to the single model of the same data and recipe (Hendrycks & Dietterich 2019: per "
                "corruption, the errors summed over severities divided by the single model's, averaged over "

@@ -4,9 +4,10 @@ anybody shows (the ``leaderboard`` command, its CSV and markdown, the report).
 * :class:`Group`: the seeds of one row, as flat rows (:func:`ensemble_bench.columns.flatten_record`);
   :meth:`Group.stat` is the one mean / sample std rule (a value missing in any seed makes both NaN; timed
   columns per device);
-* :func:`group_rows`: rows grouped by keys: :data:`~ensemble_bench.columns.GROUP_KEYS` for the leaderboard
-  (one row per device, so timings are never averaged across devices),
-  :data:`~ensemble_bench.columns.CONFIG_KEYS` for the report (one row per configuration, timings per device);
+* :func:`group_rows`: rows grouped by :data:`~ensemble_bench.columns.GROUP_KEYS`, one group per configuration
+  (a leaderboard row, a report configuration): its seeds pooled whatever machine each ran on, its timings
+  per device (:meth:`Group.stat` with a device; a leaderboard row shows those of its main device,
+  :func:`main_devices`);
 * :func:`leaderboard`: the DataFrame (CSV) of the groups, with mCE and DEE columns;
 * mCE (:func:`mce_values`) and the deep-ensemble-equivalent size (:func:`group_dee`, :func:`dee`).
 """
@@ -24,15 +25,15 @@ import numpy as np
 
 from ensemble_bench.columns import (
     BUDGET_TOL,
-    CONFIG_KEYS,
     COST_COLUMNS,
+    DEVICE_COLUMNS,
+    DEVICE_OF,
     GROUP_KEYS,
     MCE_KEYS,
     METRIC_COLUMNS,
     NOT_AGGREGATED,
     NUMERIC_RECIPE_KEYS,
     TEXT_KEYS,
-    TIMED,
     flatten_record,
     num,
 )
@@ -69,7 +70,7 @@ def mean_std(values: Sequence[Any]) -> Stat:
 
 def timing_device(row: Mapping, col: str) -> str:
     """The device a timed column of a flat row was measured on (:data:`UNKNOWN_DEVICE` when not recorded)."""
-    return device_name(row.get(TIMED[col]), UNKNOWN_DEVICE)
+    return device_name(row.get(DEVICE_OF[col]), UNKNOWN_DEVICE)
 
 
 @dataclass
@@ -172,16 +173,35 @@ def complete_groups(records: Sequence[dict], keys: Sequence[str] = GROUP_KEYS) -
 # --------------------------------------------------------------------------------------------
 
 
-def _flags(g: Group) -> dict:
-    """The per-run columns a row reports as how its seeds agree instead of a mean."""
+def main_devices(g: Group) -> dict[str, str]:
+    """Per device column (latency, throughput, training): the device most of the row's seeds name there
+    (ties: the first by name; :data:`UNKNOWN_DEVICE` when none names one). A leaderboard row shows the
+    timings of these devices, so that a timing is never averaged across devices."""
+    out = {}
+    for dcol in DEVICE_COLUMNS:
+        counts: dict[str, int] = {}
+        for r in g.rows:
+            d = device_name(r.get(dcol), UNKNOWN_DEVICE)
+            counts[d] = counts.get(d, 0) + 1
+        out[dcol] = min(counts, key=lambda d: (-counts[d], d)) if counts else UNKNOWN_DEVICE
+    return out
+
+
+def _flags(g: Group, devices: Mapping[str, str] | None = None) -> dict:
+    """The per-run columns a row reports as how its seeds agree instead of a mean (the latency's busy flag:
+    of the seeds timed on ``devices``' latency device, all seeds without it)."""
     verdicts = [r.get("converged") for r in g.rows]
     code_ids = {r.get("code_id") for r in g.rows}
+    lat = None if devices is None else devices["latency_device"]
+    timed = [r for r in g.rows if lat is None or timing_device(r, "latency_ms") == lat]
     return {
         "converged": None if any(v is None or v != v for v in verdicts) else bool(all(verdicts)),
         # an unknown code next to known code counts as one more version
         "code_versions": len(code_ids) if code_ids != {None} else 0,
         "stage_recipes": next((s for s in (r.get("stage_recipes") for r in g.rows) if s), ""),
-        "latency_busy": any(bool(v) for v in (r.get("latency_busy") for r in g.rows) if v is not None and v == v),
+        "latency_busy": any(bool(v) for v in (r.get("latency_busy") for r in timed) if v is not None and v == v),
+        # machines the seeds trained on: more than one pools seeds across machines (timings: main device only)
+        "train_devices": len({device_name(r.get("train_device"), UNKNOWN_DEVICE) for r in g.rows}),
     }
 
 
@@ -198,10 +218,10 @@ class Budget(NamedTuple):
 
 
 def longer_budgets(groups: Sequence[Group]) -> list[Budget | None]:
-    """Per group, among the groups that are the same configuration (CONFIG_KEYS, devices aside) trained for
+    """Per group, among the groups that are the same configuration (GROUP_KEYS but the epochs) trained for
     more epochs, the one whose mean end-of-training validation NLL is lowest relative to this group's (the
     strongest evidence that this budget was short; a still longer run may overfit); None: no such group."""
-    keys = [k for k in CONFIG_KEYS if k != "epochs"]
+    keys = [k for k in GROUP_KEYS if k != "epochs"]
     # (configuration without the epochs, epochs, mean end-of-training validation NLL) of every group, once
     facts = [(_key_tuple(g.fields, keys), num(g.fields.get("epochs")), g.stat("val_nll_end").mean) for g in groups]
     out: list[Budget | None] = []
@@ -227,11 +247,13 @@ def converged_verdicts(groups: Sequence[Group]) -> list[tuple[bool | None, Budge
 
 
 def leaderboard(records: list[dict]):
-    """Aggregate records into one row per configuration and device; mean and std over seeds.
+    """Aggregate records into one row per configuration; mean and std over seeds.
 
-    Rows are groups of :data:`GROUP_KEYS` (dataset, backbone, method, config_key, epochs,
-    batch_size, lr, combine, num_members and the three device columns, so that timings from
-    different devices are never averaged). For every numeric column ``x``: ``x_mean`` and
+    Rows are groups of :data:`GROUP_KEYS` (dataset, data, backbone, method, config_key, epochs, batch_size,
+    lr, the rest of the recipe, combine, num_members): one experiment, its seeds pooled whatever machine
+    each ran on. Timings are never averaged across devices: a timed column is the mean over the seeds timed
+    on the row's main device of it (:func:`main_devices`, in ``latency_device`` / ``throughput_device`` /
+    ``train_device``); ``train_devices`` counts the machines its seeds trained on. For every numeric column ``x``: ``x_mean`` and
     ``x_std`` (:func:`mean_std`: sample std, ddof=1; NaN with one seed; a value missing in any seed
     of a group makes that group's mean/std NaN). Also ``n_seeds`` (runs in the group), ``seeds``
     (sorted list as a string) and ``run_ids``; ``converged`` (:func:`converged_verdicts`) with
@@ -247,7 +269,7 @@ def leaderboard(records: list[dict]):
         warnings.warn(f"leaderboard: left out {len(records) - len(complete)} record(s) whose status is not 'complete'", stacklevel=2)
     flat = [flatten_record(r) for r in complete]
     if not flat:
-        cols = [*GROUP_KEYS, "n_seeds", "seeds"]
+        cols = [*GROUP_KEYS, *DEVICE_COLUMNS, "n_seeds", "seeds"]
         cols += [f"{c}_{s}" for c in (*METRIC_COLUMNS, *COST_COLUMNS) for s in ("mean", "std")] + ["run_ids"]
         return pd.DataFrame(columns=cols)
     groups = group_rows(flat, GROUP_KEYS, complete)
@@ -256,17 +278,19 @@ def leaderboard(records: list[dict]):
     rows = []
     for g, (verdict, budget) in zip(groups, converged_verdicts(groups)):
         row = dict(g.fields)
+        devices = main_devices(g)
+        row.update({k: "" if d == UNKNOWN_DEVICE else d for k, d in devices.items()})
         seeds = sorted(int(s) for s in (r.get("seed") for r in g.rows) if num(s) == num(s))
         if len(set(seeds)) != len(seeds):
             warnings.warn(f"leaderboard: duplicate seeds {seeds} for {row['method']} {row['config_key']}", stacklevel=2)
         row["n_seeds"] = len(g.rows)
         row["seeds"] = str(seeds)
-        row.update(_flags(g))
+        row.update(_flags(g, devices))
         row["converged"] = verdict
         row["budget_epochs"] = budget.epochs if budget is not None else math.nan
         row["budget_gain"] = budget.gain if budget is not None else math.nan
-        for c in value_cols:
-            row[f"{c}_mean"], row[f"{c}_std"], _ = g.stat(c)
+        for c in value_cols:   # a timed column: over the seeds timed on the row's device of it
+            row[f"{c}_mean"], row[f"{c}_std"], _ = g.stat(c, devices[DEVICE_OF[c]] if c in DEVICE_OF else None)
         row["run_ids"] = ",".join(sorted(str(r.get("run_id")) for r in g.rows))
         rows.append(row)
     df = pd.DataFrame(rows)

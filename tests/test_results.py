@@ -250,18 +250,43 @@ def test_leaderboard_means_stds_and_rows():
     assert "±" in md and "alpha=3" in md and "NVIDIA H100" in md and "AUROC svhn" in md
 
 
-def test_leaderboard_never_averages_across_devices():
-    recs = [make_record(f"a{s}", seed=s, latency_ms=2.0, latency_device="NVIDIA H100") for s in range(2)]
-    recs += [make_record(f"b{s}", seed=s + 2, latency_ms=20.0, latency_device="cpu: AMD EPYC") for s in range(2)]
-    recs += [make_record("c0", seed=9, train_device="NVIDIA A100", latency_device="NVIDIA H100", latency_ms=2.0)]
+def test_seeds_pool_across_machines_but_timings_never_average_across_devices():
+    """A row is one experiment, whatever machines its seeds ran on (the reference sweep's sessions land on
+    Intel and AMD CPUs): one row of 5 seeds, its timings those of its main device, marked §."""
+    recs = [make_record(f"a{s}", seed=s, acc=0.90, latency_ms=2.0, train_s=100.0) for s in range(2)]
+    recs += [make_record(f"b{s}", seed=s + 2, acc=0.80, latency_ms=20.0, latency_device="cpu: AMD EPYC",
+                         train_s=900.0, train_device="cpu: AMD EPYC") for s in range(2)]
+    recs += [make_record("c0", seed=9, acc=0.85, train_device="NVIDIA A100", latency_ms=4.0, train_s=50.0)]
     df = leaderboard.leaderboard(recs)
-    assert len(df) == 3
-    by = {(r.latency_device, r.train_device): r for r in df.itertuples()}
-    assert by[("NVIDIA H100", "NVIDIA H100")].latency_ms_mean == 2.0
-    assert by[("cpu: AMD EPYC", "NVIDIA H100")].latency_ms_mean == 20.0
-    assert by[("NVIDIA H100", "NVIDIA A100")].n_seeds == 1
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert r["n_seeds"] == 5 and r["acc_mean"] == pytest.approx(0.85)          # every seed's accuracy
+    assert r["latency_device"] == "NVIDIA H100" and r["latency_ms_mean"] == pytest.approx(8 / 3)   # a0, a1, c0
+    # training: H100 and AMD have 2 seeds each, A100 1: the tie goes to the first by name
+    assert r["train_device"] == "NVIDIA H100" and r["train_s_mean"] == pytest.approx(100.0)
+    assert r["train_devices"] == 3
     md = formatting.format_markdown(df)
-    assert "cpu: AMD EPYC" in md and "devices" in md
+    assert "| 5 § |" in md and "§ seeds trained on different machines" in md
+    assert "latency ms (NVIDIA H100)" in md and "cpu: AMD EPYC" not in md
+    # a busy latency on another device does not mark the row's latency
+    recs[2]["cost"].update(latency_ms_p10=1.0, latency_ms_p90=60.0)
+    assert not leaderboard.leaderboard(recs).iloc[0]["latency_busy"]
+    # one machine: no mark, no footnote
+    one = formatting.format_markdown(leaderboard.leaderboard(recs[:2]))
+    assert "§" not in one and "precision" not in one
+    # bf16 autocast (bf16 on a CUDA device) is another experiment than fp32 (bf16 on a CPU does nothing):
+    # the same config (the same run id) trained on a GPU and on CPUs is two rows
+    bf = make_record("g0", seed=0, train_device="NVIDIA H100")
+    cpu = [make_record(f"k{s}", seed=s, train_device="cpu: AMD EPYC (1 threads)") for s in (1, 2)]
+    for r in (bf, *cpu):
+        r["config"]["bf16"] = True
+    assert [columns.train_precision(r["config"], r["training"]["device"]) for r in (bf, cpu[0], recs[0])] == \
+        ["bf16", "fp32", "fp32"]
+    assert columns.train_precision({"bf16": True}, "2 x cpu: AMD EPYC (1 threads)") == "fp32"
+    assert columns.train_precision({"bf16": True}, None) == ""
+    df2 = leaderboard.leaderboard([bf, *cpu])
+    assert sorted(zip(df2["precision"], df2["n_seeds"])) == [("bf16", 1), ("fp32", 2)]
+    assert " precision |" in formatting.format_markdown(df2).splitlines()[2]     # the header shows it
 
 
 def test_leaderboard_missing_metric_in_one_seed_is_nan_and_edge_cases(tmp_path):

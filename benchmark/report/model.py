@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ensemble_bench.columns import CONFIG_KEYS, NUMERIC_RECIPE_KEYS, TIMED, flatten_record, num, recipe_differences
+from ensemble_bench.columns import GROUP_KEYS, NUMERIC_RECIPE_KEYS, TIMED, flatten_record, num, recipe_differences
 from ensemble_bench.formatting import options_text
 from ensemble_bench.leaderboard import (
     DEE,
@@ -72,7 +72,7 @@ def hashable(v: Any) -> Any:
 
 @dataclass
 class Config(Group):
-    """One method configuration of a section: the engine's group of its seeds (CONFIG_KEYS), and how the
+    """One method configuration of a section: the engine's group of its seeds (GROUP_KEYS), and how the
     figures draw it."""
 
     label: str = ""
@@ -149,9 +149,9 @@ def make_slug(text: str) -> str:
 
 
 def group_sections(complete: list[dict]) -> list[Section]:
-    """The complete records as sections of configs (the engine's groups of CONFIG_KEYS), labelled."""
+    """The complete records as sections of configs (the engine's groups of GROUP_KEYS), labelled."""
     by_section: dict[tuple, list[Config]] = {}
-    for g in group_rows([flatten_record(r) for r in complete], CONFIG_KEYS, complete):
+    for g in group_rows([flatten_record(r) for r in complete], GROUP_KEYS, complete):
         sec = (str(g.fields.get("dataset") or "?"), str(g.fields.get("backbone") or "?"))
         by_section.setdefault(sec, []).append(Config(g.fields, g.rows, g.records))
     sections = []
@@ -173,7 +173,7 @@ def group_sections(complete: list[dict]) -> list[Section]:
 def _label_configs(sec: Section) -> None:
     """Short unique labels: the method, the options that vary between its configs, and the training
     settings that vary in the section; a colour per config and a marker per method."""
-    varying_train = [k for k in NUMERIC_RECIPE_KEYS
+    varying_train = [k for k in (*NUMERIC_RECIPE_KEYS, "precision")
                      if len({hashable(c.fields.get(k)) for c in sec.configs}) > 1]
     recipe_text = dict(zip(map(id, sec.configs),
                            recipe_differences([c.fields.get("recipe") for c in sec.configs])))
