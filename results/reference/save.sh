@@ -32,13 +32,27 @@ mapfile -t state < <(find "$R/.ckpt" "$R/.members" -name '*.pt' 2>/dev/null)
 mapfile -t gone < <(git ls-files -d -- "$R/.ckpt" "$R/.members")     # committed, then deleted: run completed
 [[ ${#state[@]} -gt 0 ]] && git add -f -- "${state[@]}"
 [[ ${#gone[@]} -gt 0 ]] && git rm -q --cached -- "${gone[@]}"
+# Checkpoints change every epoch and each committed version stays in the history: with SAVE_SINCE=<the commit
+# the session started from>, a save right after another save of this session amends it, so a session adds
+# one version of each checkpoint, not one per save (commits before SAVE_SINCE have landed: never amended).
+base=HEAD
+if [[ -n "${SAVE_SINCE:-}" ]] && [[ "$(git rev-parse HEAD)" != "$(git rev-parse "$SAVE_SINCE")" ]] \
+        && git merge-base --is-ancestor "$SAVE_SINCE" HEAD \
+        && git log -1 --format=%s HEAD | grep -q '^Reference sweep: '; then
+    base=HEAD~1
+fi
 if git diff --cached --quiet; then
     echo "save.sh: nothing new"
     exit 0
 fi
-n_rec=$(git diff --cached --name-only --diff-filter=A -- "$R/*.json" | wc -l)
-n_ckpt=$(git diff --cached --name-only -- "$R/.ckpt" | wc -l)
-n_mem=$(git diff --cached --name-only -- "$R/.members" | wc -l)
-git commit -q -m "Reference sweep: $n_rec new complete record(s); resume state: $n_ckpt checkpoint file(s) changed, $n_mem stage-store file(s) changed" \
-    -m "$(git diff --cached --name-status -- "$R" | sed 's/^/  /')"
+n_rec=$(git diff --cached --name-only --diff-filter=A "$base" -- "$R/*.json" | wc -l)
+n_ckpt=$(git diff --cached --name-only "$base" -- "$R/.ckpt" | wc -l)
+n_mem=$(git diff --cached --name-only "$base" -- "$R/.members" | wc -l)
+msg="Reference sweep: $n_rec new complete record(s); resume state: $n_ckpt checkpoint file(s) changed, $n_mem stage-store file(s) changed"
+detail="$(git diff --cached --name-status "$base" -- "$R" | sed 's/^/  /')"
+if [[ "$base" == HEAD~1 ]]; then
+    git commit -q --amend -m "$msg" -m "$detail"
+else
+    git commit -q -m "$msg" -m "$detail"
+fi
 git log --oneline -1
