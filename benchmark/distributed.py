@@ -28,6 +28,7 @@ Ranks > 0 run the training only (``follow``) and leave the evaluation to rank 0.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from typing import Any, Callable, Iterator
@@ -138,6 +139,18 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return t / world_size()
 
 
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of ``t``, differentiable (its gradient is the sum of the ranks' gradients):
+    torch's functional collectives where they exist, else the older autograd-aware ``torch.distributed.nn``
+    one (deprecated in their favour). tests/test_ddp.py's float64 step checks the gradient through it."""
+    try:
+        from torch.distributed._functional_collectives import all_reduce, wait_tensor
+    except ImportError:
+        from torch.distributed.nn.functional import all_reduce as legacy
+        return legacy(t)
+    return wait_tensor(all_reduce(t, "sum", torch.distributed.group.WORLD))
+
+
 class SyncedBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch (all ranks); it also runs on
     gloo on CPU, where torch's SyncBatchNorm does not. The sums travel through autograd-aware all-reduces, so the
@@ -146,12 +159,10 @@ class SyncedBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x if x.dtype == torch.float64 else x.float()     # statistics in float32 at least
         count = torch.full((1,), float(x.numel() // c), dtype=xf.dtype, device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count]))
+        stats = _all_reduce_sum(torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count]))
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
@@ -213,9 +224,14 @@ def data_parallel(model: nn.Module, device: torch.device) -> Iterator[nn.Module]
 
     # ours on CUDA too (its all-reduces run on nccl): it swaps the layers in place around the same parameters
     _swap_batchnorm(model, True)
+    # buffers are not synchronised in the forward pass (SyncedBatchNorm keeps every rank's running statistics
+    # equal: they are those of the global batch); newer torch names that forward_sync_buffers (it also
+    # broadcasts rank 0's buffers once at wrapping: they are equal already), older torch broadcast_buffers
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+               else "broadcast_buffers")
     try:
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-                  find_unused_parameters=False)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=False, **{no_sync: False})
         yield ddp
     finally:
         _swap_batchnorm(model, False)
