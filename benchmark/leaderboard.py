@@ -201,7 +201,7 @@ def _flags(g: Group, devices: Mapping[str, str] | None = None) -> dict:
         "stage_recipes": next((s for s in (r.get("stage_recipes") for r in g.rows) if s), ""),
         "latency_busy": any(bool(v) for v in (r.get("latency_busy") for r in timed) if v is not None and v == v),
         # machines the seeds trained on: more than one pools seeds across machines (timings: main device only)
-        "train_devices": len({device_name(r.get("train_device"), UNKNOWN_DEVICE) for r in g.rows}),
+        "train_devices": len(g.devices("train_s")),
     }
 
 
