@@ -196,10 +196,14 @@ def _stage_recipes_text(training: Training) -> str:
     return "; ".join(f"{'+'.join(names)}: {text}" for text, names in by_text.items())
 
 
-def train_precision(cfg: Mapping, device: Any) -> str:
-    """The arithmetic a run trained in: "bf16" (autocast: ``bf16`` set and a CUDA device, as
-    ``train.Trainer`` decides) or "fp32"; "" when the record names no training device. A group key: seeds
-    of one row may come from different machines, never from different precisions."""
+def train_precision(cfg: Mapping, training: Training) -> str:
+    """The arithmetic a run trained in, "bf16" or "fp32": as the record states it (``training.precision``,
+    written by ``train.Trainer``), else as the Trainer decides it (autocast when ``bf16`` is set and the
+    training device is a CUDA one: records from before the field); "" when the record names neither. A group
+    key: seeds of one row may come from different machines, never from different precisions."""
+    if training.precision:
+        return str(training.precision)
+    device = training.device
     if not isinstance(device, str) or not device:
         return ""
     # cost.device_name: "cpu: <model> (N threads)" on CPU ("N x cpu: ..." for DDP), the device's name on CUDA
@@ -240,7 +244,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
         "batch_size": eff.get("batch_size"),
         "lr": eff.get("lr"),
         "recipe": _canonical({k: eff[k] for k in RECIPE_FIELDS if k in eff}),
-        "precision": train_precision(cfg, training.device),
+        "precision": train_precision(cfg, training),
         "stage_recipes": _stage_recipes_text(training),
         "converged": None if conv is None else bool(conv),
         "val_nll_end": record_end_val_nll(rec),

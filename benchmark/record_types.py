@@ -215,7 +215,8 @@ class Cost(Section):
 @dataclass(frozen=True, kw_only=True)
 class Training(Section):
     """``training``: the stages as trained (``stages``: {name: {curve, recipe_changes, converges, ...}}) and
-    the totals: ``train_s`` on ``device``, ``train_flops``, ``samples_seen``, ``epochs_run`` per stage."""
+    the totals: ``train_s`` on ``device``, ``train_flops``, ``samples_seen``, ``epochs_run`` per stage, and the
+    ``precision`` it trained in ("bf16" or "fp32"; records before 2026-12-04 leave it out)."""
 
     train_s: float | None = _f("number")
     train_flops: float | None = _f("number")
@@ -223,6 +224,7 @@ class Training(Section):
     epochs_run: dict | None = _f("dict")
     stages: dict | None = _f("dict")
     device: str | None = _f("str")
+    precision: str | None = _f("str")
 
 
 @dataclass(frozen=True, kw_only=True)

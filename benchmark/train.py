@@ -469,6 +469,7 @@ class Trainer:
         run = self.recipe.to_dict()
         return {
             "train_s": sum(s.train_s for s in self.stages.values()),
+            "precision": "bf16" if self.bf16 else "fp32",     # the arithmetic every stage trained in
             "epochs_run": {k: len(s.history) for k, s in self.stages.items()},
             "samples_seen": sum(s.samples_seen for s in self.stages.values()),
             "train_flops": None if any(f is None for f in flops) or not flops else float(sum(flops)),

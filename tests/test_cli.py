@@ -38,6 +38,7 @@ def test_run_writes_a_complete_record_and_leaderboard(tmp_path, capsys):
     one = sum(p.numel() for p in build_backbone("cnn_small", 10, in_channels=1).parameters())
     assert c["params"] == 2 * one and c["flops"] > 0 and c["latency_ms"] > 0 and "cpu" in c["latency_device"]
     assert rec["training"]["epochs_run"] == {"member0": 2, "member1": 2}
+    assert rec["training"]["precision"] == "fp32"        # as trained (bf16 autocast applies on CUDA only)
     assert rec["env"]["torch"] and rec["timings"]["wall_s"] > 0
     assert (out / f"{rid}.preds.npz").is_file() and not (out / ".ckpt" / rid).exists()
     # the saved predictions reproduce the record's metrics through `score`

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_bench import columns, environment, formatting, leaderboard, predictions, records
+from ensemble_bench import columns, environment, formatting, leaderboard, predictions, record_types, records
 
 
 def make_record(run_id="r0", *, method="deep_ensemble", options=None, seed=0, acc=0.9, nll=0.3, ece=0.02,
@@ -280,10 +280,14 @@ def test_seeds_pool_across_machines_but_timings_never_average_across_devices():
     cpu = [make_record(f"k{s}", seed=s, train_device="cpu: AMD EPYC (1 threads)") for s in (1, 2)]
     for r in (bf, *cpu):
         r["config"]["bf16"] = True
-    assert [columns.train_precision(r["config"], r["training"]["device"]) for r in (bf, cpu[0], recs[0])] == \
-        ["bf16", "fp32", "fp32"]
-    assert columns.train_precision({"bf16": True}, "2 x cpu: AMD EPYC (1 threads)") == "fp32"
-    assert columns.train_precision({"bf16": True}, None) == ""
+    # records from before training.precision: derived from bf16 and the device, as the Trainer decides it
+    T = record_types.Training
+    assert [columns.train_precision(r["config"], T(device=r["training"]["device"])) for r in (bf, cpu[0], recs[0])] \
+        == ["bf16", "fp32", "fp32"]
+    assert columns.train_precision({"bf16": True}, T(device="2 x cpu: AMD EPYC (1 threads)")) == "fp32"
+    assert columns.train_precision({"bf16": True}, T()) == ""
+    # a record that states its precision is read as it says, whatever the device string looks like
+    assert columns.train_precision({"bf16": True}, T(device="cpu: x", precision="bf16")) == "bf16"
     df2 = leaderboard.leaderboard([bf, *cpu])
     assert sorted(zip(df2["precision"], df2["n_seeds"])) == [("bf16", 1), ("fp32", 2)]
     assert " precision |" in formatting.format_markdown(df2).splitlines()[2]     # the header shows it
