@@ -557,11 +557,20 @@ def test_killed_local_run_is_interrupted_not_running_and_resumes(tmp_path, capsy
 
 
 def test_progress_line_and_eta():
-    from ensemble_bench.sweep import LocalOutcome, progress_line
+    from ensemble_bench.sweep import LocalOutcome, progress_line, time_left
 
     o = LocalOutcome("single-abc", "complete", seconds=12.0)
-    assert progress_line(1, 5, o, [12.0], 1) == "[1/5] single-abc done in 12.0s (complete); ~48.0s left"
-    assert progress_line(2, 5, o, [12.0, 8.0], 2) == "[2/5] single-abc done in 12.0s (complete); ~15.0s left"
-    assert progress_line(4, 5, o, [10.0] * 4, 4).endswith("~10.0s left")      # one run left, one worker busy
-    assert progress_line(5, 5, o, [10.0] * 5, 1).endswith("~0s left")
-    assert progress_line(1, 100, LocalOutcome("x", "failed", "E", 90.0), [90.0], 1).endswith("(failed); ~2h28m left")
+    # no estimates: every run left counts as the mean of those finished, over the workers
+    assert progress_line(1, 5, o, time_left([None] * 4, [12.0], 1)) == \
+        "[1/5] single-abc done in 12.0s (complete); ~48.0s left"
+    assert progress_line(2, 5, o, time_left([None] * 3, [12.0, 8.0], 2)) == \
+        "[2/5] single-abc done in 12.0s (complete); ~15.0s left"
+    assert time_left([None], [10.0] * 4, 4) == 10.0                  # one run left, one worker busy
+    assert progress_line(5, 5, o, time_left([], [10.0] * 5, 1)).endswith("~0s left")
+    assert progress_line(1, 100, LocalOutcome("x", "failed", "E", 90.0), time_left([None] * 99, [90.0], 1)) \
+        .endswith("(failed); ~2h28m left")
+    # estimates: the longest run bounds the time from below; an unknown one counts as the mean of the known
+    assert time_left([3600.0, 60.0, 60.0], [5.0], 2) == 3600.0
+    assert time_left([100.0, None, 10.0], [], 2) == 100.0 and time_left([100.0, None, 10.0], [], 1) == 165.0
+    assert time_left([None, None], [], 2) is None
+    assert progress_line(1, 3, o, None).endswith("~? left")

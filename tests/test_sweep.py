@@ -458,6 +458,55 @@ def test_local_process_pool_gives_the_same_records(tmp_path, capsys):
     assert sorted(r["run_id"] for r in recs) == sorted(ids(sweep.expand(sweep.load_spec(spec))))
 
 
+def test_time_left_comes_from_earlier_records_of_the_same_configuration(tmp_path, capsys):
+    """A sweep's estimate of a run is the time the records of its configuration (another seed or budget)
+    spent on the stages they trained themselves, less what its checkpoints already hold."""
+    import statistics
+
+    import torch
+
+    from ensemble_bench.sweep import estimate
+
+    out = tmp_path / "runs"
+    seed0 = write(tmp_path, TINY.replace("seed = [0, 1]", "seed = [0]").replace("epochs = 1", "epochs = 2"),
+                  "seed0.toml", out=out)
+    assert main(["sweep", str(seed0)]) == 0
+    capsys.readouterr()
+    recs = {r["method"]["name"]: r for r in records.load_records(out)[0]}
+    de = recs["deep_ensemble"]
+    assert list(de["training"]["reused_stages"]) == ["member0"]      # the single model of seed 0
+    epochs, stages, eval_s = estimate.record_profile(de)
+    assert epochs == 2 and list(stages) == ["member1"] and eval_s == de["timings"]["eval_s"]
+    curve = de["training"]["stages"]["member1"]["curve"]
+    assert stages["member1"] == (statistics.median(e["epoch_s"] + e["val_s"] for e in curve), 2)
+
+    # seed 1 at twice the budget: each stage's epochs scale; a method nothing has tried has no estimate
+    seed1 = write(tmp_path, TINY.replace("seed = [0, 1]", "seed = [1]").replace("epochs = 1", "epochs = 4")
+                  .replace('"single", "deep_ensemble"', '"single", "deep_ensemble", "mimo"'), "seed1.toml", out=out)
+    runs = sweep.expand(sweep.load_spec(seed1))
+    est = estimate.estimate_runs(runs)
+    by_method = {r.method: est[r.run_id()] for r in runs}
+    sec, _ = stages["member1"]
+    assert by_method["deep_ensemble"] == pytest.approx(eval_s + sec * 4)
+    s_epochs, s_stages, s_eval = estimate.record_profile(recs["single"])
+    assert by_method["single"] == pytest.approx(s_eval + s_stages["member0"][0] * 4)
+    assert by_method["mimo"] is None
+    # an interrupted run: the epochs its checkpoint holds are done
+    de1 = next(r for r in runs if r.method == "deep_ensemble")
+    (out / ".ckpt" / de1.run_id()).mkdir(parents=True)
+    torch.save({"result": {"history": [{}, {}, {}]}, "done": False}, out / ".ckpt" / de1.run_id() / "member1.pt")
+    assert estimate.estimate_runs([de1])[de1.run_id()] == pytest.approx(eval_s + sec * 1)
+    # another device kind or other method options are another configuration
+    assert estimate.estimate_runs([de1.replace(device="cuda")]) == {de1.replace(device="cuda").run_id(): None}
+    other = de1.replace(options={"num_members": 3})
+    assert estimate.estimate_runs([other])[other.run_id()] is None
+
+    assert main(["sweep", str(seed1), "--dry-run", "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "estimated time: ~" in text and "on 2 workers (2 of 3 runs from earlier records" in text
+    assert f"run   {de1.run_id()}" in text and text.count("epochs=4  ~") == 2     # the two known runs
+
+
 # --------------------------------------------------------------------------------- example specs
 def test_example_specs_cover_the_paper_grid(monkeypatch):
     import dataclasses

@@ -38,6 +38,7 @@ from ensemble_bench.config import RunConfig
 from ensemble_bench.errors import UsageError
 from ensemble_bench.runlock import lock_owner, run_lock
 from ensemble_bench.sweep.jobs import SUBMITIT_DIR, MemberJob, RunJob, member_jobs, read_manifest, write_manifest
+from ensemble_bench.sweep.estimate import estimate_runs, time_left
 from ensemble_bench.sweep.local import LocalOutcome, format_duration, progress_line, run_local
 from ensemble_bench.sweep.slurm import (RunState, _to_submit, run_states, slurm_available, slurm_parameters,
                                         slurm_queue, submit_slurm)
@@ -48,6 +49,7 @@ __all__ = ["SPEC_KEYS", "REQUIRED_RUN_KEYS", "SLURM_KEYS", "SLURM_DEFAULTS", "SU
            "load_spec", "expand", "RunJob", "MemberJob", "member_jobs", "read_manifest", "write_manifest", "run_lock",
            "lock_owner", "RunState", "run_states", "slurm_available", "slurm_queue", "slurm_parameters",
            "submit_slurm", "LocalOutcome", "format_duration", "progress_line", "run_local", "format_status",
+           "estimate_runs", "time_left",
            "check_out_dir", "cli_sweep", "cli_status", "_to_submit"]
 
 
@@ -120,7 +122,24 @@ def cli_status(args) -> int:
     spec, runs = _spec_and_runs(args.spec, getattr(args, "plugins", None))
     states, note = run_states(spec, runs)
     print(format_status(spec, states, note))
+    left = [s.config for s in states if s.state != "done"]
+    if left:   # the runs not done (a running one less the epochs its checkpoints hold), one after another
+        print(f"  {_estimate_line(estimate_runs(left), 1)}")
     return 0
+
+
+def _estimate_line(est: dict[str, float | None], workers: int) -> str:
+    """The sweep's time on this machine, as far as earlier records of its configurations tell (``est``:
+    ``estimate.estimate_runs`` of the runs to do)."""
+    known = [x for x in est.values() if x is not None]
+    if not known:
+        return "estimated time: unknown (no record of these configurations in the results folder yet)"
+    w = max(1, min(workers, len(est)))
+    total = time_left(list(est.values()), [], w)
+    how = ("from earlier records of the same configurations" if len(known) == len(est) else
+           f"{len(known)} of {len(est)} runs from earlier records of the same configuration, "
+           f"the others as their mean")
+    return f"estimated time: ~{format_duration(total)} on {w} worker{'s' * (w > 1)} ({how})"
 
 
 def cli_sweep(args) -> int:
@@ -157,10 +176,15 @@ def cli_sweep(args) -> int:
         print(f"  note: {note}")
     for s in alive:
         print(f"  skip  {s.run_id}  {s.state} (" + (f"job {s.job_id}" if s.job_id else s.detail) + ")")
+    est = estimate_runs([s.config for s in todo]) if executor == "local" and todo else {}
+    if est:
+        print(f"  {_estimate_line(est, workers)}", flush=True)
     if args.dry_run:
         for s in todo:
             why = s.state if s.state != "pending" else s.detail
-            print(f"  run   {s.run_id}  ({why})  {_describe(s.config, spec)}")
+            took = est.get(s.run_id)
+            print(f"  run   {s.run_id}  ({why})  {_describe(s.config, spec)}"
+                  + (f"  ~{format_duration(took)}" if took is not None else ""))
         if executor == "slurm" and todo:
             params, exec_args = slurm_parameters(spec)
             shown = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
@@ -189,7 +213,7 @@ def cli_sweep(args) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    outcomes = run_local(cfgs, workers, report=report, progress=progress)
+    outcomes = run_local(cfgs, workers, report=report, progress=progress, estimate=estimate_runs)
     n = {k: sum(o.status == k for o in outcomes) for k in ("complete", "failed", "busy")}
     print(f"ran {len(outcomes)} runs locally: {n['complete']} complete, {n['failed']} failed"
           + (f", {n['busy']} left to another process running them" if n["busy"] else ""))

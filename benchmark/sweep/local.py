@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ensemble_bench.config import RunConfig
 from ensemble_bench.members import pool_init as _pool_init
 from ensemble_bench.members import pool_run as _pool_run
+from ensemble_bench.sweep.estimate import time_left
 from ensemble_bench.sweep.jobs import RunJob, member_jobs
 
 @dataclass
@@ -31,32 +32,28 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m"
 
 
-def progress_line(i: int, n: int, outcome: LocalOutcome, durations: list[float], workers: int) -> str:
-    """"[i/n] run_id done in Xs (status); ~Y left": Y is the mean time of the runs finished so far times
-    the runs left, over the workers that will share them (runs left to another process, which take no
-    time here, are not in the mean)."""
+def progress_line(i: int, n: int, outcome: LocalOutcome, left_s: float | None) -> str:
+    """"[i/n] run_id done in Xs (status); ~Y left", Y = ``left_s`` (``estimate.time_left``; None: "?")."""
     took = format_duration(outcome.seconds) if outcome.seconds is not None else "?"
-    left = n - i
-    if left <= 0:
-        eta = "0s"
-    elif durations:
-        eta = format_duration(sum(durations) / len(durations) * left / max(1, min(workers, left)))
-    else:
-        eta = "?"
+    eta = "0s" if i >= n else format_duration(left_s) if left_s is not None else "?"
     return f"[{i}/{n}] {outcome.run_id} done in {took} ({outcome.status}); ~{eta} left"
 
 
 def run_local(runs: list[RunConfig], workers: int = 1, *,
               report: Callable[[LocalOutcome], None] | None = None,
-              progress: Callable[[str], None] | None = None) -> list[LocalOutcome]:
+              progress: Callable[[str], None] | None = None,
+              estimate: Callable[[list[RunConfig]], Mapping[str, float | None]] | None = None) -> list[LocalOutcome]:
     """Run ``runs`` on this machine: in this process one after another (``workers=1``) or in a pool of
     ``workers`` processes. A failing run is recorded as failed (by the runner) and the others go on.
-    ``report`` gets each outcome; ``progress`` one line per finished run (:func:`progress_line`)."""
+    ``report`` gets each outcome; ``progress`` one line per finished run (:func:`progress_line`), its time
+    left from ``estimate`` (seconds left per run id of the runs not finished, ``estimate.estimate_runs``;
+    None: every run counts as the mean of those finished so far)."""
     import time
 
     report = report or (lambda o: None)
     outcomes: list[LocalOutcome] = []
     durations: list[float] = []
+    ended: set[str] = set()   # run ids with an outcome
     n_total = len(runs)
     # a members_parallel run is one task per member, then the run (which waits for them)
     n_tasks = sum(max(1, len(member_jobs(cfg))) for cfg in runs) if workers > 1 else len(runs)
@@ -70,11 +67,14 @@ def run_local(runs: list[RunConfig], workers: int = 1, *,
         else:
             o = LocalOutcome(rid, summary["status"], None, seconds)
         outcomes.append(o)
+        ended.add(rid)
         if seconds is not None and o.status != "busy":
             durations.append(seconds)
         report(o)
         if progress is not None:
-            progress(progress_line(len(outcomes), n_total, o, durations, n_workers))
+            unfinished = [cfg for cfg in runs if cfg.run_id() not in ended]
+            left = list(estimate(unfinished).values()) if estimate is not None else [None] * len(unfinished)
+            progress(progress_line(len(outcomes), n_total, o, time_left(left, durations, n_workers)))
 
     if n_workers == 1:
         for cfg in runs:
