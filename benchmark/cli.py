@@ -39,8 +39,10 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
 
     d = RunConfig()   # the defaults, shown in --help
     p.add_argument("--method", help="a registered method (ensemble-bench list)")
-    p.add_argument("--backbone", help=f"a suite backbone or timm:<name> (default {d.backbone})")
-    p.add_argument("--dataset", help=f"dataset name, or your own dataset's FILE.toml (default {d.dataset})")
+    p.add_argument("--backbone", help=f"a suite backbone or timm:<name> (required without --config; a run "
+                                      f"TOML's default: {d.backbone})")
+    p.add_argument("--dataset", help=f"dataset name, or your own dataset's FILE.toml (required without --config; "
+                                     f"a run TOML's default: {d.dataset})")
     p.add_argument("--data-dir", dest="data_dir", help="folder with the data files (default $ENSEMBLE_BENCH_DATA or ./data)")
     p.add_argument("--download", action="store_true", default=None, help="fetch the dataset with torchvision")
     p.add_argument("--recipe", choices=RECIPE_MODES,
@@ -217,7 +219,17 @@ def cmd_leaderboard(args) -> int:
     from ensemble_bench import formatting, leaderboard, records, runlock
 
     if args.output:
-        check_output_path(Path(args.output).parent, "-o")
+        out = Path(args.output)
+        check_output_path(out.parent, "-o")
+        if out.suffix == ".md":
+            raise UsageError(f"-o {out}: name the CSV (e.g. {out.with_suffix('.csv')}); the markdown table is "
+                             f"written beside it as {out.name}")
+        for path in (out, out.with_suffix(".md")):
+            if path.is_dir():
+                raise UsageError(f"-o: {path} is a folder; name a CSV file")
+            if records.result_file_of(path):
+                raise UsageError(f"-o: {path} is a file of run {records.result_file_of(path)}'s results; "
+                                 f"writing the table there would destroy it")
     folders = ", ".join(str(d) for d in records.as_folders(args.runs_dirs))
     try:
         pairs, problems = records.scan_records(args.runs_dirs, statuses=None, recursive=True)
@@ -344,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE")
     s.add_argument("--latency", action="store_true", help="also time batch-1 latency and throughput")
     s.add_argument("--runs", type=int, default=50)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     _add_plugin_arg(s)
     s.set_defaults(fn=cmd_cost)
 

@@ -175,7 +175,11 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
                                f"skipped")
                 log(skipped[-1])
                 continue
-            done.append(_evaluate_one(path, out, cfg, model, dev, sset, ood, progress, log))
+            try:
+                done.append(_evaluate_one(path, out, cfg, model, dev, sset, ood, progress, log))
+            except UsageError as e:   # found before anything is written: the record stays as it was
+                skipped.append(str(e))
+                log(skipped[-1])
     if not done:
         raise UsageError(f"nothing evaluated: {len(skipped)} record(s) skipped (first: {skipped[0]})"
                          if skipped else "nothing evaluated")
@@ -213,7 +217,8 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
         diff = _max_abs_diff(test_logits, saved["logits"])
         entry["test_logits_max_abs_diff"] = diff
         if not diff <= 4e-3 * max(float(test_logits.abs().max()), 1.0):   # ~4 float16 steps at the largest logit
-            log(f"warning: {run_id}: the rebuilt model's test logits differ from the saved ones by up to {diff:.3g}")
+            raise UsageError(f"{run_id}: the rebuilt model's test logits differ from the saved ones by up to "
+                             f"{diff:.3g}: its weights file is not the model this record was made with; skipped")
     arrays: dict[str, Any] = {}
     new_ood: dict[str, Any] = {}
     if ood:

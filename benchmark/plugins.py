@@ -85,6 +85,8 @@ def load(spec: str, base: str | Path | None = None) -> dict[str, Any]:
             module = importlib.import_module(key)
     except UsageError as e:
         raise UsageError(f"plugin {spec}: {e}") from None
+    except SystemExit as e:   # sys.exit() in the user's module: not this program's exit code
+        raise UsageError(f"plugin {spec} called sys.exit({e.code!r}) while it was imported") from None
     except Exception as e:   # noqa: BLE001 - the user's code: one line with its error, no traceback
         raise UsageError(f"plugin {spec} failed to import: {error_line(e)}") from None
     file = getattr(module, "__file__", None)

@@ -51,6 +51,7 @@ from ensemble_bench.record_types import RecordError as RecordError
 from ensemble_bench.record_types import RunRecord as RunRecord
 from ensemble_bench.record_types import Training as Training
 from ensemble_bench.record_types import check_record as _check_record
+from ensemble_bench.errors import UsageError
 
 PREDS_SUFFIX = ".preds.npz"
 WEIGHTS_SUFFIX = ".weights.safetensors"
@@ -308,15 +309,36 @@ def load_typed(runs_dirs: str | os.PathLike | Sequence[str | os.PathLike], **kw:
     return load_records(runs_dirs, typed=True, **kw)
 
 
+RESULT_SUFFIXES = (".json", ".curves.csv", PREDS_SUFFIX, WEIGHTS_SUFFIX)   # a run's files: <run_id><suffix>
+
+
+def result_file_of(path: str | os.PathLike) -> str | None:
+    """The run id whose record, or file beside it (curves, predictions, weights), ``path`` is; None when it
+    is none of those. A command that writes a table or a report refuses such a path: it would destroy a
+    result."""
+    p = Path(path)
+    for suffix in RESULT_SUFFIXES:
+        stem = p.name[:-len(suffix)] if p.name.endswith(suffix) else ""
+        if stem and record_status(p.parent, stem) is not None:
+            return stem
+    return None
+
+
 def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
-    """Status of the record ``<runs_dir>/<run_id>.json``; None if it is absent or unreadable."""
+    """Status of the record ``<runs_dir>/<run_id>.json``; None if it is absent or unreadable. A readable
+    record of another run under that name is bad input (:class:`UsageError`): taken as this run's, it would
+    be reported as its result; run over, it would be lost."""
     p = record_path(runs_dir, run_id)
     if not p.is_file():
         return None
     try:
-        return read_record(p)["status"]
+        rec = read_record(p)
     except RecordError:
         return None
+    if rec["run_id"] != run_id:
+        raise UsageError(f"{p} holds the record of run {rec['run_id']}, not {run_id} (a record's file is named "
+                         f"by its run id): move it away or rename it {rec['run_id']}.json")
+    return rec["status"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +367,7 @@ def write_curves(out_dir: str | os.PathLike, run_id: str, stages: Mapping) -> Pa
     for name, st in stages.items():
         for e in (st if isinstance(st, dict) else {}).get("curve") or []:
             lines.append(",".join([str(name)] + ["" if e.get(c) is None else repr(e.get(c)) for c in cols[1:]]))
-    path = Path(out_dir) / f"{run_id}.curves.csv"
+    path = Path(out_dir) / f"{run_id}{RESULT_SUFFIXES[1]}"
     write_text_atomic(path, "\n".join(lines) + "\n")
     try:
         from torch.utils.tensorboard import SummaryWriter

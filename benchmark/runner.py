@@ -95,6 +95,9 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     out = Path(cfg.out)
     run_id = cfg.run_id()
     check_output_dir(out)
+    from ensemble_bench import records
+
+    records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
     method = make_method(cfg)      # bad options fail here, before anything is written
     check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     shift_set = load_shift(cfg)    # --shift: a missing or bad corrupted set is refused before any work
@@ -119,6 +122,8 @@ def check_output_dir(out: Path, flag: str = "--out") -> None:
     """The output folder is a writable folder (or can be made one): bad input before any work. One check
     for every command that writes (run, sweep, leaderboard -o, report -o)."""
     for p in [out, *out.parents]:
+        if p.is_symlink() and not p.exists():   # dangling, or a loop: mkdir would fail after the work
+            raise UsageError(f"{flag} {out}: {p} is a symbolic link to nothing ({os.readlink(p)})")
         if p.exists():
             if not p.is_dir():
                 raise UsageError(f"{flag} {out}: {p} is a file, not a directory")
@@ -166,6 +171,9 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
                 f"ensemble-bench evaluate {out / (run_id + '.json')} --shift {cfg.shift}"
                 + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else ""))
         return rec
+    # a forced re-run of a complete record leaves that record where it is until the new one is complete: a
+    # failure or a kill part way must not lose a result
+    replacing = force and records.record_status(out, run_id) == "complete"
     method = make_method(cfg)
     device = resolve_device(cfg.device)
     bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
@@ -177,7 +185,8 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         timings={"started": _now()}, error=None,
     ).to_dict()
     out.mkdir(parents=True, exist_ok=True)
-    records.write_record(out, record)
+    if not replacing:
+        records.write_record(out, record)
     t_start = time.perf_counter()
     try:
         seed_everything(cfg.seed)
@@ -224,12 +233,8 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         if tasks:
             training["member_tasks"] = tasks
         training["reused_stages"] = {k: s["reused_from"] for k, s in training["stages"].items() if s.get("reused_from")}
-        records.write_curves(out, run_id, training["stages"])
         if cfg.keep_weights:      # evaluate again later (new shift or OOD sets) without training again
-            record["weights"] = records.save_weights(out, run_id, model).name
-        if cfg.save_predictions:
-            predictions.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,
-                                     val_labels=val_labels, ood=ood, combine=model.combine, extra=shift_logits)
+            record["weights"] = f"{run_id}{records.WEIGHTS_SUFFIX}"
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start, eval_s=eval_s)
         if shift_s is not None:
             record["timings"]["shift_eval_s"] = shift_s
@@ -249,6 +254,13 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
             cost=records.Cost.from_dict(cost, f"run {run_id}", path="cost"),
             training=records.Training.from_dict(training, f"run {run_id}", path="training"),
         ).to_dict()
+        # the files beside the record once the record itself is known to be whole, the record last
+        records.write_curves(out, run_id, training["stages"])
+        if cfg.keep_weights:
+            records.save_weights(out, run_id, model)
+        if cfg.save_predictions:
+            predictions.save_predictions(out, run_id, logits=logits, labels=labels, val_logits=val_logits,
+                                         val_labels=val_labels, ood=ood, combine=model.combine, extra=shift_logits)
         records.write_record(out, record)
         shutil.rmtree(out / ".ckpt" / run_id, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -262,6 +274,8 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start)
         if records.record_status(out, run_id) != "complete":   # never over a finished result
             records.write_record(out, record)
+        else:
+            log(f"{run_id}: the forced run failed; the complete record is kept as it was")
         raise
 
 

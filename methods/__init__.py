@@ -11,6 +11,7 @@ method still loads. A name registered twice by different code is an error that n
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 
@@ -27,6 +28,10 @@ def register(name: str):
     def deco(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"{getattr(cls, '__name__', cls)!r} must subclass ensemble_bench.Method")
+        for f in dataclasses.fields(cls.Config):   # a run without --set builds the method from its defaults
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TypeError(f"method {name!r}: option {f.name!r} of {cls.__name__}.Config has no default "
+                                f"(every option needs one)")
         REGISTRY.add(name, cls)
         cls.name = name
         return cls

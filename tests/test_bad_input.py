@@ -165,6 +165,22 @@ def _file(tmp: Path, name: str = "afile") -> Path:
     return p
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _npz(tmp: Path, **arrays) -> Path:
+    np.savez(tmp / "a.npz", **arrays)
+    return tmp / "a.npz"
+
+
+def _link(tmp: Path, target: str) -> Path:
+    p = tmp / "loop" if target == "loop" else tmp / "dangling"
+    p.symlink_to(p if target == "loop" else target)
+    return p
+
+
 CASES = {
     # --- "Tracebacks instead of one line"
     "val_fraction_0.9999": lambda t: ([*RUN_T, "--val-fraction", "0.9999"], ["--val-fraction 0.9999"]),
@@ -198,6 +214,32 @@ CASES = {
                                             "timm:hf-hub:timm/resnet18.a1_in1k", "--num-classes", "10"], ["hf-hub"]),
     "leaderboard_o_under_a_file": "records",
     "report_o_under_a_file": "records",
+    # --- found by an adversarial probe (2026-12-04): a table written over a result, a misnamed record
+    "leaderboard_o_is_a_record": "records",
+    "leaderboard_o_is_a_records_weights": "records",
+    "leaderboard_o_is_the_markdown": "records",
+    "leaderboard_o_is_a_folder": "records",
+    "record_file_of_another_run": "records",
+    "out_dangling_symlink": lambda t: (["run", "--method", "single", *T, "--out", _link(t, "/nonexistent/target")],
+                                       ["symbolic link to nothing"]),
+    "out_symlink_loop": lambda t: (["run", "--method", "single", *T, "--out", _link(t, "loop")],
+                                   ["symbolic link to nothing"]),
+    "score_unknown_array_typo": lambda t: (["score", _npz(t, logits=np.zeros((1, 4, 3)), labels=np.arange(4) % 3,
+                                                         val_logit=np.zeros((1, 4, 3)))],
+                                           ["unknown array 'val_logit'", "did you mean 'val_logits'"]),
+    "plugin_calls_sys_exit": lambda t: (["list", "--plugin", _write(t / "quits.py", "import sys\nsys.exit(0)\n")],
+                                        ["quits.py", "sys.exit(0)"]),
+    "plugin_option_without_default": lambda t: (
+        ["list", "--plugin", _write(t / "nodefault.py", (
+            "from dataclasses import dataclass\nimport ensemble_bench as eb\n\n"
+            "@eb.register('nodefault')\nclass M(eb.Method):\n"
+            "    @dataclass\n    class Config:\n        k: int\n"))],
+        ["nodefault.py", "option 'k'", "has no default"]),
+    "cost_device_tpu": lambda t: (["cost", "--method", "single", "--backbone", "cnn_small", "--num-classes", "10",
+                                   "--device", "tpu"], ["--device"]),
+    "milestones_repeated": lambda t: ([*RUN_T, "--schedule", "multistep", "--milestones", "0.5,0.5"],
+                                      ["milestones are increasing"]),
+    "lr_overflows_float32": lambda t: ([*RUN_T, "--lr", "1e39"], ["lr must be", "float32"]),
     # --- "A silent number"
     "cifar10_train_16x16": lambda t: (
         ["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "cifar10", "--epochs", "1",
@@ -296,6 +338,25 @@ def test_bad_input_table(case, tmp_path, capsys, monkeypatch, complete_runs):
             argv, must = ["leaderboard", runs, "-o", _file(tmp_path) / "lb.csv"], ["afile"]
         elif case == "report_o_under_a_file":
             argv, must = ["report", runs, "-o", _file(tmp_path) / "report"], ["afile"]
+        elif case in ("leaderboard_o_is_a_record", "leaderboard_o_is_a_records_weights"):
+            rid = next(runs.glob("*.json")).stem
+            target = runs / (f"{rid}.json" if case.endswith("record") else f"{rid}.weights.safetensors")
+            argv, must = ["leaderboard", runs, "-o", target], [rid, "destroy"]
+        elif case == "leaderboard_o_is_the_markdown":
+            argv, must = ["leaderboard", runs, "-o", tmp_path / "lb.md"], ["name the CSV"]
+        elif case == "leaderboard_o_is_a_folder":
+            (tmp_path / "afolder").mkdir()
+            argv, must = ["leaderboard", runs, "-o", tmp_path / "afolder"], ["is a folder"]
+        elif case == "record_file_of_another_run":   # seed 1's file name holding seed 0's record
+            from ensemble_bench.resolve import make_run_config
+
+            seed0 = next(runs.glob("*.json"))
+            rec = json.loads(seed0.read_text())
+            settings = dict(method="single", backbone="cnn_small", dataset="digits", epochs=1, val_fraction=0.9,
+                            lr=0.05, seed=1, device="cpu")
+            shutil.copy(seed0, runs / f"{make_run_config(settings).run_id()}.json")
+            argv = ["run", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()], "--out", runs]
+            must = [rec["run_id"], "move it away"]
         elif case == "leaderboard_complete_without_metrics":
             argv, must = ["leaderboard", runs], []
         else:
@@ -574,3 +635,35 @@ def test_progress_line_and_eta():
     assert time_left([100.0, None, 10.0], [], 2) == 100.0 and time_left([100.0, None, 10.0], [], 1) == 165.0
     assert time_left([None, None], [], 2) is None
     assert progress_line(1, 3, o, None).endswith("~? left")
+
+
+def test_a_forced_run_that_fails_or_is_interrupted_keeps_the_complete_record(tmp_path, capsys, monkeypatch,
+                                                                            complete_runs):
+    """`run --force` over a complete record: the record (and the files beside it) stay as they were until the
+    new record is complete; no "running" record replaces it while the run trains, so a failure or a kill part
+    way loses nothing."""
+    from ensemble_bench import metrics
+
+    runs = copy_runs(complete_runs, tmp_path / "runs")
+    files = {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(TINY_TOML.format(epochs=1, out=runs))
+    seen = []
+
+    def fail(*a, **k):   # after training: what the folder holds then is what a kill would leave
+        seen.append({p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()})
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(metrics, "evaluate", fail)
+    code, _, err = call(["run", "--config", cfg, "--force"], capsys)
+    assert code is None and "evaluation failed" in err and "the complete record is kept as it was" in err
+    assert seen == [files]
+    assert {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()} == files
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics, "evaluate", interrupt)
+    code, _, _ = call(["run", "--config", cfg, "--force"], capsys)
+    assert code == 130
+    assert {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()} == files

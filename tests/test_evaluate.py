@@ -260,6 +260,17 @@ def test_evaluate_adds_shift_and_ood_metrics_and_keeps_the_rest(cifar_run, cifar
         np.savez(other / "cifar10_test.npz", x_test=z["x_test"][:400], y_test=z["y_test"][:400])
     line = _one_line_exit_2(capsys, "evaluate", record, "--shift", "cifar10c", "--data-dir", other)
     assert "differ from the run's" in line
+    # another model's weights beside the record (they rebuild, but not into the model that made it): refused,
+    # the record untouched, not another model's OOD numbers written into it
+    from safetensors.torch import load_file, save_file
+
+    weights = runs / f"{rid}.weights.safetensors"
+    state = load_file(str(weights))
+    save_file({k: (v * 1.5 if v.is_floating_point() else v) for k, v in state.items()}, str(weights))
+    kept = record.read_text()
+    line = _one_line_exit_2(capsys, "evaluate", record, "--ood", "svhn", "--data-dir", cifar_dir)
+    assert "not the model this record was made with" in line and "nothing evaluated" in line
+    assert record.read_text() == kept
 
 
 # ------------------------------------------------------------------------------------------ rebuild + load

@@ -60,6 +60,13 @@ def score_npz(path) -> dict:
                 raise ValueError(f"{p}: array '{key}': {exc}") from None
         return torch.from_numpy(a)
 
+    known = ("logits", "probs", "labels", "val_logits", "val_probs", "val_labels", "combine")
+    for k in sorted(arrays):   # a misspelt array would drop its metric without a word (val_logit: no nll_ts)
+        if k not in known and not k.startswith(("ood_", "shift_")):
+            from ensemble_bench.registry import did_you_mean
+
+            raise ValueError(f"{p}: unknown array {k!r}{did_you_mean(k, known)}; the arrays are "
+                             f"{', '.join(known)}, ood_<name> and shift_<corruption>_<severity>")
     has_logits, has_probs = "logits" in arrays, "probs" in arrays
     if has_logits and has_probs:
         raise ValueError(f"{p}: holds both 'logits' and 'probs'; keep one")
