@@ -224,8 +224,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             if v != v or v in (float("inf"), float("-inf")):
                 raise ValueError
             return v
-        if tp is str:
-            return str(value)
+        if tp is str:   # a TOML number or list where a name or path belongs (out = 5): refused, not str()-ed
+            if not isinstance(value, str):
+                raise ValueError
+            return value
         if origin in (tuple, list):
             (inner, *_) = typing.get_args(tp) or (str,)
             items = value if isinstance(value, (list, tuple)) else [s for s in str(value).split(",") if s.strip()]

@@ -235,6 +235,9 @@ CASES = {
             "@eb.register('nodefault')\nclass M(eb.Method):\n"
             "    @dataclass\n    class Config:\n        k: int\n"))],
         ["nodefault.py", "option 'k'", "has no default"]),
+    "toml_out_a_number": lambda t: (["run", "--config", _write(t / "n.toml", BAD_TOML.replace('"out"', "5"))],
+                                    ["out", "5"]),
+    "toml_data_dir_a_list": lambda t: (["run", "--config", _toml(t, "data_dir = []\n")], ["data_dir"]),
     "cost_device_tpu": lambda t: (["cost", "--method", "single", "--backbone", "cnn_small", "--num-classes", "10",
                                    "--device", "tpu"], ["--device"]),
     "milestones_repeated": lambda t: ([*RUN_T, "--schedule", "multistep", "--milestones", "0.5,0.5"],
