@@ -196,6 +196,14 @@ def _stage_recipes_text(training: Training) -> str:
     return "; ".join(f"{'+'.join(names)}: {text}" for text, names in by_text.items())
 
 
+def device_kind(device: Any) -> str | None:
+    """"cpu" or "cuda" of a record's device string (``cost.device_name``: "cpu: <model> (N threads)", "N x
+    cpu: ..." for DDP, the GPU's name on CUDA); None when there is none."""
+    if not isinstance(device, str) or not device:
+        return None
+    return "cpu" if re.search(r"(^|x )(cpu|mps)\b", device) else "cuda"
+
+
 def train_precision(cfg: Mapping, training: Training) -> str:
     """The arithmetic a run trained in, "bf16" or "fp32": as the record states it (``training.precision``,
     written by ``train.Trainer``), else as the Trainer decides it (autocast when ``bf16`` is set and the
@@ -203,12 +211,10 @@ def train_precision(cfg: Mapping, training: Training) -> str:
     key: seeds of one row may come from different machines, never from different precisions."""
     if training.precision:
         return str(training.precision)
-    device = training.device
-    if not isinstance(device, str) or not device:
+    kind = device_kind(training.device)
+    if kind is None:
         return ""
-    # cost.device_name: "cpu: <model> (N threads)" on CPU ("N x cpu: ..." for DDP), the device's name on CUDA
-    on_cuda = re.search(r"(^|x )(cpu|mps)\b", device) is None
-    return "bf16" if on_cuda and bool(cfg.get("bf16", False)) else "fp32"
+    return "bf16" if kind == "cuda" and bool(cfg.get("bf16", False)) else "fp32"
 
 
 def flatten_record(rec: RunRecord | Mapping) -> dict:

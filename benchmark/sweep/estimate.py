@@ -17,21 +17,13 @@ run with 4 hours of runs still to go.
 """
 from __future__ import annotations
 
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ensemble_bench.columns import device_kind
 from ensemble_bench.config import RunConfig, canonical_json
-
-
-def _device_kind(device: Any) -> str | None:
-    """"cpu" or "cuda" of a record's training device (``cost.device_name``: "cpu: <model> (N threads)",
-    "N x cpu: ..." for DDP, the GPU's name on CUDA)."""
-    if not isinstance(device, str) or not device:
-        return None
-    return "cpu" if re.search(r"(^|x )(cpu|mps)\b", device) else "cuda"
 
 
 def _run_kind(cfg: RunConfig) -> str:
@@ -101,7 +93,7 @@ def estimate_runs(cfgs: Sequence[RunConfig]) -> dict[str, float | None]:
                     c, p = rec.get("config") or {}, record_profile(rec)
                     if p is not None:
                         index[_key((c.get("data_id") or {}).get("sha256"), c.get("backbone"), c.get("method"),
-                                   c.get("options"), _device_kind((rec.get("training") or {}).get("device")))].append(p)
+                                   c.get("options"), device_kind((rec.get("training") or {}).get("device")))].append(p)
             profiles[folder] = index
         rid = cfg.run_id()
         found = profiles[folder].get(_key((cfg.data_id or {}).get("sha256"), cfg.backbone, cfg.method, cfg.options,
