@@ -231,19 +231,38 @@ def _prepare_input(x: Tensor, dev: torch.device, channels_last: bool) -> Tensor:
     return x
 
 
-def _timed_runs(model: nn.Module, x: Tensor, dev: torch.device, runs: int, warmup: int, bf16: bool) -> list[float]:
+def _graphed(model: nn.Module, x: Tensor, dev: torch.device, bf16: bool) -> Callable[[], Any]:
+    """The forward on ``x`` captured as one CUDA graph (``replay`` launches all its kernels at once), after
+    3 warm-up forwards on a side stream as torch's CUDA-graph notes ask; autocast's weight cache is off
+    inside the capture (cached casts would outlive the graph's memory pool)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    cast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
+    with torch.cuda.graph(graph), cast:
+        model(x)
+    return graph.replay
+
+
+def _timed_runs(model: nn.Module, x: Tensor, dev: torch.device, runs: int, warmup: int, bf16: bool,
+                cuda_graph: bool = False) -> list[float]:
     """Milliseconds of each of ``runs`` forwards after ``warmup`` untimed ones."""
     times: list[float] = []
     cuda = dev.type == "cuda"
     with torch.inference_mode(), _autocast(dev, bf16):
+        forward = _graphed(model, x, dev, bf16) if cuda_graph else (lambda: model(x))
         for _ in range(warmup):
-            model(x)
+            forward()
         if cuda:
             torch.cuda.synchronize(dev)
             for _ in range(runs):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                model(x)
+                forward()
                 end.record()
                 torch.cuda.synchronize(dev)
                 times.append(float(start.elapsed_time(end)))
@@ -266,15 +285,22 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def measure_latency(model: nn.Module, example_input: Tensor, device, runs: int = 50, warmup: int = 10, *,
-                    bf16: bool = False, channels_last: bool = False) -> dict:
+                    bf16: bool = False, channels_last: bool = False, cuda_graph: bool = False) -> dict:
     """Batch-1 forward latency in milliseconds: median, 10th and 90th percentile of ``runs`` timed
-    forwards after ``warmup`` ones (eval mode, ``torch.inference_mode``)."""
+    forwards after ``warmup`` ones (eval mode, ``torch.inference_mode``).
+
+    ``cuda_graph`` (CUDA only; the benchmarks' diagnostic, never a record's number): time the replay of the
+    forward captured as one CUDA graph, i.e. the GPU's own time without the host's kernel launches. At batch
+    1 a small CNN's eager forward on a fast GPU is bound by those launches, so its latency follows the host's
+    speed; the graph's does not (benchmarks/README.md has both, measured)."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1; got {runs}")
     dev = torch.device(device)
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError("cuda_graph needs a CUDA device")
     x = _prepare_input(example_input, dev, channels_last)
     with _eval_mode(model):
-        times = _timed_runs(model, x, dev, runs, max(warmup, 0), bf16)
+        times = _timed_runs(model, x, dev, runs, max(warmup, 0), bf16, cuda_graph)
     return {"latency_ms": float(statistics.median(times)), "latency_ms_p10": float(_percentile(times, 10)),
             "latency_ms_p90": float(_percentile(times, 90)), "latency_runs": len(times),
             "latency_device": device_name(dev)}

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     ap.add_argument("--channels-last", action="store_true", help="channels_last model and input (CUDA only)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time the replay of the forward captured as a CUDA graph: the GPU's time without the "
+                         "host's kernel launches (a diagnostic; records keep the eager forward's latency)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--note", help="a line for the report, e.g. 'shared machine: not final numbers'")
     ap.add_argument("--out", default="results")
@@ -103,8 +106,8 @@ def run(args, argv_used: list[str]) -> int:
     for b in backbones:
         check_name(b)
     dev = resolve_device(args.device)
-    if dev.type != "cuda" and (args.bf16 or args.channels_last or args.cudnn_benchmark):
-        raise UsageError("--bf16, --channels-last and --cudnn-benchmark apply on CUDA only")
+    if dev.type != "cuda" and (args.bf16 or args.channels_last or args.cudnn_benchmark or args.cuda_graph):
+        raise UsageError("--bf16, --channels-last, --cudnn-benchmark and --cuda-graph apply on CUDA only")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     known, problems = tp.load_registry()
@@ -113,6 +116,7 @@ def run(args, argv_used: list[str]) -> int:
     if args.methods:
         problems = {}
     setting = tp.Setting(args.bf16, args.channels_last)
+    label = setting.label + (" + CUDA graph" if args.cuda_graph else "")
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"device {cost.device_name(dev)}; torch {torch.__version__}; backbones {', '.join(backbones)}; "
           f"methods: {', '.join(chosen)}", flush=True)
@@ -129,7 +133,7 @@ def run(args, argv_used: list[str]) -> int:
             row: dict[str, Any] = {"backbone": backbone, "method": name or "(bare backbone)",
                                    "options": ", ".join(f"{k}={v}" for k, v in overrides.items()) or
                                    ("" if name is None else "defaults"),
-                                   "setting": setting.label, "status": "ok", "error": ""}
+                                   "setting": label, "status": "ok", "error": ""}
             model = None
             try:
                 torch.manual_seed(0)
@@ -156,7 +160,8 @@ def run(args, argv_used: list[str]) -> int:
             return
         try:
             r = cost.measure_latency(c["model"], x1, dev, runs=args.runs, warmup=args.warmup,
-                                     bf16=setting.bf16, channels_last=setting.channels_last)
+                                     bf16=setting.bf16, channels_last=setting.channels_last,
+                                     cuda_graph=args.cuda_graph)
         except Exception as e:  # noqa: BLE001
             c["errors"].append(tp.short_error(e))
             tp.release(dev)
@@ -197,7 +202,7 @@ def run(args, argv_used: list[str]) -> int:
     lines += tp.environment_lines(dev, args, argv_used, load0)
     lines += [f"- each measurement: ensemble_bench.cost.measure_latency, median of {args.runs} timed forwards after "
               f"{args.warmup} warm-up ({'CUDA events' if dev.type == 'cuda' else 'perf_counter'}), "
-              f"{setting.label}, untrained deployed models; order {args.order}"
+              f"{label}, untrained deployed models; order {args.order}"
               + (" (fewer than the 50 runs of the metric spec: a quick check, not a recorded number)"
                  if args.runs < 50 else ""),
               f"- spread = (max - min) / median of the {args.repeats} medians; CV = stdev / mean of the medians; "
@@ -225,7 +230,7 @@ def run(args, argv_used: list[str]) -> int:
         lines += ["", f"- {n_ok} of {len(measured)} configs with a spread under {TARGET_PCT:g}%; worst: "
                       f"{worst['backbone']} / {worst['method']} at {worst['spread_pct']:.2f}%; "
                       f"median spread {statistics.median(r['spread_pct'] for r in measured):.2f}%"]
-    csv_path, md_path = tp.write_table(Path(args.out), f"bench_latency_noise_{dev.type}", rows, lines, dev,
+    csv_path, md_path = tp.write_table(Path(args.out), f"bench_latency_noise_{dev.type}" + ("_graph" if args.cuda_graph else ""), rows, lines, dev,
                                        ("backbone", "method", "options", "setting", "num_members", "latency_ms",
                                         "min_ms", "max_ms", "spread_pct", "cv_pct", "within_pct", "below_target",
                                         "repeats", "medians_ms", "status", "error"))

@@ -252,3 +252,10 @@ def test_measure_on_cuda():
     assert res["precision"] == "bf16" and res["latency_ms"] > 0 and res["throughput"] > 0
     assert res["peak_mem_mb"] > 0 and res["latency_device"] == torch.cuda.get_device_name(0)
     assert res["latency_ms_p10"] <= res["latency_ms"] <= res["latency_ms_p90"]
+    graphed = cost.measure_latency(ens, torch.randn(1, 3, 8, 8), "cuda", runs=5, bf16=True, cuda_graph=True)
+    assert graphed["latency_ms"] > 0 and graphed["latency_runs"] == 5
+
+
+def test_cuda_graph_latency_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        cost.measure_latency(tiny_net(), torch.randn(1, 3, 8, 8), "cpu", runs=1, cuda_graph=True)
