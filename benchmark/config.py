@@ -26,6 +26,7 @@ from ensemble_bench.recipe import RECIPE_FIELDS as _RECIPE_FIELDS
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**63 - 1
 MAX_EPOCHS = 100_000   # per stage; far beyond any published recipe (a typo guard, not a budget)
+MAX_LATENCY_RUNS = 100_000   # timed batch-1 forwards; a typo guard (the spec asks for 50)
 
 # Fields that say where things live or how a run is executed, not what is computed: they do not enter
 # the run id, so the same experiment keeps its id whatever folder or machine it is written from.
@@ -110,8 +111,10 @@ class RunConfig:
             raise UsageError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"val_fraction must be in [0, 1); got {self.val_fraction}")
-        if self.latency_runs < 1:
-            raise UsageError(f"latency_runs must be >= 1; got {self.latency_runs}")
+        if not 1 <= self.latency_runs <= MAX_LATENCY_RUNS:
+            raise UsageError(f"latency_runs must be in [1, {MAX_LATENCY_RUNS:,}]; got {self.latency_runs}")
+        if not str(self.out).strip():
+            raise UsageError("out must name a folder for the records; got an empty string")
         if self.shift is not None:
             check_shift(self.shift, self.dataset)
 

@@ -18,6 +18,7 @@ it on its section here (with its kind), and the runner sets it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -54,10 +55,18 @@ def check_record(rec: Any, where: str) -> dict:
     return rec
 
 
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 # the kinds of a typed field: (test, what the message says is expected). Numbers are any real number but a
 # bool (ints stay ints, so a record round-trips exactly); numpy scalars count, they are written as numbers.
 _KINDS: dict[str, tuple[Any, str]] = {
-    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "number": (_real, "a number"),
+    # metrics with a range: a hand-edited or foreign record with acc = 5.0 (a percentage?) is refused, not
+    # ranked. NaN passes, as for any number (a metric that could not be computed).
+    "fraction": (lambda v: _real(v) and (math.isnan(v) or 0 <= v <= 1), "a number in [0, 1]"),
+    "nonneg": (lambda v: _real(v) and (math.isnan(v) or v >= 0), "a number >= 0"),
     "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
@@ -177,18 +186,18 @@ class Metrics(Section):
 
     EXPECTED: ClassVar[str] = "an object with the numbers acc, nll"
 
-    acc: float | None = _f("number", required=True)
-    nll: float | None = _f("number", required=True)
-    brier: float | None = _f("number")
-    ece: float | None = _f("number")
-    member_acc: float | None = _f("number")
-    disagreement: float | None = _f("number")
-    nll_ts: float | None = _f("number")
-    ece_ts: float | None = _f("number")
-    temperature: float | None = _f("number")
-    aurc: float | None = _f("number")
-    acc_at_95: float | None = _f("number")
-    ece_adaptive: float | None = _f("number")
+    acc: float | None = _f("fraction", required=True)
+    nll: float | None = _f("nonneg", required=True)
+    brier: float | None = _f("nonneg")
+    ece: float | None = _f("fraction")
+    member_acc: float | None = _f("fraction")
+    disagreement: float | None = _f("fraction")
+    nll_ts: float | None = _f("nonneg")
+    ece_ts: float | None = _f("fraction")
+    temperature: float | None = _f("nonneg")
+    aurc: float | None = _f("fraction")
+    acc_at_95: float | None = _f("fraction")
+    ece_adaptive: float | None = _f("fraction")
     ood: dict | None = _f("dict")
     shift: dict | None = _f("dict")
 

@@ -274,7 +274,8 @@ def scan_records(
     dirs = as_folders(runs_dirs)
     for d in dirs:
         if not d.is_dir():
-            raise RecordError(f"{d}: results directory does not exist")
+            raise RecordError(f"{d}: is a file, not a results folder (give the folder that holds the records)"
+                              if d.exists() else f"{d}: results directory does not exist")
     pairs: list[tuple[Path, Any]] = []
     problems: list[str] = []
     seen: dict[str, Path] = {}

@@ -14,6 +14,7 @@ import inspect
 import os
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -98,6 +99,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     from ensemble_bench import records
 
     records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
+    check_run_paths(out, run_id)         # a folder where a result file goes (or the reverse): refused here
     method = make_method(cfg)      # bad options fail here, before anything is written
     check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     shift_set = load_shift(cfg)    # --shift: a missing or bad corrupted set is refused before any work
@@ -129,7 +131,26 @@ def check_output_dir(out: Path, flag: str = "--out") -> None:
                 raise UsageError(f"{flag} {out}: {p} is a file, not a directory")
             if not os.access(p, os.W_OK | os.X_OK):
                 raise UsageError(f"{flag} {out}: {p} is not writable")
+            try:   # the permission bits can say yes where the file system says no (/proc, a read-only mount)
+                os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=p))
+            except OSError as e:
+                raise UsageError(f"{flag} {out}: cannot create anything in {p} ({e.strerror or e})") from None
             return
+
+
+def check_run_paths(out: Path, run_id: str) -> None:
+    """Every path the run will write is free or of the kind it writes: its result files (``<run_id>.json``,
+    ``.curves.csv``, ``.preds.npz``, ``.weights.safetensors``) are files; the checkpoints (``.ckpt/<run_id>``),
+    the stage store (``.members``) and the locks (``.submitit/locks``) are folders. Else a run would fail
+    at its first write, some after training: bad input, before any work."""
+    from ensemble_bench.records import RESULT_SUFFIXES
+    from ensemble_bench.runlock import LOCK_DIR
+
+    wrong = [(out / f"{run_id}{suffix}", "a file") for suffix in RESULT_SUFFIXES]
+    wrong += [(out / d, "a folder") for d in (".ckpt", Path(".ckpt") / run_id, ".members", LOCK_DIR)]
+    for p, kind in wrong:
+        if p.exists() and (p.is_file() if kind == "a folder" else not p.is_file()):
+            raise UsageError(f"{p} is in the way: the run writes {kind} there; move it away")
 
 
 def make_trainer(cfg: RunConfig, bundle: Any, device: torch.device, code: dict, log: Callable[[str], None]):

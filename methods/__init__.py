@@ -32,7 +32,14 @@ def register(name: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise TypeError(f"method {name!r}: option {f.name!r} of {cls.__name__}.Config has no default "
                                 f"(every option needs one)")
-        REGISTRY.add(name, cls)
+        REGISTRY.add(name, cls)   # first, so that a name taken twice is named as such
+        missing = [f for f in ("build", "fit") if getattr(cls, f) is getattr(Method, f)]
+        if cls.independent_members and cls.fit_member is Method.fit_member:
+            missing.append("fit_member (independent_members = True)")
+        if missing:
+            REGISTRY.remove(name)
+            raise TypeError(f"method {name!r}: {cls.__name__} does not define {' or '.join(missing)} "
+                            f"(a method implements build, the architecture, and fit, its training)")
         cls.name = name
         return cls
     return deco

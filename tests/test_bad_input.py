@@ -175,6 +175,21 @@ def _npz(tmp: Path, **arrays) -> Path:
     return tmp / "a.npz"
 
 
+def _in_the_way(tmp: Path, rel: str, kind: str) -> list:
+    """RUN_T with ``out/<rel>`` ("{rid}": RUN_T's run id) made a file or a folder, the kind the run does not
+    write there."""
+    from ensemble_bench.resolve import make_run_config
+
+    rid = make_run_config(dict(method="single", backbone="cnn_small", dataset="digits", epochs=1)).run_id()
+    p = tmp / "out" / rel.format(rid=rid)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        p.write_text("in the way\n")
+    else:
+        p.mkdir()
+    return RUN_T
+
+
 def _link(tmp: Path, target: str) -> Path:
     p = tmp / "loop" if target == "loop" else tmp / "dangling"
     p.symlink_to(p if target == "loop" else target)
@@ -243,6 +258,23 @@ CASES = {
     "milestones_repeated": lambda t: ([*RUN_T, "--schedule", "multistep", "--milestones", "0.5,0.5"],
                                       ["milestones are increasing"]),
     "lr_overflows_float32": lambda t: ([*RUN_T, "--lr", "1e39"], ["lr must be", "float32"]),
+    "out_members_is_a_file": lambda t: (_in_the_way(t, ".members", "file"), ["out/.members", "in the way"]),
+    "out_ckpt_is_a_file": lambda t: (_in_the_way(t, ".ckpt", "file"), ["out/.ckpt", "in the way"]),
+    "out_locks_is_a_file": lambda t: (_in_the_way(t, ".submitit/locks", "file"), ["out/.submitit/locks"]),
+    "out_preds_is_a_folder": lambda t: (_in_the_way(t, "{rid}.preds.npz", "folder"), [".preds.npz", "a file"]),
+    "out_record_is_a_folder": lambda t: (_in_the_way(t, "{rid}.json", "folder"), [".json", "in the way"]),
+    "out_empty_string": lambda t: (["run", "--config", _write(t / "e.toml", BAD_TOML.replace('"out"', '""'))],
+                                   ["out must name a folder"]),
+    "latency_runs_huge": lambda t: (["run", "--config", _toml(t, "latency_runs = 1000000000000\n")],
+                                    ["latency_runs must be in"]),
+    "plugin_method_without_fit": lambda t: (
+        ["list", "--plugin", _write(t / "nofit.py", (
+            "import ensemble_bench as eb\n\n"
+            "@eb.register('nofit')\nclass M(eb.Method):\n"
+            "    def build(self, ctx):\n        return None\n"))],
+        ["nofit.py", "does not define fit"]),
+    "leaderboard_given_a_file": lambda t: (["leaderboard", _file(t)], ["is a file, not a results folder"]),
+    "report_o_in_proc": "records",
     # --- "A silent number"
     "cifar10_train_16x16": lambda t: (
         ["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "cifar10", "--epochs", "1",
@@ -360,6 +392,8 @@ def test_bad_input_table(case, tmp_path, capsys, monkeypatch, complete_runs):
             shutil.copy(seed0, runs / f"{make_run_config(settings).run_id()}.json")
             argv = ["run", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()], "--out", runs]
             must = [rec["run_id"], "move it away"]
+        elif case == "report_o_in_proc":   # /proc: the permission bits say writable, mkdir says no
+            argv, must = ["report", runs, "-o", "/proc/ensemble-bench-report"], ["cannot create anything in /proc"]
         elif case == "leaderboard_complete_without_metrics":
             argv, must = ["leaderboard", runs], []
         else:

@@ -33,6 +33,19 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _forget_method_modules(monkeypatch, *also: str) -> None:
+    """Drop the method modules (and modules starting with ``also``) from sys.modules so that loading the
+    registry imports them again; the test's end restores them. The packages' attributes that name them are
+    restored too: without that, ``ensemble_bench.methods.deep_ensemble`` stays the copy imported here while
+    the restored registry holds the original's classes, and a later test that patches the module patches the
+    copy (test_deep_ensemble's batched-loss control then saw no change)."""
+    for mod in [m for m in sys.modules if m.startswith(("ensemble_bench.methods.", *also))]:
+        parent, _, child = mod.rpartition(".")
+        if parent in sys.modules and hasattr(sys.modules[parent], child):
+            monkeypatch.setattr(sys.modules[parent], child, getattr(sys.modules[parent], child))
+        monkeypatch.delitem(sys.modules, mod)
+
+
 # ------------------------------------------------------------------------- one import name
 def test_public_api_and_no_collision_with_a_users_own_packages(tmp_path):
     for name in ensemble_bench.__all__:
@@ -82,8 +95,7 @@ def test_a_broken_method_file_is_reported_and_the_others_still_load(monkeypatch)
     monkeypatch.setattr(methods, "REGISTRY", Registry("method"))
     monkeypatch.setattr(methods, "_state", "new")
     monkeypatch.setattr(methods, "_errors", {})
-    for mod in [m for m in sys.modules if m.startswith("ensemble_bench.methods.")]:
-        monkeypatch.delitem(sys.modules, mod)
+    _forget_method_modules(monkeypatch)
     monkeypatch.setattr(importlib, "import_module", flaky)
     names = methods.names()
     assert "mimo" not in names and {"single", "deep_ensemble", "packed"} <= set(names)
@@ -110,8 +122,7 @@ def test_entry_point_plugins_load_and_a_failing_one_is_reported(monkeypatch, tmp
     monkeypatch.setattr(methods, "_state", "new")
     monkeypatch.setattr(methods, "_errors", {})
     monkeypatch.setattr(methods, "REGISTRY", Registry("method"))
-    for mod in [m for m in sys.modules if m.startswith("ensemble_bench.methods.") or m.startswith("ep_")]:
-        monkeypatch.delitem(sys.modules, mod)
+    _forget_method_modules(monkeypatch, "ep_")
     assert "ep_method" in methods.names() and "single" in methods.names()
     assert methods.load_errors() == {"entry point bad = ep_bad": "RuntimeError: no luck"}
 

@@ -124,8 +124,12 @@ def test_missing_required_field_is_one_line_naming_it(section, key, expected):
 
 
 @pytest.mark.parametrize("section,key,value,expected", [
-    ("metrics", "acc", "0.9", "metrics.acc must be a number, not string"),
-    ("metrics", "ece", True, "metrics.ece must be a number, not bool"),
+    ("metrics", "acc", "0.9", "metrics.acc must be a number in [0, 1], not string"),
+    ("metrics", "ece", True, "metrics.ece must be a number in [0, 1], not bool"),
+    ("metrics", "acc", 5.0, "metrics.acc must be a number in [0, 1], not float (5.0)"),   # a percentage
+    ("metrics", "ece", -0.01, "metrics.ece must be a number in [0, 1]"),
+    ("metrics", "nll", -0.5, "metrics.nll must be a number >= 0"),
+    ("metrics", "temperature", -1, "metrics.temperature must be a number >= 0"),
     ("metrics", "ood", [1], "metrics.ood must be an object, not array"),
     ("method", "num_members", 4.5, "method.num_members must be an integer, not float"),
     ("method", "size_reference", "yes", "method.size_reference must be true or false"),
@@ -141,6 +145,12 @@ def test_wrong_type_is_one_line_naming_field_and_type(section, key, value, expec
     assert expected in _one_line_error(d)
     d["status"] = "failed"        # types are checked whatever the status
     assert expected in _one_line_error(d)
+
+
+def test_a_metric_that_could_not_be_computed_is_nan_not_out_of_range():
+    d = complete_record()
+    d["metrics"].update(acc_at_95=float("nan"), nll_ts=float("nan"), acc=0.0, ece=1.0)
+    assert RunRecord.from_dict(d, "x").metrics.ece == 1.0
 
 
 def test_identity_errors_are_the_loaders_messages():
