@@ -3,8 +3,10 @@
 #
 #   bash benchmarks/gpu_check.sh DATA_DIR OUT_DIR
 #
-# DATA_DIR holds cifar10_train.npz + cifar10_test.npz (a subset is enough: the runs below train 3 epochs to
-# check the paths and time an epoch, not to rank anything). Everything lands in OUT_DIR: log.txt (the whole
+# DATA_DIR holds cifar10_train.npz + cifar10_test.npz, svhn.npz and cifar100_test.npz (a slice is enough: the
+# runs below train 3 epochs to check the paths and time an epoch, not to rank anything; make one that fits
+# the 64 MiB a device call carries with `python benchmarks/slice_data.py ../shared/data .gpu/data --drop
+# x_test_exact,test_exact_index`, ignore .gpu/ in .git/info/exclude and carry it). Everything lands in OUT_DIR: log.txt (the whole
 # output), runs.txt (one line per record: device, precision, compile, world size, epoch times, accuracy,
 # latency with its spread), runs.tgz (the records) and the benchmark tables. Each step has its own time limit
 # and a failing step never stops the next, so a partial result still comes back.

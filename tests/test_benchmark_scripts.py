@@ -37,3 +37,32 @@ def test_latency_noise_measures_every_config_on_cpu(tmp_path):
                    "single", "--repeats", "2", "--runs", "3", "--warmup", "1")
     assert [r["method"] for r in rows] == ["(bare backbone)", "single"]
     assert all(r["status"] == "ok" and int(r["repeats"]) == 2 for r in rows)
+
+
+def test_slice_data_cuts_every_per_image_array_and_the_suite_reads_the_slice(tmp_path):
+    import numpy as np
+
+    from ensemble_bench import data
+
+    src = tmp_path / "full"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(src / "cifar10_train.npz", x_train=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(50) % 10, train_index=np.arange(50))
+    np.savez(src / "cifar10_test.npz", x_test=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(30) % 10, x_test_exact=np.zeros((5, 32, 32, 3), np.uint8))
+    np.savez(src / "svhn.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20) % 10,
+             source_split=np.array(["test"]))
+    np.savez(src / "cifar100_test.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slice_data.py"), str(src), str(tmp_path / "s"),
+                           "--train", "40", "--test", "10", "--ood", "8", "--drop", "x_test_exact"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "s" / "cifar10_train.npz") as z:
+        assert z["x_train"].shape[0] == z["y_train"].shape[0] == z["train_index"].shape[0] == 40
+    with np.load(tmp_path / "s" / "cifar10_test.npz") as z:
+        assert z["x_test"].shape[0] == 10 and "x_test_exact" not in z.files
+    with np.load(tmp_path / "s" / "svhn.npz") as z:
+        assert z["x"].shape[0] == 8 and z["source_split"].tolist() == ["test"]
+    bundle = data.load("cifar10", tmp_path / "s", val_fraction=0.1)
+    assert len(bundle.train.y) + len(bundle.val.y) == 40 and len(bundle.test.y) == 10
