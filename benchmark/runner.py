@@ -179,7 +179,8 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     out = Path(cfg.out)
     run_id = cfg.run_id()
     code = code_identity(methods.get(cfg.method), cfg.plugins)
-    if not force and records.record_status(out, run_id) == "complete":
+    status = records.record_status(out, run_id)   # read again under the lock: another process may have finished it
+    if not force and status == "complete":
         rec = records.read_record(out / f"{run_id}.json")
         changed = [k for k, v in code.items() if k.endswith("sha256") and (rec.get("code") or {}).get(k) != v]
         if changed:
@@ -194,7 +195,7 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         return rec
     # a forced re-run of a complete record leaves that record where it is until the new one is complete: a
     # failure or a kill part way must not lose a result
-    replacing = force and records.record_status(out, run_id) == "complete"
+    replacing = force and status == "complete"
     method = make_method(cfg)
     device = resolve_device(cfg.device)
     bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
