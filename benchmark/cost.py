@@ -235,7 +235,7 @@ def _graphed(model: nn.Module, x: Tensor, dev: torch.device, bf16: bool) -> Call
     """The forward on ``x`` captured as one CUDA graph (``replay`` launches all its kernels at once), after
     3 warm-up forwards on a side stream as torch's CUDA-graph notes ask; autocast's weight cache is off
     inside the capture (cached casts would outlive the graph's memory pool)."""
-    side = torch.cuda.Stream(dev)
+    side = torch.cuda.Stream(dev)   # (measure_latency makes dev the current device around this)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
         for _ in range(3):
@@ -299,7 +299,8 @@ def measure_latency(model: nn.Module, example_input: Tensor, device, runs: int =
     if cuda_graph and dev.type != "cuda":
         raise ValueError("cuda_graph needs a CUDA device")
     x = _prepare_input(example_input, dev, channels_last)
-    with _eval_mode(model):
+    on_dev = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with _eval_mode(model), on_dev:   # events and replay on the model's device, whichever is current
         times = _timed_runs(model, x, dev, runs, max(warmup, 0), bf16, cuda_graph)
     return {"latency_ms": float(statistics.median(times)), "latency_ms_p10": float(_percentile(times, 10)),
             "latency_ms_p90": float(_percentile(times, 90)), "latency_runs": len(times),

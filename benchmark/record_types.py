@@ -18,7 +18,6 @@ it on its section here (with its kind), and the runner sets it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -65,8 +64,8 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "number": (_real, "a number"),
     # metrics with a range: a hand-edited or foreign record with acc = 5.0 (a percentage?) is refused, not
     # ranked. NaN passes, as for any number (a metric that could not be computed).
-    "fraction": (lambda v: _real(v) and (math.isnan(v) or 0 <= v <= 1), "a number in [0, 1]"),
-    "nonneg": (lambda v: _real(v) and (math.isnan(v) or v >= 0), "a number >= 0"),
+    "fraction": (lambda v: _real(v) and (v != v or 0 <= v <= 1), "a number in [0, 1]"),   # v != v: NaN
+    "nonneg": (lambda v: _real(v) and (v != v or v >= 0), "a number >= 0"),   # (math.isnan fails on huge ints)
     "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),

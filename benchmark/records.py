@@ -236,15 +236,19 @@ def _read(path: Path, *, complete: bool | None) -> tuple[dict, RunRecord]:
 
 
 def _record_files(runs_dir: Path, recursive: bool) -> list[Path]:
-    pattern = "**/*.json" if recursive else "*.json"
+    """The ``*.json`` files of ``runs_dir`` (and its subfolders with ``recursive``), never inside a hidden
+    folder (``.ckpt``, ``.members``, ``.submitit``): those are pruned before the walk enters them, so a
+    checkpoint folder removed by a run finishing at that moment cannot break the scan."""
     files = []
-    for p in runs_dir.glob(pattern):
-        rel = p.relative_to(runs_dir).parts
-        if any(part.startswith(".") for part in rel):  # temp files, hidden folders (e.g. .ckpt)
-            continue
-        if p.name.endswith(PREDS_SUFFIX) or p.name.endswith(_TMP_SUFFIX) or not p.is_file():
-            continue
-        files.append(p)
+    for root, dirs, names in os.walk(runs_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in names:
+            if (name.startswith(".") or not name.endswith(".json") or name.endswith(PREDS_SUFFIX)
+                    or name.endswith(_TMP_SUFFIX)):
+                continue
+            p = Path(root) / name
+            if p.is_file():
+                files.append(p)
     return sorted(files)
 
 

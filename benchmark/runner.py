@@ -132,7 +132,9 @@ def check_output_dir(out: Path, flag: str = "--out") -> None:
             if not os.access(p, os.W_OK | os.X_OK):
                 raise UsageError(f"{flag} {out}: {p} is not writable")
             try:   # the permission bits can say yes where the file system says no (/proc, a read-only mount)
-                os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=p))
+                fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=p)   # a file: no scan descends into it
+                os.close(fd)
+                os.unlink(probe)
             except OSError as e:
                 raise UsageError(f"{flag} {out}: cannot create anything in {p} ({e.strerror or e})") from None
             return
@@ -146,11 +148,16 @@ def check_run_paths(out: Path, run_id: str) -> None:
     from ensemble_bench.records import RESULT_SUFFIXES
     from ensemble_bench.runlock import LOCK_DIR
 
-    wrong = [(out / f"{run_id}{suffix}", "a file") for suffix in RESULT_SUFFIXES]
-    wrong += [(out / d, "a folder") for d in (".ckpt", Path(".ckpt") / run_id, ".members", LOCK_DIR)]
-    for p, kind in wrong:
-        if p.exists() and (p.is_file() if kind == "a folder" else not p.is_file()):
-            raise UsageError(f"{p} is in the way: the run writes {kind} there; move it away")
+    targets = [(Path(f"{run_id}{suffix}"), "a file") for suffix in RESULT_SUFFIXES]
+    targets += [(Path(d), "a folder") for d in (Path(".ckpt") / run_id, ".members", LOCK_DIR)]
+    for rel, kind in targets:
+        for depth in range(1, len(rel.parts) + 1):   # the target and the folders on the way to it
+            p, want = out.joinpath(*rel.parts[:depth]), kind if depth == len(rel.parts) else "a folder"
+            if os.path.lexists(p) and not p.exists():
+                raise UsageError(f"{p} is a symbolic link to nothing ({os.readlink(p)}): the run writes "
+                                 f"{want} there; mend or remove the link")
+            if p.exists() and (p.is_dir() if want == "a file" else not p.is_dir()):
+                raise UsageError(f"{p} is in the way: the run writes {want} there; move it away")
 
 
 def make_trainer(cfg: RunConfig, bundle: Any, device: torch.device, code: dict, log: Callable[[str], None]):

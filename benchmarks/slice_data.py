@@ -5,7 +5,7 @@
 
 A lent GPU machine receives the repository and at most 64 MiB with it; the CIFAR-10 development copy is
 71 MB. `benchmarks/gpu_check.sh` only checks the paths and times epochs, so the first images of each file
-are enough: every array of a file whose first axis is the images' is cut to the same N (labels, indices,
+are enough: every array of a file as long as one of its image arrays is cut to the same N (labels, indices,
 extra splits such as CIFAR-100's ``x_train_extra``), other arrays are copied as they are. The output is
 compressed. The slices are a different dataset for the suite (another sha256, so other run ids).
 """
@@ -23,8 +23,10 @@ LIMITS = {"cifar10_train.npz": "train", "cifar10_test.npz": "test", "svhn.npz": 
 def slice_file(src: Path, dst: Path, n: int, drop: frozenset = frozenset()) -> dict[str, tuple]:
     with np.load(src, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files if k not in drop}
-    # every array longer than one row is a per-image array in these layouts (a 1-row array is metadata)
-    out = {k: (a[:n] if a.ndim and a.shape[0] > 1 else a) for k, a in arrays.items()}
+    # per-image arrays: those as long as one of the file's image arrays (x, x_train, x_train_extra, ...);
+    # anything else (a list of class names, a source tag) is metadata and is copied whole
+    lengths = {a.shape[0] for k, a in arrays.items() if k.startswith("x") and a.ndim == 4}
+    out = {k: (a[:n] if a.ndim and a.shape[0] in lengths else a) for k, a in arrays.items()}
     np.savez_compressed(dst, **out)
     return {k: a.shape for k, a in out.items()}
 

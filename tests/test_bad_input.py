@@ -185,6 +185,8 @@ def _in_the_way(tmp: Path, rel: str, kind: str) -> list:
     p.parent.mkdir(parents=True, exist_ok=True)
     if kind == "file":
         p.write_text("in the way\n")
+    elif kind == "dangling":   # e.g. scratch space that is not mounted on this node
+        p.symlink_to(tmp / "not-mounted")
     else:
         p.mkdir()
     return RUN_T
@@ -261,6 +263,8 @@ CASES = {
     "out_members_is_a_file": lambda t: (_in_the_way(t, ".members", "file"), ["out/.members", "in the way"]),
     "out_ckpt_is_a_file": lambda t: (_in_the_way(t, ".ckpt", "file"), ["out/.ckpt", "in the way"]),
     "out_locks_is_a_file": lambda t: (_in_the_way(t, ".submitit/locks", "file"), ["out/.submitit/locks"]),
+    "out_submitit_is_a_file": lambda t: (_in_the_way(t, ".submitit", "file"), ["out/.submitit", "in the way"]),
+    "out_ckpt_dangling_link": lambda t: (_in_the_way(t, ".ckpt", "dangling"), ["out/.ckpt", "link to nothing"]),
     "out_preds_is_a_folder": lambda t: (_in_the_way(t, "{rid}.preds.npz", "folder"), [".preds.npz", "a file"]),
     "out_record_is_a_folder": lambda t: (_in_the_way(t, "{rid}.json", "folder"), [".json", "in the way"]),
     "out_empty_string": lambda t: (["run", "--config", _write(t / "e.toml", BAD_TOML.replace('"out"', '""'))],
@@ -393,7 +397,7 @@ def test_bad_input_table(case, tmp_path, capsys, monkeypatch, complete_runs):
             argv = ["run", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()], "--out", runs]
             must = [rec["run_id"], "move it away"]
         elif case == "report_o_in_proc":   # /proc: the permission bits say writable, mkdir says no
-            argv, must = ["report", runs, "-o", "/proc/ensemble-bench-report"], ["cannot create anything in /proc"]
+            argv, must = ["report", runs, "-o", "/proc/ensemble-bench-report"], ["/proc"]   # root: mkdir fails; others: not writable
         elif case == "leaderboard_complete_without_metrics":
             argv, must = ["leaderboard", runs], []
         else:

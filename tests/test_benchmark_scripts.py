@@ -52,7 +52,7 @@ def test_slice_data_cuts_every_per_image_array_and_the_suite_reads_the_slice(tmp
     np.savez(src / "cifar10_test.npz", x_test=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
              y_test=np.arange(30) % 10, x_test_exact=np.zeros((5, 32, 32, 3), np.uint8))
     np.savez(src / "svhn.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20) % 10,
-             source_split=np.array(["test"]))
+             source_split=np.array(["test"]), class_names=np.array([f"c{i}" for i in range(10)]))
     np.savez(src / "cifar100_test.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slice_data.py"), str(src), str(tmp_path / "s"),
                            "--train", "40", "--test", "10", "--ood", "8", "--drop", "x_test_exact"],
@@ -63,6 +63,7 @@ def test_slice_data_cuts_every_per_image_array_and_the_suite_reads_the_slice(tmp
     with np.load(tmp_path / "s" / "cifar10_test.npz") as z:
         assert z["x_test"].shape[0] == 10 and "x_test_exact" not in z.files
     with np.load(tmp_path / "s" / "svhn.npz") as z:
-        assert z["x"].shape[0] == 8 and z["source_split"].tolist() == ["test"]
+        assert z["x"].shape[0] == z["y"].shape[0] == 8 and z["source_split"].tolist() == ["test"]
+        assert len(z["class_names"]) == 10   # metadata, not a per-image array: copied whole
     bundle = data.load("cifar10", tmp_path / "s", val_fraction=0.1)
     assert len(bundle.train.y) + len(bundle.val.y) == 40 and len(bundle.test.y) == 10

@@ -38,7 +38,9 @@ def _forget_method_modules(monkeypatch, *also: str) -> None:
     registry imports them again; the test's end restores them. The packages' attributes that name them are
     restored too: without that, ``ensemble_bench.methods.deep_ensemble`` stays the copy imported here while
     the restored registry holds the original's classes, and a later test that patches the module patches the
-    copy (test_deep_ensemble's batched-loss control then saw no change)."""
+    copy (test_deep_ensemble's batched-loss control then saw no change). Call it after ``methods.names()``
+    has loaded the real registry (before the test swaps it), so that every module dropped here is one the
+    test's end puts back, not one left behind that is registered nowhere."""
     for mod in [m for m in sys.modules if m.startswith(("ensemble_bench.methods.", *also))]:
         parent, _, child = mod.rpartition(".")
         if parent in sys.modules and hasattr(sys.modules[parent], child):
@@ -92,6 +94,7 @@ def test_a_broken_method_file_is_reported_and_the_others_still_load(monkeypatch)
             raise ZeroDivisionError("broken on purpose")
         return real(name, *a, **k)
 
+    methods.names()   # the real registry loaded first (see _forget_method_modules)
     monkeypatch.setattr(methods, "REGISTRY", Registry("method"))
     monkeypatch.setattr(methods, "_state", "new")
     monkeypatch.setattr(methods, "_errors", {})
@@ -119,6 +122,7 @@ def test_entry_point_plugins_load_and_a_failing_one_is_reported(monkeypatch, tmp
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = [EntryPoint("good", "ep_good", plugins.ENTRY_POINT_GROUP), EntryPoint("bad", "ep_bad", plugins.ENTRY_POINT_GROUP)]
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: [e for e in eps if e.group == group])
+    methods.names()   # the real registry loaded first (see _forget_method_modules)
     monkeypatch.setattr(methods, "_state", "new")
     monkeypatch.setattr(methods, "_errors", {})
     monkeypatch.setattr(methods, "REGISTRY", Registry("method"))

@@ -130,6 +130,7 @@ def test_missing_required_field_is_one_line_naming_it(section, key, expected):
     ("metrics", "ece", -0.01, "metrics.ece must be a number in [0, 1]"),
     ("metrics", "nll", -0.5, "metrics.nll must be a number >= 0"),
     ("metrics", "temperature", -1, "metrics.temperature must be a number >= 0"),
+    ("metrics", "acc", 10**400, "metrics.acc must be a number in [0, 1]"),   # too big for a float: no OverflowError
     ("metrics", "ood", [1], "metrics.ood must be an object, not array"),
     ("method", "num_members", 4.5, "method.num_members must be an integer, not float"),
     ("method", "size_reference", "yes", "method.size_reference must be true or false"),

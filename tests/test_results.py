@@ -407,3 +407,21 @@ def test_leaderboard_reads_several_folders_and_subfolders_and_names_running_reco
     # a folder named twice (or inside another one named) counts each record once
     pairs, problems = records.scan_records([a, a / "sub"], recursive=True)
     assert sorted(r["run_id"] for _, r in pairs) == ["s0", "s1"] and problems == []
+
+
+def test_the_recursive_scan_never_enters_hidden_folders(tmp_path, monkeypatch):
+    """Records in subfolders count; nothing inside .ckpt / .members / .submitit is listed or even entered
+    (a run that finishes removes its .ckpt/<run_id> folder while another process scans)."""
+    import os
+
+    records.write_record(tmp_path, make_record("top"))
+    (tmp_path / "sub").mkdir()
+    records.write_record(tmp_path / "sub", make_record("deep"))
+    (tmp_path / ".ckpt" / "top").mkdir(parents=True)
+    (tmp_path / ".ckpt" / "top" / "state.json").write_text("{}")
+    entered = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": entered.append(str(p)) or real_scandir(p))
+    pairs, problems = records.scan_records(tmp_path, recursive=True)
+    assert sorted(r["run_id"] for _, r in pairs) == ["deep", "top"] and problems == []
+    assert not any(".ckpt" in p for p in entered), entered
