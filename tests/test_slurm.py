@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ensemble_bench import records, sweep
 from ensemble_bench.cli import main
@@ -236,7 +237,10 @@ def test_a_failing_job_is_recorded_with_its_error_and_the_others_finish(cluster,
 
 def epoch_seconds(out: Path) -> float:
     """Seconds per epoch of the requeue tests' run (single, cnn_small, digits, batch 16) here and now:
-    the median of the epochs after the first of a short run."""
+    the median of the epochs after the first of a short run, on one thread as the jobs run
+    (cpus_per_task = 1). Measured on this process's own thread count instead, the estimate was 1.4 s an
+    epoch with another process busy on the second core (two threads fighting for one), where the jobs ran
+    0.3-0.6 s an epoch: the time-limit job then finished inside its first attempt and the test failed."""
     from ensemble_bench.resolve import make_run_config
     from ensemble_bench.runner import execute
 
@@ -244,7 +248,12 @@ def epoch_seconds(out: Path) -> float:
                            "batch_size": 16, "lr": 0.02, "device": "cpu", "out": str(out), "latency_runs": 1,
                            "save_predictions": False, "progress": False})
     lines: list[str] = []
-    execute(cfg, log=lines.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        execute(cfg, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
     times = sorted(float(m.group(1)) for m in (re.search(r"epoch [234]/4 .* ([0-9.]+)s$", ln) for ln in lines) if m)
     assert len(times) == 3, lines
     return max(times[1], 0.01)
