@@ -246,6 +246,22 @@ def check_name_builtin(name: str) -> bool:
     return bool(m and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(2)) >= 1)
 
 
+def canonical_name(name: str) -> str:
+    """The one spelling of a suite family name: ``resnet08`` and ``resnet8x1`` are ``resnet8``, ``wrn028_010``
+    is ``wrn28_10``; any other name is returned as given. The run id holds this spelling, so the same
+    network never gets two ids (``resolve`` applies it before anything else reads the name)."""
+    if name in PLUGINS:
+        return name
+    m = _CIFAR_RE.match(name)
+    if m and int(m.group(1)) not in (18, 50):
+        width = int(m.group(2) or 1)
+        return f"resnet{int(m.group(1))}" + (f"x{width}" if width != 1 else "")
+    m = _WRN_RE.match(name)
+    if m:
+        return f"wrn{int(m.group(1))}_{int(m.group(2))}"
+    return name
+
+
 def is_staged_name(name: str) -> bool:
     """Whether the backbone of this (valid) name is a ``StagedNet`` built from its ``Layers`` factory."""
     if name in PLUGINS:

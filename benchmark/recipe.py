@@ -24,6 +24,9 @@ linear warm-up):
   linear         NFE's curve: 1 until 50 %, linear to 0.01 at 90 %, then 0.01
   constant       1
   cyclic_cosine  ``cycles`` equal cosine cycles, each restarting at 1 (snapshot ensembles)
+``milestones`` and ``lr_decay`` are read by multistep only and ``cycles`` by cyclic_cosine only: under
+another schedule a Recipe holds their defaults whatever it was given (``UNUSED_UNLESS``), so the same
+training never gets two run ids.
 
 ``label_smoothing`` and ``mixup_alpha`` are part of the recipe so a record says when a stage used them;
 the suite's shared recipe uses neither (a method stage that mixes its inputs, like the bridge networks',
@@ -68,6 +71,12 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         self.validate()
+        # A setting the schedule never reads takes its default, so one training has one recipe (and one
+        # run id, one group key, one stage-share key): `--milestones 0.3,0.6` under cosine is the cosine
+        # run. Defaults are what every record made before this rule holds, so their ids are unchanged.
+        for name, used_by in UNUSED_UNLESS.items():
+            if self.schedule != used_by:
+                object.__setattr__(self, name, _DEFAULTS[name])
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -156,6 +165,9 @@ def lr_factor(schedule: str, t: float, epochs: float, warmup: float = 0.0,
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+# The settings only one schedule reads (see lr_factor): under any other they are set to their defaults.
+UNUSED_UNLESS = {"milestones": "multistep", "lr_decay": "multistep", "cycles": "cyclic_cosine"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Recipe)}
 OWN_COLUMN_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.metadata.get("own_column"))
 
 

@@ -54,6 +54,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
     plugins.load_all(cfg.plugins)       # the user's methods, backbones and datasets register themselves
     method_cls = methods.get(cfg.method)
+    cfg.backbone = backbones.canonical_name(cfg.backbone)   # resnet08 is resnet8: one spelling, one run id
     backbones.check_name(cfg.backbone)
     method_cls.check_backbone(cfg.backbone)   # e.g. a staged-only method on a timm model: one line, here
     cfg.dataset = data.check_name(cfg.dataset)   # a dataset TOML: its absolute path (data.check_name says why)

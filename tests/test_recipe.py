@@ -54,6 +54,33 @@ def test_paper_mode_changes_the_id_only_where_the_recipe_changes():
         assert shared.effective_recipe == shared.run_recipe().to_dict()
 
 
+def test_one_training_has_one_run_id_whatever_the_unused_settings_and_spelling():
+    """Settings the schedule never reads, and another spelling of the same backbone, are aliases: the
+    same run id. Settings it reads (and another backbone) are another experiment."""
+    base = {"method": "single", "backbone": "resnet8", "dataset": "digits", "epochs": 4}
+    ref = make_run_config(dict(base)).run_id()
+    for alias in ({"milestones": [0.3, 0.6]}, {"lr_decay": 0.5}, {"backbone": "resnet08"},
+                  {"backbone": "resnet8x1"}):
+        cfg = make_run_config(dict(base, **alias))
+        assert cfg.run_id() == ref, alias
+        assert cfg.backbone == "resnet8" and cfg.effective_recipe["milestones"] == [0.5, 0.75]
+    for other in ({"schedule": "multistep"}, {"backbone": "resnet8x2"}, {"schedule": "cyclic_cosine"}):
+        assert make_run_config(dict(base, **other)).run_id() != ref, other
+    multi = dict(base, schedule="multistep")
+    assert make_run_config(dict(multi, milestones=[0.3, 0.6])).run_id() != make_run_config(multi).run_id()
+    assert make_run_config(dict(multi, lr_decay=0.5)).run_id() != make_run_config(multi).run_id()
+    # cycles is a method's setting (snapshot ensembles), read by cyclic_cosine only
+    assert Recipe(epochs=8, cycles=4) == Recipe(epochs=8)
+    assert Recipe(epochs=8, schedule="cyclic_cosine", cycles=4) != Recipe(epochs=8, schedule="cyclic_cosine")
+    assert make_run_config(dict(base, backbone="wrn016_04")).backbone == "wrn16_4"
+    # an invalid unused setting is still refused (a typo is not made silent by the schedule)
+    with pytest.raises(UsageError, match="milestones"):
+        Recipe(milestones=(0.75, 0.5))
+    # under a method that changes the schedule (NFE's paper recipe: linear), the run's milestones are unused
+    nfe = dict(base, method="nfe", recipe="paper")
+    assert make_run_config(dict(nfe, milestones=[0.3])).run_id() == make_run_config(nfe).run_id()
+
+
 # ------------------------------------------------------------------------------ curves in records
 def test_every_record_has_its_learning_curves_and_effective_recipe(tmp_path, capsys):
     out = tmp_path / "runs"
