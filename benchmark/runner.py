@@ -65,11 +65,11 @@ def check_model(model: Any, method: str) -> EnsembleModel:
     return model
 
 
-def check_buildable(method: Any, cfg: RunConfig) -> None:
+def check_buildable(method: Any, cfg: RunConfig) -> Any:
     """Build the method's architecture on the meta device (no memory, no compute, no data) so that a
     method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
     record or folder exists (and a sweep refuses it before submitting). Any other failure here is left
-    for the real build inside ``fit`` to report."""
+    for the real build inside ``fit`` to report. Returns the meta model (None when the build failed)."""
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     channels, size = IMAGE_SHAPES[cfg.dataset]
@@ -78,13 +78,45 @@ def check_buildable(method: Any, cfg: RunConfig) -> None:
     rng = torch.get_rng_state()
     try:
         with torch.device("meta"):
-            method.build(ctx)
+            return method.build(ctx)
     except UsageError:
         raise
     except Exception:
-        pass
+        return None
     finally:
         torch.set_rng_state(rng)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory a run on ``device`` can have at most: the GPU's total memory, or the machine's
+    physical memory (less where a cgroup caps this process); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cap.isdigit():
+            limit = min(limit, int(cap))
+    return limit
+
+
+def check_fits_in_memory(model: Any, cfg: RunConfig, device: torch.device) -> None:
+    """Refuse, before any record or folder exists, a model whose weights alone exceed the memory of the
+    device it would train on (a member count, width or class count that cannot be meant): a lower bound,
+    so it never refuses a run that fits. Checked where the run executes, not by a sweep's submitter (a
+    login node is not the machine that trains)."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    have = device_memory(device)
+    if have is not None and need > have:
+        n = sum(p.numel() for p in model.parameters())
+        raise UsageError(f"{cfg.method} on {cfg.backbone} with {cfg.options or 'its defaults'} has {n:,} parameters: "
+                         f"its weights alone need {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
+                         f"of {device.type} memory here")
 
 
 def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
@@ -101,7 +133,8 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
     check_run_paths(out, run_id)         # a folder where a result file goes (or the reverse): refused here
     method = make_method(cfg)      # bad options fail here, before anything is written
-    check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
+    meta_model = check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
+    check_fits_in_memory(meta_model, cfg, resolve_device(cfg.device))   # weights larger than the device: refused
     shift_set = load_shift(cfg)    # --shift: a missing or bad corrupted set is refused before any work
     from ensemble_bench import distributed
 

@@ -277,6 +277,9 @@ CASES = {
             "@eb.register('nofit')\nclass M(eb.Method):\n"
             "    def build(self, ctx):\n        return None\n"))],
         ["nofit.py", "does not define fit"]),
+    "weights_larger_than_memory": lambda t: (["run", "--method", "single", "--backbone", "wrn28_2000", "--dataset",
+                                              "digits", "--epochs", "1", "--out", "out"],
+                                             ["1,457,", "parameters", "GiB", "memory here"]),
     "leaderboard_given_a_file": lambda t: (["leaderboard", _file(t)], ["is a file, not a results folder"]),
     "report_o_in_proc": "records",
     # --- "A silent number"
@@ -708,3 +711,24 @@ def test_a_forced_run_that_fails_or_is_interrupted_keeps_the_complete_record(tmp
     code, _, _ = call(["run", "--config", cfg, "--force"], capsys)
     assert code == 130
     assert {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()} == files
+
+
+def test_a_member_count_beyond_memory_is_refused_before_any_write(tmp_path, capsys, monkeypatch):
+    """The weights-only lower bound counts every member the method builds (here on a pretend 4 MiB
+    machine): 3 members pass where 30 do not, and the refusal names the options."""
+    from ensemble_bench import runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "device_memory", lambda device: 4 * 2**20)
+    from ensemble_bench.resolve import make_run_config
+
+    def need(m):
+        cfg = make_run_config(dict(method="deep_ensemble", options={"num_members": m}, backbone="cnn_small",
+                                   dataset="digits", epochs=1, device="cpu"))
+        model = runner.check_buildable(runner.make_method(cfg), cfg)
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    assert need(30) == 10 * need(3) and need(3) < 4 * 2**20 < need(30)
+    bad_input(tmp_path, ["run", "--method", "deep_ensemble", "--set", "num_members=30", "--backbone", "cnn_small",
+                         "--dataset", "digits", "--epochs", "1", "--out", "out"], capsys,
+              "num_members': 30", "more than the 0.0 GiB of cpu memory")
