@@ -217,6 +217,16 @@ def train_precision(cfg: Mapping, training: Training) -> str:
     return "bf16" if kind == "cuda" and bool(cfg.get("bf16", False)) else "fp32"
 
 
+def _as_trained(recipe: dict, training: Training) -> dict:
+    """The recipe column's settings as they acted: ``bf16`` acts only through the precision (its own group
+    key), and ``channels_last`` only on CUDA (train.Trainer), so two CPU runs that differ in either flag
+    trained identically and are seeds of one row."""
+    out = {k: v for k, v in recipe.items() if k != "bf16"}
+    if device_kind(training.device) == "cpu":
+        out.pop("channels_last", None)
+    return out
+
+
 def flatten_record(rec: RunRecord | Mapping) -> dict:
     """One flat row of a record (a :class:`RunRecord`, or its dict): identity columns, metrics, msp OOD
     metrics per set, cost, devices.
@@ -249,7 +259,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
         "epochs": eff.get("epochs"),
         "batch_size": eff.get("batch_size"),
         "lr": eff.get("lr"),
-        "recipe": _canonical({k: eff[k] for k in RECIPE_FIELDS if k in eff}),
+        "recipe": _canonical(_as_trained({k: eff[k] for k in RECIPE_FIELDS if k in eff}, training)),
         "precision": train_precision(cfg, training),
         "stage_recipes": _stage_recipes_text(training),
         "converged": None if conv is None else bool(conv),

@@ -291,6 +291,13 @@ def test_seeds_pool_across_machines_but_timings_never_average_across_devices():
     df2 = leaderboard.leaderboard([bf, *cpu])
     assert sorted(zip(df2["precision"], df2["n_seeds"])) == [("bf16", 1), ("fp32", 2)]
     assert " precision |" in formatting.format_markdown(df2).splitlines()[2]     # the header shows it
+    # on a CPU neither flag acts (bf16 acts only through the precision, channels_last only on CUDA): two CPU
+    # seeds that differ in both flags are one row; on a GPU channels_last picks other kernels: two rows
+    cpu[1]["config"].update(bf16=False, channels_last=False)
+    assert list(leaderboard.leaderboard(cpu)["n_seeds"]) == [2]
+    gpu = [make_record(f"h{s}", seed=s, train_device="NVIDIA H100") for s in (1, 2)]
+    gpu[1]["config"]["channels_last"] = not gpu[0]["config"].get("channels_last", True)
+    assert sorted(leaderboard.leaderboard(gpu)["n_seeds"]) == [1, 1]
 
 
 def test_leaderboard_missing_metric_in_one_seed_is_nan_and_edge_cases(tmp_path):
