@@ -581,6 +581,12 @@ def test_report_rows_are_ordered_by_accuracy_and_colours_are_stable_and_strong(t
     assert all(relative_luminance(c.color) < 0.4 for c in sec3.configs)
     assert len({(c.color, c.marker) for c in sec3.configs}) == len(sec3.configs)
     assert len({(c.color, str(c.linestyle)) for c in sec3.configs}) == len(sec3.configs)   # curves too
+    # many methods (the reference leaderboard: 20 configs of 10 methods gave single-30 and packed-30 the same
+    # colour and marker): the 17th config's marker moved by one onto the next method's marker
+    mixed = [make_record(f"x{m}{j}", f"method{m:02d}", {"j": j}, 0, 2, acc=0.5, nll=0.5, **kw)
+             for m in range(11) for j in range(3)]
+    (sec4,) = report.group_sections(mixed)
+    assert len({(c.color, c.marker) for c in sec4.configs}) == len(sec4.configs) == 33
 
 
 def test_reliability_figure_has_a_sample_count_panel_and_fades_sparse_bins(tmp_path, monkeypatch):

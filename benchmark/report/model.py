@@ -205,10 +205,19 @@ def _label_configs(sec: Section) -> None:
         return (1, c.method, m, c.method, c.label)
 
     methods = sorted(by_method)
+    used: set[tuple[str, str]] = set()
     for i, c in enumerate(sorted(sec.configs, key=_identity)):
         c.color = PALETTE[i % len(PALETTE)]
-        # past the palette, the marker changes too, so no two configs of a method look the same
-        c.marker = MARKERS[(methods.index(c.method) + i // len(PALETTE)) % len(MARKERS)]
+        # a method keeps its marker while the palette lasts; past it the marker moves on, and it moves again
+        # while another config already has this colour and marker (two methods' markers can meet), so no two
+        # configs look the same until the colour x marker pairs run out
+        k = methods.index(c.method) + i // len(PALETTE)
+        for _ in range(len(MARKERS)):
+            if (c.color, MARKERS[k % len(MARKERS)]) not in used:
+                break
+            k += 1
+        c.marker = MARKERS[k % len(MARKERS)]
+        used.add((c.color, c.marker))
         c.linestyle = LINESTYLES[(i // len(PALETTE)) % len(LINESTYLES)]
     # rows, legends and panels: best accuracy first, as the markdown leaderboard (leaderboard.leaderboard)
     sec.configs.sort(key=config_order)
