@@ -38,7 +38,7 @@ mapfile -t gone < <(git ls-files -d -- "$R/.ckpt" "$R/.members")     # committed
 base=HEAD
 if [[ -n "${SAVE_SINCE:-}" ]] && [[ "$(git rev-parse HEAD)" != "$(git rev-parse "$SAVE_SINCE")" ]] \
         && git merge-base --is-ancestor "$SAVE_SINCE" HEAD \
-        && git log -1 --format=%s HEAD | grep -q '^Reference sweep: '; then
+        && git log -1 --format=%s HEAD | grep -Eq '^Reference sweep: [0-9]+ new complete record'; then
     base=HEAD~1
 fi
 if git diff --cached --quiet; then
