@@ -113,7 +113,9 @@ def check_fits_in_memory(model: Any, cfg: RunConfig, device: torch.device) -> No
     need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     have = device_memory(device)
     if have is not None and need > have:
-        n = sum(p.numel() for p in model.parameters())
+        from ensemble_bench.cost import count_params
+
+        n = count_params(model)["params"]
         raise UsageError(f"{cfg.method} on {cfg.backbone} with {cfg.options or 'its defaults'} has {n:,} parameters: "
                          f"its weights alone need {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
                          f"of {device.type} memory here")
