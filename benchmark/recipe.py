@@ -164,6 +164,19 @@ def lr_factor(schedule: str, t: float, epochs: float, warmup: float = 0.0,
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def is_cycle_end(before: float, lr: float, after: float) -> bool:
+    """Whether an epoch whose last step ran at ``lr`` ends a learning-rate cycle: the rate fell into it and
+    rises after it (a restart, as in a cyclic cosine schedule). A warm-up (rising from the start), a step
+    decay (falls, then stays) and a schedule that decays to its end have none."""
+    return before > lr < after
+
+
+def cycle_ends(lrs: "list[float] | tuple[float, ...]") -> list[int]:
+    """The indices of the epochs that end a learning-rate cycle (``is_cycle_end``) in a per-epoch list of
+    the rate at each epoch's last step (a learning curve's ``lr``); the last epoch is never one."""
+    return [i for i in range(1, len(lrs) - 1) if is_cycle_end(lrs[i - 1], lrs[i], lrs[i + 1])]
+
+
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 # The settings only one schedule reads (see lr_factor): under any other they are set to their defaults.
 UNUSED_UNLESS = {"milestones": "multistep", "lr_decay": "multistep", "cycles": "cyclic_cosine"}

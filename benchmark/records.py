@@ -366,8 +366,10 @@ def save_weights(out_dir: str | os.PathLike, run_id: str, model: Any) -> Path:
 
 def write_curves(out_dir: str | os.PathLike, run_id: str, stages: Mapping) -> Path:
     """The learning curves of a run as ``<out>/<run_id>.curves.csv``: one line per stage and epoch (lr,
-    train loss, validation metrics, epoch time); also to TensorBoard when it is installed."""
-    cols = ["stage", "epoch", "lr", "loss", "val_acc", "val_nll", "val", "epoch_s", "val_s"]
+    train loss, validation metrics with the NLL's standard error, epoch time; after a learning-rate cycle
+    end, the paired standard error of the NLL's change since it); also to TensorBoard when it is installed."""
+    cols = ["stage", "epoch", "lr", "loss", "val_acc", "val_nll", "val_nll_se", "val", "epoch_s", "val_s",
+            "val_nll_diff_se", "diff_from_epoch"]
     lines = [",".join(cols)]
     for name, st in stages.items():
         for e in (st if isinstance(st, dict) else {}).get("curve") or []:
@@ -381,7 +383,7 @@ def write_curves(out_dir: str | os.PathLike, run_id: str, stages: Mapping) -> Pa
     with SummaryWriter(str(Path(out_dir) / "tensorboard" / run_id)) as w:
         for name, st in stages.items():
             for e in (st if isinstance(st, dict) else {}).get("curve") or []:
-                for c in cols[2:]:
+                for c in cols[2:-1]:
                     if isinstance(e.get(c), (int, float)):
                         w.add_scalar(f"{name}/{c}", e[c], e["epoch"])
     return path

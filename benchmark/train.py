@@ -31,7 +31,7 @@ from ensemble_bench.api import default_loss
 from ensemble_bench.data import DataBundle, Split
 from ensemble_bench.errors import TrainingDiverged
 from ensemble_bench.loader import Normalizer, TensorLoader
-from ensemble_bench.recipe import Recipe, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
+from ensemble_bench.recipe import Recipe, is_cycle_end, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
 
 
 def stable_seed(*parts: Any) -> int:
@@ -105,6 +105,12 @@ class StageResult:
         if self.flops_per_sample is None:
             return None
         return 3.0 * self.flops_per_sample * self.samples_seen
+
+
+def _standard_error(x: torch.Tensor) -> float:
+    """The standard error of the mean of ``x`` (sample std, ddof=1, / sqrt(n)); 0 for fewer than 2 values."""
+    n = int(x.numel())
+    return float(x.double().std(unbiased=True) / n ** 0.5) if n > 1 else 0.0
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -207,14 +213,22 @@ class Trainer:
         return torch.cat(outs, dim=1)
 
     def val_metrics(self, model: nn.Module) -> dict[str, float]:
-        """Validation accuracy and NLL of ``model`` (its members combined by its own rule)."""
-        from ensemble_bench.metrics import accuracy, ensemble_probs, nll
+        """Validation accuracy and NLL of ``model`` (its members combined by its own rule), and the NLL's
+        standard error over the validation images (``val_nll_se``: their per-image spread / sqrt(n))."""
+        return self._validate(model)[0]
+
+    def _validate(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor]:
+        """``val_metrics`` and the per-image NLL [N] (float64) it averages: a stage keeps the vector of its
+        last cycle end, so a later epoch's NLL can be compared with it image by image (``_train_epochs``)."""
+        from ensemble_bench.metrics import accuracy, ensemble_log_probs, ensemble_probs, nll
 
         logits = self.predict(model, self.data.val.x)
         y = self.data.val.y.cpu()
         combine = getattr(model, "combine", "probs")
-        return {"val_acc": float(accuracy(ensemble_probs(logits, combine), y)),
-                "val_nll": float(nll(logits, y, combine=combine))}
+        losses = -ensemble_log_probs(logits, combine).gather(1, y.long().unsqueeze(1)).squeeze(1)
+        return ({"val_acc": float(accuracy(ensemble_probs(logits, combine), y)),
+                 "val_nll": float(nll(logits, y, combine=combine)), "val_nll_se": _standard_error(losses)},
+                losses)
 
     def val_nll(self, model: nn.Module) -> float:
         return self.val_metrics(model)["val_nll"]
@@ -255,7 +269,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(stable_seed(self.config.seed, stage) if seed is None else stable_seed(seed))
         result = StageResult(stage, epochs, recipe=stage_recipe, select=select,
                              select_metric=select_metric if select == "best_val" else None, converges=spec.converges)
-        best_state = None
+        best_state = anchor = None
         start_epoch = 0
         distributed.barrier()   # every rank decides from the same files (rank 0's, finished)
         ckpt = self.ckpt_dir / f"{stage}.pt" if self.ckpt_dir is not None else None
@@ -297,7 +311,7 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             if self.cuda and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"])
-            best_state = state.get("best_state")
+            best_state, anchor = state.get("best_state"), state.get("val_anchor")
             start_epoch = result.resumed_from_epoch = len(result.history)
             self.log(f"[{stage}] resuming after epoch {start_epoch}/{epochs}")
         elif optimizer_from is not None:
@@ -311,7 +325,7 @@ class Trainer:
 
         with distributed.data_parallel(model, self.device) as dp_model:
             self._train_epochs(model, dp_model, opt, r, result, gen, spec, epochs, start_epoch, has_val,
-                               higher_better, best_state, ckpt, stateful)
+                               higher_better, best_state, ckpt, stateful, anchor)
         self.stages[stage] = result
         self._store(share, model, result, stage)
         return result
@@ -325,9 +339,12 @@ class Trainer:
                             "origin": f"{self.ckpt_dir.name}/{stage}"}, share)
 
     def _train_epochs(self, model, dp_model, opt, r, result, gen, spec: Stage, epochs, start_epoch, has_val,
-                      higher_better, best_state, ckpt, stateful) -> None:
+                      higher_better, best_state, ckpt, stateful, anchor) -> None:
         """The epochs of one stage (``fit``); ``dp_model`` is what the loss calls (``model`` itself on one
-        process, its DistributedDataParallel wrapper on several ranks)."""
+        process, its DistributedDataParallel wrapper on several ranks). ``anchor``: (epoch, per-image
+        validation NLL) of the stage's last learning-rate cycle end so far (None before the first): every
+        later epoch records the standard error of its NLL's difference from it, image by image, which the
+        convergence rule reads for a schedule that restarts (``columns.stage_converged``)."""
         stage, split, loss_fn = spec.name, spec.split, spec.loss_fn or default_loss
         batch_transform, after_step, on_epoch_end = spec.batch_transform, spec.after_step, spec.on_epoch_end
         val_fn, val_model, select, select_metric = spec.val_fn, spec.val_model, spec.select, spec.select_metric
@@ -342,6 +359,9 @@ class Trainer:
         progress = bool(getattr(self.config, "progress", False)) and sys.stderr.isatty()
         check_every = 1 if not self.cuda else 25
         cur_lr = r.lr_at(start_epoch)
+
+        def lr_end(k: int) -> float:   # the rate of epoch k's last step: what its curve entry records
+            return r.lr_at(k + (steps_per_epoch - 1) / steps_per_epoch)
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -392,7 +412,13 @@ class Trainer:
                     v = val_fn(model)
                     entry.update(v if isinstance(v, dict) else {"val": float(v)})
                 else:
-                    entry.update(self.val_metrics(val_model if val_model is not None else model))
+                    metrics, losses = self._validate(val_model if val_model is not None else model)
+                    entry.update(metrics)
+                    if anchor is not None:   # the paired standard error of this epoch's NLL minus the last cycle end's
+                        entry["val_nll_diff_se"] = _standard_error(losses - anchor[1])
+                        entry["diff_from_epoch"] = anchor[0]
+                    if 0 < epoch < epochs - 1 and is_cycle_end(lr_end(epoch - 1), cur_lr, lr_end(epoch + 1)):
+                        anchor = (epoch + 1, losses)
                 entry["val_s"] = time.perf_counter() - t_val
                 if select == "best_val":
                     v = entry[select_metric]
@@ -421,6 +447,7 @@ class Trainer:
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None,
                     "best_state": None if done else best_state, "result": asdict(result), "done": done,
+                    "val_anchor": None if done else anchor,
                     "stateful": [obj.state_dict() for obj in stateful]}, ckpt)
 
     def _share_key(self, model: nn.Module, recipe: dict, seed: Any, select: str, select_metric: str) -> str:

@@ -13,7 +13,7 @@ from ensemble_bench import columns, formatting, leaderboard
 from ensemble_bench.cli import main
 from ensemble_bench.resolve import make_run_config
 from ensemble_bench.errors import UsageError
-from ensemble_bench.recipe import Recipe, lr_factor
+from ensemble_bench.recipe import Recipe, cycle_ends, lr_factor
 
 T = ["--backbone", "cnn_small", "--dataset", "digits", "--no-progress", "--device", "cpu"]
 
@@ -144,6 +144,42 @@ def test_convergence_rule():
     assert len(df) == 1 and df.loc[0, "converged"] is False or df.loc[0, "converged"] == False  # noqa: E712
     md = formatting.format_markdown(df)
     assert "**no**" in md and f"{columns.CONVERGENCE_TOL:.0%}" in md
+
+
+def test_a_schedule_that_restarts_is_judged_on_its_cycle_ends():
+    """Cyclic cosine (snapshot ensembles): the last 10 % of the epochs is inside the last anneal, falling by
+    design; the rule compares the last two cycle ends instead, with the paired standard error when the curve
+    has it. Numbers: the reference snapshot row's cycle ends (results/reference)."""
+    r = Recipe(epochs=20, schedule="cyclic_cosine", cycles=4)
+    lrs = [r.lr_at(k + 0.99) for k in range(20)]
+    assert cycle_ends(lrs) == [4, 9, 14]
+    ends = [0.772, 0.686, 0.655]                               # then the last cycle's end
+    anneal = [1.30, 1.15, 1.00, 0.90]                          # each cycle: high after the restart, then down
+
+    def curve(last_end, se=None, stop=20):
+        vals = []
+        for end in ends + [last_end]:
+            vals += [a + end - 0.90 for a in anneal] + [end]
+        entries = [{"epoch": k + 1, "lr": lrs[k], "val_nll": v} for k, v in enumerate(vals[:stop])]
+        if se is not None:
+            entries[-1].update(val_nll_diff_se=se, diff_from_epoch=15)
+        return {"curve": entries}
+
+    flat = curve(0.653)                                        # the last anneal falls 0.3 in 5 epochs ...
+    assert columns.stage_converged(flat) is True               # ... but the cycle ends are flat (-0.3 %)
+    assert columns.stage_converged(curve(0.659)) is True       # worse than the cycle before: not improving
+    assert columns.stage_converged(curve(0.60)) is False       # the last cycle still gained 8 %
+    assert columns.stage_converged(curve(0.60, se=0.01)) is False     # ... 5.5 standard errors of its change
+    assert columns.stage_converged(curve(0.60, se=0.04)) is True      # ... inside 2 (a tiny validation split)
+    wrong_anchor = curve(0.60, se=0.04)
+    wrong_anchor["curve"][-1]["diff_from_epoch"] = 10           # an error against another epoch is not used
+    assert columns.stage_converged(wrong_anchor) is False
+    # a run stopped inside a cycle (its last rate above the last end's) is judged by the fit rule
+    assert columns.stage_converged(curve(0.653, stop=19)) is False      # mid-anneal: still falling
+    # schedules without a restart have no cycle end: warm-up, step decay, cosine, linear
+    for rec in (Recipe(epochs=20, warmup_epochs=3), Recipe(epochs=20, schedule="multistep"),
+                Recipe(epochs=20, schedule="linear"), Recipe(epochs=20, schedule="constant")):
+        assert cycle_ends([rec.lr_at(k + 0.99) for k in range(20)]) == [], rec
 
 
 def test_a_longer_budget_that_ends_clearly_better_marks_the_shorter_row_not_converged():

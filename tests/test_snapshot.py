@@ -13,7 +13,7 @@ from ensemble_bench.backbones import build_backbone
 from ensemble_bench.config import build_options
 from ensemble_bench.cost import count_flops, count_params
 from ensemble_bench.errors import UsageError
-from ensemble_bench.recipe import Recipe
+from ensemble_bench.recipe import Recipe, cycle_ends
 from conftest import Killed, fit_method, kill_at, subsample
 from ensemble_bench.methods.snapshot import snapshot_steps, step_time
 
@@ -103,9 +103,9 @@ RESUME_OPTS = {"num_snapshots": 2}
 @pytest.fixture(scope="module")
 def resume_reference(digits, tmp_path_factory):
     bundle = subsample(digits, 300, 100)
-    ref, _, ctx = fit_method("snapshot", bundle, epochs=5, lr=0.1, options=RESUME_OPTS,
-                             ckpt_dir=tmp_path_factory.mktemp("ref"))
-    return bundle, ref, ctx
+    ref, trainer, ctx = fit_method("snapshot", bundle, epochs=5, lr=0.1, options=RESUME_OPTS,
+                                   ckpt_dir=tmp_path_factory.mktemp("ref"))
+    return bundle, ref, ctx, trainer.stages["snapshot"].history
 
 
 @pytest.mark.parametrize("kill_epoch", [3, 4])
@@ -114,7 +114,7 @@ def test_a_killed_run_resumes_with_its_earlier_snapshots(resume_reference, tmp_p
     of epoch 3 (after step 8). Killed at the end of epoch 3 (before its checkpoint) the run resumes after
     epoch 2 and takes that snapshot again; killed at the end of epoch 4 it resumes after epoch 3 with the
     snapshot from the checkpoint (loaded with weights_only=True)."""
-    bundle, ref, ref_ctx = resume_reference
+    bundle, ref, ref_ctx, ref_curve = resume_reference
     opts = RESUME_OPTS
     assert ref_ctx.info["snapshot_steps"] == [8, 15]
     with kill_at("snapshot", kill_epoch), pytest.raises(Killed):
@@ -124,6 +124,33 @@ def test_a_killed_run_resumes_with_its_earlier_snapshots(resume_reference, tmp_p
     for a, b in zip(ref.members, resumed.members):
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), k
+    # the curve too, with its paired standard errors against the last cycle end (kept in the checkpoint)
+    timeless = [[{k: v for k, v in e.items() if k not in ("epoch_s", "val_s")} for e in c]
+                for c in (ref_curve, trainer.stages["snapshot"].history)]
+    assert timeless[0] == timeless[1]
+    assert [e.get("diff_from_epoch") for e in ref_curve] == [None, None, 2, 2, 2]
+
+
+def test_the_curve_keeps_the_standard_errors_the_convergence_rule_reads(digits):
+    """Every validated epoch records its NLL's standard error over the validation images; every epoch after
+    a learning-rate cycle end (recipe.cycle_ends on the curve's lr: where the rule looks) records the paired
+    standard error of its NLL's change since that end, recomputed here from the snapshots' own losses."""
+    bundle = subsample(digits, 300, 100)
+    model, trainer, _ = fit_method("snapshot", bundle, epochs=6, lr=0.1, options={"num_snapshots": 3})
+    curve = trainer.stages["snapshot"].history
+    ends = cycle_ends([e["lr"] for e in curve])
+    assert ends == [1, 3]                                   # epochs 2 and 4 end the first two cycles
+    assert all(e["val_nll_se"] > 0 for e in curve)
+    assert [e.get("diff_from_epoch") for e in curve] == [None, None, 2, 2, 4, 4]
+    members = model.members                                  # the weights at epochs 2, 4 and 6
+    losses = []
+    for m in members:
+        z = trainer.predict(m, bundle.val.x)[0].double()
+        losses.append(-torch.log_softmax(z, -1).gather(1, bundle.val.y.long()[:, None]).squeeze(1))
+    d = losses[2] - losses[1]
+    assert curve[5]["val_nll_diff_se"] == pytest.approx(float(d.std() / math.sqrt(d.numel())), rel=1e-6)
+    assert curve[5]["val_nll_se"] == pytest.approx(float(losses[2].std() / math.sqrt(d.numel())), rel=1e-6)
+    assert curve[3]["val_nll"] == pytest.approx(float(losses[1].mean()), rel=1e-6)
 
 
 def test_fewer_epochs_than_cycles_is_one_line_and_nothing_written(tmp_path, capsys, monkeypatch):
