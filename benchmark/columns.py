@@ -80,7 +80,9 @@ RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIP
 # than CONVERGENCE_NOISE standard errors of that difference, taken image by image on the validation split
 # (the curve's ``val_nll_diff_se``; a record without it is judged on CONVERGENCE_TOL alone). Measured: the
 # reference snapshot's cycle ends 0.884, 0.772, 0.686, 0.655, 0.659 (the fit rule read 0.879 -> 0.659 inside
-# the last anneal); the quickstart's 144-image digits split moves by one confident image.
+# the last anneal); the quickstart's 144-image digits split moves by one confident image. A cycle end is an
+# epoch end: when the cycles do not divide the epochs, it is the last epoch end before the restart, a little
+# short of the annealed point (the snapshot itself is mid-epoch), so the comparison leans toward "falling".
 CONVERGENCE_WINDOW = 0.10
 CONVERGENCE_MIN_EPOCHS = 4
 CONVERGENCE_TOL = 0.01

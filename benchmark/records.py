@@ -383,8 +383,8 @@ def write_curves(out_dir: str | os.PathLike, run_id: str, stages: Mapping) -> Pa
     with SummaryWriter(str(Path(out_dir) / "tensorboard" / run_id)) as w:
         for name, st in stages.items():
             for e in (st if isinstance(st, dict) else {}).get("curve") or []:
-                for c in cols[2:-1]:
-                    if isinstance(e.get(c), (int, float)):
+                for c in cols[2:]:
+                    if c != "diff_from_epoch" and isinstance(e.get(c), (int, float)):
                         w.add_scalar(f"{name}/{c}", e[c], e["epoch"])
     return path
 

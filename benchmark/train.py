@@ -31,7 +31,7 @@ from ensemble_bench.api import default_loss
 from ensemble_bench.data import DataBundle, Split
 from ensemble_bench.errors import TrainingDiverged
 from ensemble_bench.loader import Normalizer, TensorLoader
-from ensemble_bench.recipe import Recipe, is_cycle_end, lr_factor  # noqa: F401  (lr_factor: re-exported for callers)
+from ensemble_bench.recipe import Recipe, is_cycle_end, lr_factor  # noqa: F401  (lr_factor: re-exported)
 
 
 def stable_seed(*parts: Any) -> int:
@@ -312,6 +312,8 @@ class Trainer:
             if self.cuda and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"])
             best_state, anchor = state.get("best_state"), state.get("val_anchor")
+            if anchor is not None:   # loaded onto the training device; validation losses live on the CPU
+                anchor = (anchor[0], anchor[1].cpu())
             start_epoch = result.resumed_from_epoch = len(result.history)
             self.log(f"[{stage}] resuming after epoch {start_epoch}/{epochs}")
         elif optimizer_from is not None:

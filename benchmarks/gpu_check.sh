@@ -12,7 +12,8 @@
 # and a failing step never stops the next, so a partial result still comes back.
 #
 # Steps, cheapest first:
-#   1. the CUDA test of tests/test_cost.py (CUDA-event latency, bf16, channels_last, peak memory);
+#   1. the CUDA tests of tests/test_cost.py (CUDA-event latency, bf16, channels_last, peak memory) and
+#      tests/test_snapshot.py (a killed run resumed from a checkpoint loaded onto the GPU);
 #   2. real runs on DATA_DIR with the suite's CLI: single ResNet-8 with torch.compile (bf16 autocast and
 #      channels_last are the config's CUDA defaults), Packed-Ensembles and a deep ensemble of 4 without,
 #      and the single run again under torchrun as a 1-rank DDP job (the nccl process group and the synced
@@ -38,7 +39,7 @@ COMMON=(--backbone resnet8 --dataset cifar10 --data-dir "$DATA" --epochs "${EPOC
 COMPILE=(); [ "$DEVICE" = cuda ] && COMPILE=(--compile)
 
 if [ -z "${BENCH_ONLY:-}" ]; then
-step 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_cost.py -k cuda
+step 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cost.py tests/test_snapshot.py -k cuda
 step 90 "${EB[@]}" run --method single "${COMMON[@]}" --out "$RUNS/compiled" "${COMPILE[@]}"
 step 45 "${EB[@]}" run --method packed "${COMMON[@]}" --out "$RUNS/plain"
 step 45 "${EB[@]}" run --method deep_ensemble "${COMMON[@]}" --out "$RUNS/plain"

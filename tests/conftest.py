@@ -68,8 +68,8 @@ def digits():
 
 
 def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int = 3, seed: int = 0,
-               options: dict | None = None, ckpt_dir=None, **run):
-    """Fit ``method`` through the real harness on ``bundle``; returns (model, trainer, ctx)."""
+               options: dict | None = None, ckpt_dir=None, device: str = "cpu", **run):
+    """Fit ``method`` through the real harness on ``bundle`` (on ``device``); returns (model, trainer, ctx)."""
     import ensemble_bench.methods as methods
     from ensemble_bench.api import FitContext
     from ensemble_bench.config import build_options
@@ -81,9 +81,9 @@ def fit_method(method: str, bundle, *, backbone: str = "cnn_small", epochs: int 
         run.setdefault("data_dir", str(shared_data_dir()))
     cfg = make_run_config({"method": method, "backbone": backbone, "dataset": bundle.name, "epochs": epochs,
                            "seed": seed, "options": dict(options or {}), "progress": False, **run})
-    trainer = Trainer(bundle, cfg, "cpu", ckpt_dir=ckpt_dir, log=lambda s: None)
+    trainer = Trainer(bundle, cfg, device, ckpt_dir=ckpt_dir, log=lambda s: None)
     ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
-                     image_size=bundle.image_size, device=torch.device("cpu"), data=bundle, trainer=trainer)
+                     image_size=bundle.image_size, device=torch.device(device), data=bundle, trainer=trainer)
     cls = methods.get(method)
     model = cls(build_options(cls.Config, cfg.options, method)).fit(ctx)
     return model, trainer, ctx

@@ -131,6 +131,21 @@ def test_a_killed_run_resumes_with_its_earlier_snapshots(resume_reference, tmp_p
     assert [e.get("diff_from_epoch") for e in ref_curve] == [None, None, 2, 2, 2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
+def test_a_killed_cuda_run_resumes_its_curve(resume_reference, tmp_path):
+    """On CUDA the checkpoint loads onto the GPU; the last cycle end's per-image NLL (validation losses are on
+    the CPU) must come back to the CPU, or the first epoch after the resume fails."""
+    bundle, _, _, ref_curve = resume_reference
+    with kill_at("snapshot", 4), pytest.raises(Killed):
+        fit_method("snapshot", bundle, epochs=5, lr=0.1, options=RESUME_OPTS, ckpt_dir=tmp_path, device="cuda")
+    _, trainer, _ = fit_method("snapshot", bundle, epochs=5, lr=0.1, options=RESUME_OPTS, ckpt_dir=tmp_path,
+                               device="cuda")
+    curve = trainer.stages["snapshot"].history
+    assert trainer.stages["snapshot"].resumed_from_epoch == 3
+    assert [e.get("diff_from_epoch") for e in curve] == [None, None, 2, 2, 2]
+    assert all(e["val_nll_diff_se"] > 0 for e in curve[2:])
+
+
 def test_the_curve_keeps_the_standard_errors_the_convergence_rule_reads(digits):
     """Every validated epoch records its NLL's standard error over the validation images; every epoch after
     a learning-rate cycle end (recipe.cycle_ends on the curve's lr: where the rule looks) records the paired
