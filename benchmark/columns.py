@@ -110,7 +110,14 @@ def recipe_differences(recipes: Sequence[Any]) -> list[str]:
             d = {}
         parsed.append(d if isinstance(d, dict) else {})
     keys = [k for k in RECIPE_FIELDS if len({json.dumps(d.get(k), sort_keys=True) for d in parsed}) > 1]
-    return [", ".join(f"{k}={d.get(k)}" for k in keys) for d in parsed]
+    return [", ".join(f"{k}={d.get(k)}" for k in keys if _used(k, d)) for d in parsed]
+
+
+def _used(field: str, recipe: Mapping) -> bool:
+    """Whether ``recipe``'s schedule reads ``field`` (``recipe.UNUSED_UNLESS``: a cosine row does not show the
+    milestones that only a multistep row beside it uses)."""
+    needs = _recipe.UNUSED_UNLESS.get(field)
+    return needs is None or "schedule" not in recipe or recipe.get("schedule") == needs
 
 
 

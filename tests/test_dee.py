@@ -118,3 +118,8 @@ def test_leaderboard_and_dee_keep_training_recipes_apart():
     assert "weight_decay=0.0001" in md and "weight_decay=0.0005" in md
     assert columns.recipe_differences(['{"a":1,"momentum":0.9}', '{"momentum":0.9}']) == ["", ""]   # unknown keys
     assert columns.recipe_differences(['{"momentum":0.9}', '{"momentum":0.0}']) == ["momentum=0.9", "momentum=0.0"]
+    # a field the row's schedule never reads is not shown for that row (milestones: multistep only)
+    cos = '{"schedule":"cosine","milestones":[0.5,0.75],"lr_decay":0.1,"nesterov":false}'
+    step = '{"schedule":"multistep","milestones":[0.3,0.6,0.8],"lr_decay":0.2,"nesterov":true}'
+    assert columns.recipe_differences([cos, step]) == [
+        "schedule=cosine, nesterov=False", "schedule=multistep, milestones=[0.3, 0.6, 0.8], lr_decay=0.2, nesterov=True"]
