@@ -166,3 +166,17 @@ def test_optimizer_from_carries_the_momentum_across_stages(digits, monkeypatch):
     assert all(b is None for b in seen[n_a + trainer.stages["b"].steps][0])          # c: fresh optimiser
     with pytest.raises(ValueError, match="not the stage this trainer finished last"):
         trainer.fit(net, stage="d", optimizer_from="a")            # "c" finished after it
+
+
+def test_validation_nll_is_bitwise_the_metric(digits):
+    """The epoch's val_nll is the mean of the per-image losses the convergence rule pairs, and exactly (to
+    the bit) the test metric ``metrics.nll`` of the same logits, under either combine rule."""
+    from ensemble_bench.metrics import nll
+
+    model, trainer, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 2})
+    logits, y = trainer.predict(model, digits.val.x), digits.val.y
+    for combine in ("probs", "logits"):
+        model.combine = combine
+        got, losses = trainer._validate(model)
+        assert got["val_nll"] == nll(logits, y, combine=combine)
+        assert losses.shape == (len(y),) and float(losses.mean()) == got["val_nll"]
