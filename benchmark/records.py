@@ -330,7 +330,8 @@ def result_file_of(path: str | os.PathLike) -> str | None:
 
 
 def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
-    """Status of the record ``<runs_dir>/<run_id>.json``; None if it is absent or unreadable. A readable
+    """Status of the record ``<runs_dir>/<run_id>.json``; None if it is absent, unreadable, or "complete"
+    without what a complete record has (the leaderboard's check). A readable
     record of another run under that name is bad input (:class:`UsageError`): taken as this run's, it would
     be reported as its result; run over, it would be lost."""
     p = record_path(runs_dir, run_id)
@@ -343,6 +344,11 @@ def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
     if rec["run_id"] != run_id:
         raise UsageError(f"{p} holds the record of run {rec['run_id']}, not {run_id} (a record's file is named "
                          f"by its run id): move it away or rename it {rec['run_id']}.json")
+    if rec["status"] == "complete":
+        try:
+            _check_complete(rec, str(p))
+        except RecordError:     # "complete" without its config or metrics: no result, as the leaderboard
+            return None         # reads it; running it again writes the record (as for an unreadable file)
     return rec["status"]
 
 

@@ -334,8 +334,9 @@ def test_dry_run_writes_nothing_and_lists_the_runs(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ run states
 def _record(out: Path, rid: str, status: str, error: str | None = None) -> None:
+    done = {"config": {}, "metrics": {"acc": 0.5, "nll": 1.0}} if status == "complete" else {}
     records.write_record(out, {"schema_version": records.SCHEMA_VERSION, "run_id": rid, "status": status,
-                               "error": error})
+                               "error": error, **done})
 
 
 def test_states_from_records_and_the_slurm_queue(tmp_path):
@@ -399,6 +400,87 @@ def test_checkpoint_requeues_the_same_run_and_counts():
     delayed = job.checkpoint()
     assert delayed.function is job and job.requeues == 1
     assert delayed.function.checkpoint().function.requeues == 2
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file under ``root`` (hidden ones too) with its modification time: what a command wrote."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _plant_foreign_record(out: Path, runs, how: str) -> tuple[str, str]:
+    """Put, under the file name of the sweep's first run (single, seed 0), a record that is not its own:
+    ``copy``: the complete record of seed 1 copied there; ``stub``: a hand-made stub of run "x". Returns
+    (the planned run id, the run id the file holds)."""
+    single = [cfg for cfg in runs if cfg.method == "single"]
+    r0, r1 = single[0].run_id(), single[1].run_id()
+    assert single[0].seed == 0 and single[1].seed == 1
+    out.mkdir(parents=True, exist_ok=True)
+    if how == "copy":
+        records.write_record(out, {"schema_version": records.SCHEMA_VERSION, "run_id": r1, "status": "complete",
+                                   "config": single[1].to_dict(), "metrics": {"acc": 0.9, "nll": 0.3},
+                                   "error": None})
+        (out / f"{r0}.json").write_bytes((out / f"{r1}.json").read_bytes())
+        return r0, r1
+    (out / f"{r0}.json").write_text(json.dumps({"schema_version": 1, "run_id": "x", "status": "complete"}))
+    return r0, "x"
+
+
+@pytest.mark.parametrize("how", ["copy", "stub"])
+def test_a_file_holding_another_runs_record_is_refused_not_skipped(tmp_path, capsys, monkeypatch, how):
+    """A run's file holding another run's record (seed 1's copied under seed 0's name, or a stub of run "x")
+    is not that run's result: `run` refuses it, and so does the sweep (local and Slurm, dry run or not):
+    one line naming the file, exit 2, nothing trained, submitted or written. sweep-status shows a problem,
+    never "done"."""
+    out = tmp_path / "runs"
+    spec = write(tmp_path, TINY, out=out)
+    runs = sweep.expand(sweep.load_spec(spec))
+    planned, held = _plant_foreign_record(out, runs, how)
+    before = _files(tmp_path)
+
+    def never(*a, **k):
+        raise AssertionError("the sweep started work")
+
+    monkeypatch.setattr(sweep, "run_local", never)
+    monkeypatch.setattr(sweep, "submit_slurm", never)
+    monkeypatch.setattr(sweep, "slurm_available", lambda: True)   # the Slurm path gets as far as the records
+    monkeypatch.setattr(sweep, "slurm_queue", dict)
+    for extra in ([], ["--workers", "2"], ["--dry-run"], ["--executor", "slurm"], ["--executor", "slurm", "--dry-run"]):
+        assert main(["sweep", str(spec), *extra]) == 2, extra
+        cap = capsys.readouterr()
+        err = cap.err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{out / planned}.json holds the record of run {held}, not {planned}" in err
+        assert "move it away" in err and "Traceback" not in err
+        assert cap.out == ""                       # no "N complete (skipped)" line: nothing was decided
+    assert _files(tmp_path) == before
+    # the run of that name is what `run` refuses too
+    with pytest.raises(UsageError, match="holds the record of run"):
+        records.record_status(out, planned)
+
+    states, _ = sweep.run_states(sweep.load_spec(spec), runs, queue=None)
+    by_id = {s.run_id: s for s in states}
+    assert by_id[planned].state == "problem" and "move it away" in by_id[planned].error
+    assert planned not in [s.run_id for s in sweep._to_submit(states)]
+    assert main(["sweep-status", str(spec)]) == 0
+    text = capsys.readouterr().out
+    done = 1 if how == "copy" else 0               # seed 1's own record is complete
+    assert f"done {done}   running 0   pending {3 - done}   failed 0   problem 1" in text
+    assert f"{out / planned}.json holds the record of run {held}" in text
+    assert _files(tmp_path) == before
+
+
+def test_several_foreign_records_are_one_line_naming_the_first(tmp_path, capsys):
+    out = tmp_path / "runs"
+    spec = write(tmp_path, TINY, out=out)
+    runs = sweep.expand(sweep.load_spec(spec))
+    out.mkdir()
+    for cfg in runs[:2]:
+        (out / f"{cfg.run_id()}.json").write_text(json.dumps({"schema_version": 1, "run_id": "x", "status": "complete"}))
+    before = _files(tmp_path)
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"(and 1 more: ensemble-bench sweep-status {spec})" in err
+    assert _files(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------- local executor
@@ -574,3 +656,25 @@ def test_records_written_by_concurrent_jobs_are_always_whole(tmp_path):
     recs, problems = records.load_records(out)
     assert problems == [] and len(recs) == 4 * 30 + 1
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_complete_stub_of_the_runs_own_id_is_not_done(tmp_path):
+    """"complete" without a config or metrics is no result (the leaderboard drops it): the sweep runs it
+    again instead of counting it done, as it does for an unreadable file of that name."""
+    out = tmp_path / "runs"
+    spec = sweep.load_spec(write(tmp_path, """
+        [grid]
+        method = ["single"]
+        seed = [0, 1]
+        [run]
+        backbone = "cnn_small"
+        dataset = "digits"
+        out = "{out}"
+        """, out=out))
+    runs = sweep.expand(spec)
+    r = ids(runs)
+    out.mkdir(parents=True)
+    (out / f"{r[0]}.json").write_text(json.dumps({"schema_version": 1, "run_id": r[0], "status": "complete"}))
+    _record(out, r[1], "complete")
+    states, _ = sweep.run_states(spec, runs, queue={})
+    assert [s.state for s in states] == ["pending", "done"]

@@ -50,7 +50,7 @@ __all__ = ["SPEC_KEYS", "REQUIRED_RUN_KEYS", "SLURM_KEYS", "SLURM_DEFAULTS", "SU
            "lock_owner", "RunState", "run_states", "slurm_available", "slurm_queue", "slurm_parameters",
            "submit_slurm", "LocalOutcome", "format_duration", "progress_line", "run_local", "format_status",
            "estimate_runs", "time_left",
-           "check_out_dir", "cli_sweep", "cli_status", "_to_submit"]
+           "check_out_dir", "check_no_problem", "cli_sweep", "cli_status", "_to_submit"]
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -65,13 +65,23 @@ def _describe(cfg: RunConfig, spec: SweepSpec) -> str:
 
 
 def _counts(states: list[RunState]) -> dict[str, int]:
-    return {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "failed")}
+    return {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "failed", "problem")}
+
+
+def check_no_problem(states: list[RunState], spec_path: str) -> None:
+    """A run whose file ``run`` refuses (another run's record under its name): the sweep refuses, one line,
+    before anything is submitted or written."""
+    bad = [s for s in states if s.state == "problem"]
+    if bad:
+        more = f" (and {len(bad) - 1} more: ensemble-bench sweep-status {spec_path})" if len(bad) > 1 else ""
+        raise UsageError(f"{bad[0].error}{more}")
 
 
 def format_status(spec: SweepSpec, states: list[RunState], note: str | None = None) -> str:
     c = _counts(states)
     lines = [f"sweep {spec.name} ({spec.path}): {len(states)} runs, records in {spec.out}",
-             f"  done {c['done']}   running {c['running']}   pending {c['pending']}   failed {c['failed']}"]
+             f"  done {c['done']}   running {c['running']}   pending {c['pending']}   failed {c['failed']}"
+             + (f"   problem {c['problem']}" if c["problem"] else "")]
     details: dict[str, int] = {}
     for s in states:
         if s.state == "pending":
@@ -93,6 +103,12 @@ def format_status(spec: SweepSpec, states: list[RunState], note: str | None = No
             err = (s.error or "").strip().splitlines()
             lines.append(f"  {s.run_id}  {_describe(s.config, spec)}")
             lines.append(f"      {err[0] if err else '(no error recorded)'}")
+    problems = [s for s in states if s.state == "problem"]
+    if problems:
+        lines.append("problem runs (`run` and `sweep` refuse their files until they are moved away):")
+        for s in problems:
+            lines.append(f"  {s.run_id}  {_describe(s.config, spec)}")
+            lines.append(f"      {s.error}")
     return "\n".join(lines)
 
 
@@ -166,6 +182,7 @@ def cli_sweep(args) -> int:
         except RuntimeError as e:
             raise UsageError(f"cannot submit: {e} (is the cluster up?)") from None
     states, note = run_states(spec, runs, queue=queue)
+    check_no_problem(states, args.spec)
     todo = _to_submit(states)
     todo_ids = {s.run_id for s in todo}
     c = _counts(states)

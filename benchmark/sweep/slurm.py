@@ -51,9 +51,9 @@ def slurm_queue() -> dict[str, tuple[str, str]]:
 class RunState:
     config: RunConfig
     run_id: str
-    state: str                 # done | running | pending | failed
+    state: str                 # done | running | pending | failed | problem
     detail: str = ""           # queued | not submitted | interrupted | ... (for pending/running)
-    error: str | None = None   # the failed record's error
+    error: str | None = None   # the failed record's error; for a problem, why its file is refused (one line)
     job_id: str | None = None  # the Slurm job (array task) that runs or ran it
     holder: str | None = None  # "pid P on host H": the live process that holds the run's lock
 
@@ -75,7 +75,9 @@ def _job_active(entry: dict | None, queue: dict[str, tuple[str, str]] | None, fo
 def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
                queue: dict[str, tuple[str, str]] | None | str = "auto") -> tuple[list[RunState], str | None]:
     """The state of every run of the sweep, from the records and (when any run was sent to Slurm and
-    squeue answers) the Slurm queue. Returns (states, a note when the queue could not be read)."""
+    squeue answers) the Slurm queue. Returns (states, a note when the queue could not be read). A run whose
+    file holds another run's record (``records.record_status``, the check ``run`` makes) is a "problem",
+    never "done"."""
     from ensemble_bench import records
 
     runs = expand(spec) if runs is None else runs
@@ -97,16 +99,17 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
     for cfg in runs:
         rid = cfg.run_id()
         entry = entries[rid]
-        rec = None
-        path = records.record_path(out, rid)
-        if path.is_file():
-            try:
-                rec = records.read_record(path)
-            except records.RecordError:
-                rec = None
-        status = rec["status"] if rec else None
-        job = _job_active(entry, queue, folder)
         job_id = entry["job_id"] if entry else None
+        try:   # the check `run` makes: a file of this run's name holding another run's record is refused
+            status = records.record_status(out, rid)
+        except UsageError as e:
+            states.append(RunState(cfg, rid, "problem", error=str(e), job_id=job_id))
+            continue
+        rec = None
+        if status == "failed":   # its error, for the status table
+            with contextlib.suppress(records.RecordError):
+                rec = records.read_record(records.record_path(out, rid))
+        job = _job_active(entry, queue, folder)
         held, holder = (None, None) if status == "complete" or job is not None else lock_owner(out, rid)
         if status == "complete":
             states.append(RunState(cfg, rid, "done", job_id=job_id))
@@ -117,7 +120,8 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
         elif held:              # a live process holds the run's lock: it is at it (whatever the record says yet)
             states.append(RunState(cfg, rid, "running", holder or "running", job_id=job_id, holder=holder))
         elif status == "failed":
-            states.append(RunState(cfg, rid, "failed", error=rec.get("error") or "(no error recorded)", job_id=job_id))
+            states.append(RunState(cfg, rid, "failed", error=(rec or {}).get("error") or "(no error recorded)",
+                                   job_id=job_id))
         elif status == "running":
             if entry is not None and queue is not None:
                 # sent to Slurm, its job is gone, the record says running: killed or cancelled mid-run
