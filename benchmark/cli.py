@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -120,11 +121,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ensemble_bench.evaluate import evaluate_records
+    from ensemble_bench.evaluate import EvaluationIncomplete, evaluate_records
 
-    done = evaluate_records(args.target, shift=args.shift, ood=args.ood, data_dir=args.data_dir,
-                            device=args.device, progress=args.progress,
-                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        done = evaluate_records(args.target, shift=args.shift, ood=args.ood, data_dir=args.data_dir,
+                                device=args.device, progress=args.progress,
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
+    except EvaluationIncomplete as e:   # a folder with records skipped: what was evaluated, then exit 2
+        if e.done:
+            print(json.dumps(e.done, indent=1))
+        raise
     print(json.dumps(done, indent=1))
     return 0
 
@@ -218,18 +224,21 @@ def cmd_cost(args) -> int:
 def cmd_leaderboard(args) -> int:
     from ensemble_bench import formatting, leaderboard, records, runlock
 
-    if args.output:
+    if args.output is not None:
         out = Path(args.output)
+        if not out.name or out.name == "..":   # "", ".", "..": no file name
+            raise UsageError(f"-o {args.output!r} names no file: name a CSV file (e.g. leaderboard.csv); the "
+                             f"markdown table is written beside it")
         check_output_path(out.parent, "-o")
-        if out.suffix == ".md":
-            raise UsageError(f"-o {out}: name the CSV (e.g. {out.with_suffix('.csv')}); the markdown table is "
-                             f"written beside it as {out.name}")
         for path in (out, out.with_suffix(".md")):
             if path.is_dir():
                 raise UsageError(f"-o: {path} is a folder; name a CSV file")
             if records.result_file_of(path):
                 raise UsageError(f"-o: {path} is a file of run {records.result_file_of(path)}'s results; "
                                  f"writing the table there would destroy it")
+        if out.suffix != ".csv":   # a records folder's .json, the .md written beside it, a typo: refused
+            raise UsageError(f"-o {out}: name the CSV, ending in .csv (e.g. {out.with_suffix('.csv')}); the "
+                             f"markdown table is written beside it as {out.with_suffix('.md').name}")
     folders = ", ".join(str(d) for d in records.as_folders(args.runs_dirs))
     try:
         pairs, problems = records.scan_records(args.runs_dirs, statuses=None, recursive=True)
@@ -267,11 +276,14 @@ def cmd_quickstart(args) -> int:
     import ensemble_bench.methods as methods
     from ensemble_bench import columns, formatting, leaderboard, records
     from ensemble_bench.resolve import make_run_config
-    from ensemble_bench.runner import execute
+    from ensemble_bench.runner import execute, preflight
 
     import time
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else methods.names()
+    if args.methods is not None and not names:
+        raise UsageError(f"--methods {args.methods!r} names no method; give names separated by commas "
+                         f"(`ensemble-bench list` shows them), or leave it out for every method")
     cfgs = []
     for name in names:   # every name and option checked before anything trains
         cls = methods.get(name)
@@ -280,6 +292,8 @@ def cmd_quickstart(args) -> int:
             "seed": args.seed, "out": args.out, "device": "cpu", "lr": QUICKSTART_LR, "progress": False,
             "plugins": args.plugins or (),
             "options": dict(cls.quickstart_options)}))
+    for cfg in cfgs:     # and every check a run makes before it trains (options against the epochs, --out, ...)
+        preflight(cfg)
     t0 = time.perf_counter()
     for i, cfg in enumerate(cfgs):
         if i:
@@ -401,7 +415,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning from the suite's code as one line, like its errors (not Python's two-line source echo)."""
+    print(f"ensemble-bench: warning: {message}", file=sys.stderr if file is None else file)
+
+
+class _PipeSafe:
+    """A text stream whose reader may go away (``run ... | head``): from the first write that finds the pipe
+    closed on, what is written goes nowhere, and the command goes on (a run is not lost to its log)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        try:
+            return self._stream.write(s)
+        except BrokenPipeError:
+            self._close()
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._close()
+
+    def _close(self) -> None:
+        import os
+
+        with contextlib.suppress(OSError, ValueError, AttributeError):   # the fd: nothing more reaches the pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        self._stream = open(os.devnull, "w")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PipeSafe(out), _PipeSafe(err)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "fn", None):

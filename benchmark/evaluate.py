@@ -1,5 +1,10 @@
 """``ensemble-bench evaluate``: shift and OOD metrics added to complete records without training, from
-their kept weights (``rebuild``: the method's architecture, then a strict load of the weights)."""
+their kept weights (``rebuild``: the method's architecture, then a strict load of the weights).
+
+A record is data, never code: evaluate imports no plugin because a record names it. A record whose run
+used plugins (``config.plugins``) is evaluated only with plugins the user imported (``--plugin``) that
+stand for them (the same path or module, or a file of the same content) and whose file is the one the
+run was trained with (``code.plugins``: its sha256); anything else is one line naming the plugin."""
 from __future__ import annotations
 
 import os
@@ -43,13 +48,75 @@ def _record_targets(target: str | os.PathLike) -> tuple[Path, list[tuple[Path, d
     raise UsageError(f"{p}: no such runs folder or record")
 
 
+class EvaluationIncomplete(UsageError):
+    """A folder's evaluation skipped records (each already one line on the log), after evaluating the
+    others: exit code 2 from the CLI. ``done``: the summaries of the records evaluated (and written);
+    ``skipped``: the lines of those skipped."""
+
+    def __init__(self, message: str, done: list[dict], skipped: list[str]):
+        super().__init__(message)
+        self.done, self.skipped = done, skipped
+
+
+def _plugin_key(spec: str) -> str:
+    """A record's plugin spec in the form ``plugins.normalise`` gives (without importing or requiring it)."""
+    from ensemble_bench import plugins
+
+    spec = spec.strip()
+    if not plugins.is_file_spec(spec):
+        return spec
+    try:
+        p = Path(spec).expanduser()
+        return str((p if p.is_absolute() else Path.cwd() / p).resolve())
+    except (OSError, RuntimeError):
+        return spec
+
+
+def record_plugins(record: dict) -> list[str]:
+    """The specs of the plugins already imported in this process (``--plugin``; ``plugins.load``) that
+    stand for the plugins the record's run used: for each of ``config.plugins``, the imported plugin of the
+    same spec, else (a moved file) an imported plugin file whose sha256 is the record's for it. Imports
+    nothing. UsageError (one line) for a plugin not imported, or one whose sha256 differs from the record's
+    ``code.plugins`` (the weights were trained with other code)."""
+    from ensemble_bench import plugins
+
+    run_id = record.get("run_id")
+    specs = (record.get("config") or {}).get("plugins") or []
+    if isinstance(specs, str):
+        specs = [specs]
+    if not isinstance(specs, list) or not all(isinstance(s, str) and s.strip() for s in specs):
+        raise UsageError(f"{run_id}: its config.plugins is not a list of plugin files or module names; skipped")
+    code = record.get("code")
+    entries = (code.get("plugins") if isinstance(code, dict) else None) or []
+    hashes = ({e.get("spec"): e.get("sha256") for e in entries if isinstance(e, dict)}
+              if isinstance(entries, list) else {})   # what the run recorded of each plugin it imported
+    loaded = {p["spec"]: p for p in plugins.loaded()}
+    out = []
+    for spec in specs:
+        want = hashes.get(spec)
+        info = loaded.get(_plugin_key(spec))
+        if info is None and want and plugins.is_file_spec(spec):   # the file moved since: the same content
+            info = next((p for p in loaded.values() if plugins.is_file_spec(p["spec"]) and p["sha256"] == want),
+                        None)
+        if info is None:
+            raise UsageError(f"{run_id}: its run used the plugin {spec}, which evaluate never imports because "
+                             f"a record names it: pass --plugin {spec} if you trust that code; skipped")
+        if want and info["sha256"] and info["sha256"] != want:
+            raise UsageError(f"{run_id}: plugin {info['spec']} is not the code this run was trained with (file "
+                             f"sha256 {info['sha256']}, the record's {want}): its weights belong to other code; "
+                             f"skipped")
+        out.append(info["spec"])
+    return list(dict.fromkeys(out))
+
+
 def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: torch.device | None = None):
     """The trained ensemble of a complete record, from its kept weights: the RunConfig from the record's
     config (its run id must be the record's: same code, options and data), the method's untrained
     architecture (``build``, as ``cost`` does; NFE's SNIP on its synthetic batch, whose masks the weights
-    replace), then a strict load of ``<run_id>.weights.safetensors``. Returns (cfg, method, model) with the
-    model in eval mode on ``device`` (default cpu). Raises UsageError (one line) for anything that does
-    not fit."""
+    replace), then a strict load of ``<run_id>.weights.safetensors``. The run's plugins must already be
+    imported (``record_plugins``): a record naming a plugin never makes this import it. Returns (cfg,
+    method, model) with the model in eval mode on ``device`` (default cpu). Raises UsageError (one line)
+    for anything that does not fit."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -58,11 +125,13 @@ def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: tor
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     run_id = record["run_id"]
+    plugin_specs = record_plugins(record)   # before anything else: the record's own specs are never imported
     wpath = out / f"{run_id}{records.WEIGHTS_SUFFIX}"
     if not wpath.is_file():
         raise UsageError(f"{run_id}: no kept weights ({wpath.name} is missing): the run was made with "
                          f"--no-keep-weights or before weights were kept; skipped")
     values = {k: v for k, v in dict(record.get("config") or {}).items() if k != "shift"}
+    values["plugins"] = plugin_specs   # imported already: make_run_config finds them loaded, imports nothing
     values["out"] = str(out)
     values["device"] = "cpu"
     values["progress"] = False
@@ -107,7 +176,7 @@ def _max_abs_diff(a: torch.Tensor, b: Any) -> float:
 
 def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood: list[str] | None = None,
                      data_dir: str | None = None, device: str = "auto", progress: bool = True,
-                     log: Callable[[str], None] | None = None) -> list[dict]:
+                     log: Callable[[str], None] | None = None, plugins: list[str] | None = None) -> list[dict]:
     """``ensemble-bench evaluate``: add shift (``shift``) and OOD (``ood`` names) metrics to complete
     records without training, from their kept weights (see ``rebuild``).
 
@@ -115,32 +184,53 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
     shift metrics is fitted on validation, OOD scores need the test split) and compared with the saved
     ones; ``metrics.shift`` (replaced) and ``metrics.ood.<name>`` (added or replaced) are written into the
     record atomically under the run's lock, everything else kept, with an entry in ``evaluations``; the
-    predictions file gets the new arrays. A record that cannot be evaluated (no weights, another dataset,
-    other data) is one line on ``log`` and skipped; when none can be, UsageError (exit 2). Returns one
-    summary per evaluated record."""
+    predictions file gets the new arrays. ``plugins``: plugins to import first (as ``--plugin``, which the
+    CLI imports before this); a record's plugins are never imported because it names them
+    (``record_plugins``).
+
+    One record (``<run_id>.json``): anything that keeps it from being evaluated is UsageError (one line,
+    exit 2). A folder: a record that cannot be evaluated (no weights, another dataset, other data, a
+    plugin not given, weights that do not reproduce its predictions) is one line on ``log`` and skipped,
+    the others are evaluated; then, if any was skipped, EvaluationIncomplete (a UsageError: exit 2) with
+    one line that counts them and the summaries of those done. Returns one summary per evaluated record."""
     from ensemble_bench import data as data_mod
     from ensemble_bench.config import check_shift
     from ensemble_bench.resolve import shift_data_dir
     from ensemble_bench.shift import SHIFT_SETS, load_shift_set
 
+    from ensemble_bench import plugins as plugins_mod
+
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     ood = list(dict.fromkeys(ood or []))
+    plugins_mod.load_all(plugins)   # the caller's own (trusted) plugins
     if not shift and not ood:
         raise UsageError("evaluate needs --shift NAME and/or --ood NAME (what to add to the records)")
     if shift is not None and shift not in SHIFT_SETS:
         raise UsageError(f"unknown shift set {shift!r}; choose from {', '.join(SHIFT_SETS)}")
     dev = resolve_device(device)
     out, targets, problems = _record_targets(target)
+    one = not Path(target).is_dir()   # one record: its problem is the command's one line, not a skip
     for p in problems:
         log(f"warning: {p}")
     if not targets:
         raise UsageError(f"no complete run records in {target}")
+    refused: dict[str, str] = {}   # run id -> why its plugins are not there (nothing a record names is imported)
+    for _, rec in targets:
+        try:
+            record_plugins(rec)
+        except UsageError as e:
+            if one:
+                raise UsageError(_unskipped(str(e))) from None
+            refused[rec["run_id"]] = str(e)
     # the OOD sets of the built-in datasets and of every dataset (a user's TOML too) of these records
     known_ood = sorted({o for sets in data_mod.OOD_SETS.values() for o in sets}
-                       | {o for _, rec in targets for o in data_mod.OOD_SETS.get((rec.get("config") or {}).get("dataset"), ())})
+                       | {o for _, rec in targets if rec["run_id"] not in refused
+                          for o in data_mod.OOD_SETS.get((rec.get("config") or {}).get("dataset"), ())})
     bad = [o for o in ood if o not in known_ood]
     if bad:
-        raise UsageError(f"unknown OOD set {bad[0]!r}; choose from {', '.join(known_ood)}")
+        raise UsageError(f"unknown OOD set {bad[0]!r}; choose from {', '.join(known_ood)}"
+                         + (f"; the datasets of {len(refused)} record(s) whose plugins were not given with "
+                            f"--plugin may have more" if refused else ""))
     shift_sets: dict[str, Any] = {}
 
     def shift_set_for(cfg_data_dir) -> Any:   # one load per data folder (checked before any record is touched)
@@ -151,10 +241,21 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
 
     if shift is not None and data_dir is not None:
         shift_set_for(data_dir)   # a missing or bad set: one line, nothing evaluated
-    done, skipped = [], []
+    done: list[dict] = []
+    skipped: list[str] = []
+
+    def skip(msg: str) -> None:   # one line per record, printed once
+        if one:
+            raise UsageError(_unskipped(msg))
+        skipped.append(msg)
+        log(msg)
+
     for path, rec in targets:
         run_id = rec["run_id"]
         dataset = (rec.get("config") or {}).get("dataset")
+        if run_id in refused:
+            skip(refused[run_id])
+            continue
         try:
             if shift is not None:
                 check_shift(shift, dataset)
@@ -166,24 +267,29 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
             sset = shift_set_for(cfg.data_dir) if shift is not None else None
         except UsageError as e:
             msg = str(e)
-            skipped.append(msg if msg.startswith(run_id) else f"{run_id}: {msg}; skipped")
-            log(skipped[-1])
+            skip(msg if msg.startswith(run_id) else f"{run_id}: {msg}; skipped")
             continue
         with run_lock(out, run_id) as mine:
             if not mine:
-                skipped.append(f"{run_id}: in use by another process ({lock_holder(out, run_id) or 'unknown'}); "
-                               f"skipped")
-                log(skipped[-1])
+                skip(f"{run_id}: in use by another process ({lock_holder(out, run_id) or 'unknown'}); skipped")
                 continue
             try:
                 done.append(_evaluate_one(path, out, cfg, model, dev, sset, ood, progress, log))
             except UsageError as e:   # found before anything is written: the record stays as it was
-                skipped.append(str(e))
-                log(skipped[-1])
+                skip(str(e))
+    if skipped:   # each already one line above: a count, not the lines again
+        raise EvaluationIncomplete(
+            f"{len(skipped)} of {len(targets)} record(s) skipped (why: the lines above); the other {len(done)} "
+            f"evaluated" if done else f"nothing evaluated: all {len(skipped)} record(s) skipped (why: the lines "
+            f"above)", done, skipped)
     if not done:
-        raise UsageError(f"nothing evaluated: {len(skipped)} record(s) skipped (first: {skipped[0]})"
-                         if skipped else "nothing evaluated")
+        raise UsageError("nothing evaluated")
     return done
+
+
+def _unskipped(msg: str) -> str:
+    """A skip line as the error of a command given one record (nothing else to go on to)."""
+    return msg[:-len("; skipped")] if msg.endswith("; skipped") else msg
 
 
 def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, device: torch.device, sset: Any,

@@ -165,7 +165,34 @@ def aggregated_columns(rows: Sequence[Mapping]) -> list[str]:
 def complete_groups(records: Sequence[dict], keys: Sequence[str] = GROUP_KEYS) -> list[Group]:
     """The complete records (status "complete") as groups of ``keys``."""
     complete = [r for r in records if r.get("status", "complete") == "complete"]
-    return group_rows([flatten_record(r) for r in complete], keys, complete)
+    groups = group_rows([flatten_record(r) for r in complete], keys, complete)
+    return one_record_per_seed(groups) if tuple(keys) == tuple(GROUP_KEYS) else groups
+
+
+def one_record_per_seed(groups: list[Group]) -> list[Group]:
+    """Each row's records, one per seed. Two records of one row with the same seed are the same experiment
+    twice (under two run ids: a flag that does not act on this device, a copied file); pooled, they would
+    count as two seeds and shrink the spread. The one of the smallest run id is kept, with a warning that
+    names both (the same rule everywhere, so the leaderboard and the report agree)."""
+    for g in groups:
+        order = sorted(range(len(g.rows)), key=lambda i: str(g.rows[i].get("run_id")))
+        kept: dict[Any, int] = {}
+        for i in order:
+            seed = g.rows[i].get("seed")
+            if seed is None or num(seed) != num(seed):
+                kept[("no seed", i)] = i
+            elif seed in kept:
+                warnings.warn(f"{g.rows[i].get('run_id')} is seed {seed} of the same row as "
+                              f"{g.rows[kept[seed]].get('run_id')} (same data, recipe, options and precision): "
+                              f"counted once, as {g.rows[kept[seed]].get('run_id')}", stacklevel=2)
+            else:
+                kept[seed] = i
+        keep = sorted(kept.values())
+        if len(keep) != len(g.rows):
+            g.rows = [g.rows[i] for i in keep]
+            if g.records:
+                g.records = [g.records[i] for i in keep]
+    return groups
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +299,7 @@ def leaderboard(records: list[dict]):
         cols = [*GROUP_KEYS, *DEVICE_COLUMNS, "n_seeds", "seeds"]
         cols += [f"{c}_{s}" for c in (*METRIC_COLUMNS, *COST_COLUMNS) for s in ("mean", "std")] + ["run_ids"]
         return pd.DataFrame(columns=cols)
-    groups = group_rows(flat, GROUP_KEYS, complete)
+    groups = one_record_per_seed(group_rows(flat, GROUP_KEYS, complete))
     value_cols = aggregated_columns(flat)
     has_shift = any("_shift_errors" in r for r in flat)
     rows = []
@@ -281,8 +308,6 @@ def leaderboard(records: list[dict]):
         devices = main_devices(g)
         row.update({k: "" if d == UNKNOWN_DEVICE else d for k, d in devices.items()})
         seeds = sorted(int(s) for s in (r.get("seed") for r in g.rows) if num(s) == num(s))
-        if len(set(seeds)) != len(seeds):
-            warnings.warn(f"leaderboard: duplicate seeds {seeds} for {row['method']} {row['config_key']}", stacklevel=2)
         row["n_seeds"] = len(g.rows)
         row["seeds"] = str(seeds)
         row.update(_flags(g, devices))

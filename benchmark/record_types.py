@@ -125,6 +125,8 @@ class Section:
                 ok, expected = _KINDS[kind]
                 if not ok(v):
                     raise RecordError(f"{where}: {dotted} must be {expected}, not {_tname(v)} {_short(v)}")
+                if complete and f.metadata["required"] and _real(v) and v != v:   # acc, nll: the result itself
+                    raise RecordError(f"{where}: marked complete but its {dotted} is NaN: not a finished result")
                 kw[f.name] = v
             else:
                 kw[f.name] = kind.from_dict(v, where, complete=complete, path=dotted)
@@ -205,16 +207,16 @@ class Metrics(Section):
 class Cost(Section):
     """``cost``: size, compute and timing of the trained ensemble; each timing names its device."""
 
-    params: float | None = _f("number")
-    params_nonzero: float | None = _f("number")
-    flops: float | None = _f("number")
-    macs: float | None = _f("number")
-    flops_dense: float | None = _f("number")
-    latency_ms: float | None = _f("number")
-    latency_ms_p10: float | None = _f("number")
-    latency_ms_p90: float | None = _f("number")
-    throughput: float | None = _f("number")
-    peak_mem_mb: float | None = _f("number")
+    params: float | None = _f("nonneg")
+    params_nonzero: float | None = _f("nonneg")
+    flops: float | None = _f("nonneg")
+    macs: float | None = _f("nonneg")
+    flops_dense: float | None = _f("nonneg")
+    latency_ms: float | None = _f("nonneg")
+    latency_ms_p10: float | None = _f("nonneg")
+    latency_ms_p90: float | None = _f("nonneg")
+    throughput: float | None = _f("nonneg")
+    peak_mem_mb: float | None = _f("nonneg")
     device: str | None = _f("str")
     latency_device: str | None = _f("str")
     throughput_device: str | None = _f("str")
@@ -226,9 +228,9 @@ class Training(Section):
     the totals: ``train_s`` on ``device``, ``train_flops``, ``samples_seen``, ``epochs_run`` per stage, and the
     ``precision`` it trained in ("bf16" or "fp32"; records before 2026-12-04 leave it out)."""
 
-    train_s: float | None = _f("number")
-    train_flops: float | None = _f("number")
-    samples_seen: float | None = _f("number")
+    train_s: float | None = _f("nonneg")
+    train_flops: float | None = _f("nonneg")
+    samples_seen: float | None = _f("nonneg")
     epochs_run: dict | None = _f("dict")
     stages: dict | None = _f("dict")
     device: str | None = _f("str")

@@ -127,17 +127,8 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     as is unless ``force``). The run's lock is taken here (``locked``: the caller holds it already);
     another process running the same run id is one line, exit 2. A failure never overwrites a
     complete record."""
-    out = Path(cfg.out)
-    run_id = cfg.run_id()
-    check_output_dir(out)
-    from ensemble_bench import records
-
-    records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
-    check_run_paths(out, run_id)         # a folder where a result file goes (or the reverse): refused here
-    method = make_method(cfg)      # bad options fail here, before anything is written
-    meta_model = check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
-    check_fits_in_memory(meta_model, cfg, resolve_device(cfg.device))   # weights larger than the device: refused
-    shift_set = load_shift(cfg)    # --shift: a missing or bad corrupted set is refused before any work
+    out, run_id = Path(cfg.out), cfg.run_id()
+    shift_set = preflight(cfg)
     from ensemble_bench import distributed
 
     if distributed.rank() > 0:     # torchrun: rank 0 holds the lock and writes; the others train beside it
@@ -153,6 +144,23 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
             raise UsageError(f"run {run_id} is being run by another process ({lock_holder(out, run_id) or 'unknown'}); "
                              f"wait for it to finish (its record will be {out / (run_id + '.json')})")
         return _execute(cfg, log=log, force=force, shift_set=shift_set)
+
+
+def preflight(cfg: RunConfig) -> Any:
+    """Every check of a run's input that needs no training, in the order ``execute`` makes them: a
+    UsageError (one line) before anything is written. Returns the loaded ``--shift`` set (None without one).
+    A command that runs several configurations (quickstart) checks them all first."""
+    out = Path(cfg.out)
+    run_id = cfg.run_id()
+    check_output_dir(out)
+    from ensemble_bench import records
+
+    records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
+    check_run_paths(out, run_id)         # a folder where a result file goes (or the reverse): refused here
+    method = make_method(cfg)      # bad options fail here, before anything is written
+    meta_model = check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
+    check_fits_in_memory(meta_model, cfg, resolve_device(cfg.device))   # weights larger than the device: refused
+    return load_shift(cfg)         # --shift: a missing or bad corrupted set is refused before any work
 
 
 def check_output_dir(out: Path, flag: str = "--out") -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ensemble_bench import EnsembleModel, FitContext, Method, register
+from ensemble_bench.errors import UsageError
 
 
 class TemperatureScaled(EnsembleModel):
@@ -70,15 +71,20 @@ class TemperatureScaling(Method):
         max_iter: int = 100     # L-BFGS iterations for T
 
     def build(self, ctx: FitContext) -> EnsembleModel:
+        # build runs on the meta device before the run starts: a run with no validation split is refused
+        # there, one line, before anything trains or is written
+        if ctx.config.val_fraction <= 0:
+            raise UsageError("temperature_scaling fits T on the validation split; this run has none "
+                             "(val_fraction = 0): give --val-fraction > 0")
         return TemperatureScaled(ctx.make_backbone(seed=ctx.member_seed(0)))
 
     def fit(self, ctx: FitContext) -> EnsembleModel:
         model = self.build(ctx)
         ctx.trainer.fit(model.net, stage="member0", seed=ctx.member_stage_seed(0))
         val = ctx.data.val
-        if len(val) == 0:
-            raise ValueError("temperature_scaling fits T on the validation split; this run has none "
-                             "(val_fraction = 0)")
+        if val is None or len(val) == 0:   # val_fraction > 0 of a training set too small to leave an image
+            raise UsageError("temperature_scaling fits T on the validation split; this run's is empty: give a "
+                             "larger --val-fraction or more training images")
         logits = ctx.trainer.predict(model.net, val.x)[0]          # [N, C], float32, eval mode
         y = val.y.cpu()
         t = fit_temperature(logits, y, self.options.max_iter)

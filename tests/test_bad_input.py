@@ -312,6 +312,13 @@ CASES = {
     "report_complete_without_metrics": "records",
     "sweep_weight_decay_-1": lambda t: (["sweep", _spec(t, SPEC.format(out="runs") + "weight_decay = -1.0\n")],
                                         ["weight_decay"]),
+    "quickstart_second_method_refused_before_the_first_trains": lambda t: (
+        ["quickstart", "--methods", "single,snapshot", "--epochs", "2", "--out", "qs", "--quiet"],
+        ["snapshot", "num_snapshots"]),
+    "quickstart_methods_names_none": lambda t: (["quickstart", "--methods", ",", "--out", "qs", "--quiet"],
+                                                ["names no method"]),
+    "leaderboard_o_dot": "records",
+    "leaderboard_o_json_in_the_records_folder": "records",
     "quickstart_single_nope": lambda t: (["quickstart", "--methods", "single,nope", "--epochs", "1", "--out", "qs",
                                           "--quiet"], ["nope"]),
     "epochs_1e12": lambda t: ([*RUN_T[:-2], "--out", "out", "--epochs", "1000000000000"], ["epochs"]),
@@ -384,6 +391,10 @@ def test_bad_input_table(case, tmp_path, capsys, monkeypatch, complete_runs):
             rid = next(runs.glob("*.json")).stem
             target = runs / (f"{rid}.json" if case.endswith("record") else f"{rid}.weights.safetensors")
             argv, must = ["leaderboard", runs, "-o", target], [rid, "destroy"]
+        elif case == "leaderboard_o_dot":
+            argv, must = ["leaderboard", runs, "-o", "."], ["names no file"]
+        elif case == "leaderboard_o_json_in_the_records_folder":   # every later scan would warn of it
+            argv, must = ["leaderboard", runs, "-o", runs / "zz.json"], ["ending in .csv"]
         elif case == "leaderboard_o_is_the_markdown":
             argv, must = ["leaderboard", runs, "-o", tmp_path / "lb.md"], ["name the CSV"]
         elif case == "leaderboard_o_is_a_folder":

@@ -113,3 +113,19 @@ def test_console_script_and_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "ensemble_bench", "run", "--method", "nope", *TINY],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_a_run_whose_log_reader_goes_away_still_completes(tmp_path):
+    """`ensemble-bench run ... 2>&1 | head -1`: the pipe closes after the first line; the run goes on with
+    its log going nowhere and writes its complete record (before: BrokenPipeError, a failed record)."""
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "ensemble_bench", "run", "--method", "single", "--backbone",
+                             "cnn_small", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline()          # the first line, as `head -1` reads it
+    proc.stdout.close()                    # ... and goes away
+    assert proc.wait(timeout=300) == 0
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert rec["status"] == "complete"

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,22 @@ def _one_line_exit_2(capsys, *argv) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines and lines[-1].startswith("ensemble-bench: error:"), err
     return lines[-1]
+
+
+def _exit_2_lines(capsys, *argv) -> list[str]:
+    """The stderr lines of a command that exits 2 (the last one the error line)."""
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("ensemble-bench: error:"), err
+    return lines
+
+
+def _only_line(capsys, *argv) -> str:
+    """A command given one record that cannot be evaluated: exit 2 and its reason once, as the only line."""
+    lines = _exit_2_lines(capsys, *argv)
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -251,8 +268,9 @@ def test_evaluate_adds_shift_and_ood_metrics_and_keeps_the_rest(cifar_run, cifar
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(record, bare / record.name)
-    line = _one_line_exit_2(capsys, "evaluate", bare, "--shift", "cifar10c", "--data-dir", cifar_dir)
-    assert "--no-keep-weights or before weights were kept" in line and "nothing evaluated" in line
+    *why, last = _exit_2_lines(capsys, "evaluate", bare, "--shift", "cifar10c", "--data-dir", cifar_dir)
+    assert len(why) == 1 and "--no-keep-weights or before weights were kept" in why[0]
+    assert "nothing evaluated: all 1 record(s) skipped" in last
     # other data than the run's (another subset): the run id check refuses it
     other = tmp_path / "other_data"
     shutil.copytree(cifar_dir, other, symlinks=True)
@@ -268,9 +286,172 @@ def test_evaluate_adds_shift_and_ood_metrics_and_keeps_the_rest(cifar_run, cifar
     state = load_file(str(weights))
     save_file({k: (v * 1.5 if v.is_floating_point() else v) for k, v in state.items()}, str(weights))
     kept = record.read_text()
-    line = _one_line_exit_2(capsys, "evaluate", record, "--ood", "svhn", "--data-dir", cifar_dir)
-    assert "not the model this record was made with" in line and "nothing evaluated" in line
+    line = _only_line(capsys, "evaluate", record, "--ood", "svhn", "--data-dir", cifar_dir)
+    assert "not the model this record was made with" in line
     assert record.read_text() == kept
+
+
+# ------------------------------------------------------------------------------------------ evaluate: plugins, skips
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """Two complete `single` runs (cnn_small, one epoch on digits, seeds 0 and 1) with kept weights and
+    predictions: (runs folder, [run ids]). Tests evaluate copies of the folder."""
+    from ensemble_bench.resolve import make_run_config
+    from ensemble_bench.runner import execute
+
+    out = tmp_path_factory.mktemp("digits_runs")
+    rids = []
+    for seed in (0, 1):
+        cfg = make_run_config({"method": "single", "backbone": "cnn_small", "dataset": "digits", "epochs": 1,
+                               "lr": 0.05, "seed": seed, "device": "cpu", "progress": False, "latency_runs": 2,
+                               "out": str(out)})
+        rids.append(execute(cfg, log=lambda s: None)["run_id"])
+    return out, rids
+
+
+def _copy_runs(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _marker_plugin(path: Path, marker: Path) -> Path:
+    """A plugin file that, when imported, writes ``marker``."""
+    path.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n")
+    return path
+
+
+@pytest.fixture
+def own_plugin_state(monkeypatch):
+    """Plugins a test imports (--plugin) are forgotten after it (the process's plugin list as it was)."""
+    from ensemble_bench import plugins
+
+    monkeypatch.setattr(plugins, "_loaded", dict(plugins._loaded))
+
+
+EVAL = ("--ood", "photos", "--device", "cpu", "--no-progress")
+
+
+def test_evaluate_never_imports_a_plugin_a_record_names(digits_runs, tmp_path, capsys, monkeypatch):
+    """A copied complete record edited to name a plugin (a file, or a module on the import path), even with
+    that file's sha256 in code.plugins: evaluate imports nothing, refuses the record with one line that
+    names the plugin and says how to pass it, evaluates the folder's other record, exits 2."""
+    from ensemble_bench import plugins
+
+    src, (rid, other) = digits_runs
+    runs = _copy_runs(src, tmp_path / "runs")
+    marker = tmp_path / "MARKER"
+    evil = _marker_plugin(tmp_path / "evil_planted.py", marker)
+    _marker_plugin(tmp_path / "evil_planted_module.py", marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = runs / f"{rid}.json"
+    rec = json.loads(record.read_text())
+    assert rec["config"]["plugins"] == [] and "plugins" not in rec["code"]
+    for n, spec in enumerate((str(evil), "evil_planted_module")):
+        rec["config"]["plugins"] = [spec]
+        rec["code"]["plugins"] = [{"spec": spec, "module": "m", "sha256": plugins.file_sha256(evil)}]
+        record.write_text(json.dumps(rec))
+        planted = record.read_text()
+        line = _only_line(capsys, "evaluate", record, *EVAL)
+        assert f"plugin {spec}," in line and f"pass --plugin {spec} if you trust" in line, line
+        *why, last = _exit_2_lines(capsys, "evaluate", runs, *EVAL)
+        assert len(why) == 2 and [w for w in why if f"pass --plugin {spec}" in w] == [
+            next(w for w in why if w.startswith(f"{rid}: "))], why
+        assert any(w.startswith(f"{other}: evaluated") for w in why), why
+        assert last == "ensemble-bench: error: 1 of 2 record(s) skipped (why: the lines above); the other 1 evaluated"
+        assert not marker.exists()
+        assert "evil_planted_module" not in sys.modules
+        assert record.read_text() == planted
+        assert len(json.loads((runs / f"{other}.json").read_text())["evaluations"]) == n + 1
+    # the API's rebuild refuses it too, before anything is imported
+    from ensemble_bench.errors import UsageError
+    from ensemble_bench.evaluate import rebuild
+
+    with pytest.raises(UsageError, match="pass --plugin evil_planted_module if you trust"):
+        rebuild(json.loads(record.read_text()), runs)
+    assert not marker.exists()
+
+
+def test_evaluate_uses_a_records_plugin_only_when_given_and_unchanged(digits_runs, tmp_path, capsys,
+                                                                      own_plugin_state):
+    """A record whose run used a plugin file (config.plugins and its sha256 in code.plugins, as `run
+    --plugin` records them): refused until the plugin is given with --plugin; refused when the given file
+    is not the one the run was trained with; evaluated when it is (also from where it was moved to)."""
+    from ensemble_bench import plugins
+
+    src, (rid, _) = digits_runs
+    runs = _copy_runs(src, tmp_path / "runs")
+    marker = tmp_path / "IMPORTED"
+    mine = _marker_plugin(tmp_path / "mine_given.py", marker)
+    record = runs / f"{rid}.json"
+    rec = json.loads(record.read_text())
+    rec["config"]["plugins"] = [str(mine)]
+    rec["code"]["plugins"] = [{"spec": str(mine), "module": "m", "sha256": plugins.file_sha256(mine)}]
+    record.write_text(json.dumps(rec))
+    written = record.read_text()
+    # not given: one line, not imported, the record as it was
+    line = _only_line(capsys, "evaluate", record, *EVAL)
+    assert f"pass --plugin {mine} if you trust" in line
+    assert not marker.exists() and record.read_text() == written
+    # given, but the record was trained with another file of that name: one line, the record as it was
+    changed = copy.deepcopy(rec)
+    changed["code"]["plugins"][0]["sha256"] = "0" * 16
+    record.write_text(json.dumps(changed))
+    line = _only_line(capsys, "evaluate", record, *EVAL, "--plugin", mine)
+    assert f"plugin {mine} is not the code this run was trained with" in line and "0" * 16 in line, line
+    assert marker.exists()   # given explicitly: imported (by --plugin, before the record is read)
+    assert json.loads(record.read_text()) == changed
+    # given and the same file: evaluated, the evaluation names the plugin it used
+    record.write_text(written)
+    code, out, err = run_cli(capsys, "evaluate", record, *EVAL, "--plugin", mine)
+    assert code == 0, err
+    (entry,) = json.loads(record.read_text())["evaluations"]
+    assert entry["code"]["plugins"][0]["spec"] == str(mine) and entry["test_logits_max_abs_diff"] == 0.0
+    # the file was moved since the run: the given file of the same content stands for it
+    moved = copy.deepcopy(rec)
+    moved["config"]["plugins"] = [str(tmp_path / "gone" / "mine_given.py")]
+    moved["code"]["plugins"][0]["spec"] = moved["config"]["plugins"][0]
+    record.write_text(json.dumps(moved))
+    code, out, err = run_cli(capsys, "evaluate", record, *EVAL, "--plugin", mine)
+    assert code == 0, err
+
+
+def test_evaluate_folder_exits_2_after_the_others_when_it_skipped_a_record(digits_runs, tmp_path, capsys):
+    """A folder with one record whose weights do not reproduce its saved predictions: the other record is
+    evaluated, the skipped one's reason printed once, a last line counts the skipped, exit 2; the record
+    alone: its reason once, exit 2. The same for a record without kept weights."""
+    from safetensors.torch import load_file, save_file
+
+    from ensemble_bench.evaluate import EvaluationIncomplete, evaluate_records
+
+    src, (good, bad) = digits_runs
+    runs = _copy_runs(src, tmp_path / "runs")
+    weights = runs / f"{bad}.weights.safetensors"
+    save_file({k: (v * 1.5 if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()},
+              str(weights))
+    kept = (runs / f"{bad}.json").read_text()
+    *why, last = _exit_2_lines(capsys, "evaluate", runs, *EVAL)
+    reason = [w for w in why if "not the model this record was made with" in w]
+    assert len(reason) == 1 and reason[0].startswith(f"{bad}: "), why
+    assert sum("not the model" in w for w in why + [last]) == 1
+    assert last == "ensemble-bench: error: 1 of 2 record(s) skipped (why: the lines above); the other 1 evaluated"
+    assert len(json.loads((runs / f"{good}.json").read_text())["evaluations"]) == 1
+    assert (runs / f"{bad}.json").read_text() == kept
+    line = _only_line(capsys, "evaluate", runs / f"{bad}.json", *EVAL)
+    assert line.startswith(f"ensemble-bench: error: {bad}: ") and "not the model this record was made with" in line
+    # the API: EvaluationIncomplete (a UsageError) with the summaries of those done, each skip logged once
+    logs: list[str] = []
+    with pytest.raises(EvaluationIncomplete) as info:
+        evaluate_records(runs, ood=["photos"], device="cpu", progress=False, log=logs.append)
+    assert [d["run_id"] for d in info.value.done] == [good] and len(info.value.skipped) == 1
+    assert sum("not the model" in ln for ln in logs) == 1
+    # no kept weights: skipped before any work, the same exit and single message
+    weights.unlink()
+    *why, last = _exit_2_lines(capsys, "evaluate", runs, *EVAL)
+    assert sum("--no-keep-weights" in w for w in why + [last]) == 1 and "1 of 2 record(s) skipped" in last
+    line = _only_line(capsys, "evaluate", runs / f"{bad}.json", *EVAL)
+    assert "--no-keep-weights or before weights were kept" in line and not line.endswith("skipped")
+    assert (runs / f"{bad}.json").read_text() == kept
+    assert len(json.loads((runs / f"{good}.json").read_text())["evaluations"]) == 3
 
 
 # ------------------------------------------------------------------------------------------ rebuild + load
@@ -322,8 +503,9 @@ def test_every_method_rebuilds_from_its_weights(tmp_path, capsys):
         new.pop("evaluations")
         new["metrics"]["ood"] = old["metrics"]["ood"]
         assert new == old, rid
-    line = _one_line_exit_2(capsys, "evaluate", out, "--shift", "cifar10c")
-    assert "nothing evaluated" in line and "corrupted cifar10 test set" in line
+    *why, last = _exit_2_lines(capsys, "evaluate", out, "--shift", "cifar10c")
+    assert len(why) == len(records) and all("corrupted cifar10 test set" in w for w in why)
+    assert f"nothing evaluated: all {len(records)} record(s) skipped" in last
 
 
 # ------------------------------------------------------------------------------------------ leaderboard

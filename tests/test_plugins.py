@@ -221,6 +221,16 @@ def test_example_plugin_end_to_end(capsys, tmp_path, monkeypatch):
     assert rc == 0 and "temperature_scaling" in out
 
 
+def test_example_plugin_without_a_validation_split_is_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    """The example fits T on the validation split: --val-fraction 0 is refused by its build (which the runner
+    calls on the meta device before anything trains), not after training with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _cli(capsys, "run", "--plugin", str(EXAMPLE), "--method", "temperature_scaling", *TINY,
+                        "--val-fraction", "0", "--out", "runs")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--val-fraction > 0" in err
+    assert not Path("runs").exists()
+
+
 def test_fit_temperature_minimises_nll():
     import torch
 

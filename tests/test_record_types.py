@@ -135,6 +135,8 @@ def test_missing_required_field_is_one_line_naming_it(section, key, expected):
     ("method", "num_members", 4.5, "method.num_members must be an integer, not float"),
     ("method", "size_reference", "yes", "method.size_reference must be true or false"),
     ("cost", "latency_device", 3, "cost.latency_device must be a string, not int"),
+    ("cost", "flops", -5, "cost.flops must be a number >= 0"),            # sizes, FLOPs and times are never < 0
+    ("training", "train_s", -1.0, "training.train_s must be a number >= 0"),
     ("training", "stages", "x", "training.stages must be an object"),
     (None, "config", [], "config must be an object, not array"),
     (None, "method", "single", "method must be an object, not string"),
@@ -152,6 +154,17 @@ def test_a_metric_that_could_not_be_computed_is_nan_not_out_of_range():
     d = complete_record()
     d["metrics"].update(acc_at_95=float("nan"), nll_ts=float("nan"), acc=0.0, ece=1.0)
     assert RunRecord.from_dict(d, "x").metrics.ece == 1.0
+
+
+@pytest.mark.parametrize("key", ["acc", "nll"])
+def test_a_complete_record_whose_result_is_nan_is_not_complete(key):
+    """acc and nll are what "complete" means: NaN there is no result (the leaderboard leaves the record out
+    with this line instead of blanking its row's mean); a running or failed record may hold it."""
+    d = complete_record()
+    d["metrics"][key] = float("nan")
+    assert f"marked complete but its metrics.{key} is NaN" in _one_line_error(d)
+    d["status"] = "failed"
+    assert RunRecord.from_dict(d, "x").status == "failed"
 
 
 def test_identity_errors_are_the_loaders_messages():

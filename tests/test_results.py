@@ -432,3 +432,27 @@ def test_the_recursive_scan_never_enters_hidden_folders(tmp_path, monkeypatch):
     pairs, problems = records.scan_records(tmp_path, recursive=True)
     assert sorted(r["run_id"] for _, r in pairs) == ["deep", "top"] and problems == []
     assert not any(".ckpt" in p for p in entered), entered
+
+
+def test_the_same_seed_of_one_row_twice_counts_once(tmp_path, capsys):
+    """Two records of one row (same data, recipe, options, precision) with the same seed are one experiment
+    under two run ids: counted once (the smaller run id), with one warning line naming both, in the
+    leaderboard and in the report's configs alike; before, they pooled as n = 2 seeds."""
+    from ensemble_bench.cli import main
+    from ensemble_bench.report.model import group_sections
+
+    recs = [make_record("r-b", seed=0, acc=0.5), make_record("r-a", seed=0, acc=0.9),
+            make_record("r-c", seed=1, acc=0.7)]
+    with pytest.warns(UserWarning, match="r-b is seed 0 of the same row as r-a"):
+        df = leaderboard.leaderboard(recs)
+    assert df.loc[0, "n_seeds"] == 2 and df.loc[0, "acc_mean"] == pytest.approx(0.8)
+    assert df.loc[0, "run_ids"] == "r-a,r-c"
+    with pytest.warns(UserWarning):
+        (config,) = group_sections(recs)[0].configs
+    assert sorted(r["run_id"] for r in config.rows) == ["r-a", "r-c"]
+    for r in recs:
+        records.write_record(tmp_path / "runs", r)
+    assert main(["leaderboard", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ensemble-bench: warning: r-b is seed 0 of the same row as r-a (same data, recipe, options and "
+                   "precision): counted once, as r-a"]

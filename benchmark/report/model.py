@@ -25,6 +25,7 @@ from ensemble_bench.leaderboard import (
     group_rows,
     higher_is_better,
     mean_std,
+    one_record_per_seed,
 )
 
 MARKERS = "osD^vP*Xh<>p"
@@ -151,7 +152,7 @@ def make_slug(text: str) -> str:
 def group_sections(complete: list[dict]) -> list[Section]:
     """The complete records as sections of configs (the engine's groups of GROUP_KEYS), labelled."""
     by_section: dict[tuple, list[Config]] = {}
-    for g in group_rows([flatten_record(r) for r in complete], GROUP_KEYS, complete):
+    for g in one_record_per_seed(group_rows([flatten_record(r) for r in complete], GROUP_KEYS, complete)):
         sec = (str(g.fields.get("dataset") or "?"), str(g.fields.get("backbone") or "?"))
         by_section.setdefault(sec, []).append(Config(g.fields, g.rows, g.records))
     sections = []
