@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ensemble_bench import report
-from ensemble_bench.errors import TrainingDiverged, UsageError
+from ensemble_bench.errors import MethodContractError, TrainingDiverged, UsageError
 
 QUICKSTART_OUT = "quickstart-runs"
 # The quickstart's budget on the 8x8 digits (cnn_small, CPU): chosen from the measured learning curves
@@ -478,7 +478,7 @@ def _main(argv: list[str] | None) -> int:
     except UsageError as e:
         print(f"ensemble-bench: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, MethodContractError) as e:   # the run failed; its record says why
         print(f"ensemble-bench: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,3 +7,9 @@ class UsageError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class MethodContractError(TypeError):
+    """A method broke the harness's contract after training (its ``fit`` returned no EnsembleModel, an
+    unknown combine rule, another number of members than it declares): the run fails with its record saying
+    why; the CLI prints that one line (exit code 1), as for a diverged run."""

@@ -26,7 +26,7 @@ import ensemble_bench.methods as methods
 from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext
 from ensemble_bench.config import RunConfig, build_options
 from ensemble_bench.resolve import load_shift
-from ensemble_bench.errors import UsageError
+from ensemble_bench.errors import MethodContractError, UsageError
 from ensemble_bench.runlock import lock_holder, run_lock
 
 
@@ -59,9 +59,10 @@ def make_method(cfg: RunConfig):
 
 def check_model(model: Any, method: str) -> EnsembleModel:
     if not isinstance(model, EnsembleModel):
-        raise TypeError(f"method {method!r} returned {type(model).__name__}, not an EnsembleModel")
+        raise MethodContractError(f"method {method!r} returned {type(model).__name__}, not an EnsembleModel")
     if model.combine not in COMBINE_RULES:
-        raise TypeError(f"method {method!r} declares combine={model.combine!r}; expected one of {COMBINE_RULES}")
+        raise MethodContractError(f"method {method!r} declares combine={model.combine!r}; expected one of "
+                                  f"{COMBINE_RULES}")
     return model
 
 
@@ -271,6 +272,9 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         t_eval = time.perf_counter()
         test = trainer.data.test
         logits = trainer.predict(model, test.x)
+        if logits.shape[0] != model.num_members:   # the record's M (and the DEE curve) would be another model's
+            raise MethodContractError(f"method {cfg.method!r} declares {model.num_members} members (num_members) "
+                                      f"but its forward returns {logits.shape[0]} ([M, B, C] = {list(logits.shape)})")
         val_logits = trainer.predict(model, trainer.data.val.x) if trainer.data.val is not None else None
         ood = {k: trainer.predict(model, v) for k, v in trainer.data.ood.items()}
         labels = test.y.cpu()

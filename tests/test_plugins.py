@@ -263,3 +263,25 @@ def test_sweep_carries_plugins_to_its_runs(tmp_path, monkeypatch):
     assert all(r.plugins == (str(EXAMPLE),) for r in runs)
     job = sweep.RunJob(runs[1].to_dict(), runs[1].run_id())
     assert job.config["plugins"] == [str(EXAMPLE)]
+
+
+def test_a_model_that_returns_fewer_members_than_it_declares_fails_its_run(capsys, tmp_path, monkeypatch):
+    """num_members is what the record's M, the leaderboard and the DEE curve read: a method (a plugin's, most
+    likely) whose forward returns another number of members fails its run, never a record of the wrong M."""
+    cls = methods.get("deep_ensemble")
+    fit = cls.fit
+
+    def liar(self, ctx):
+        model = fit(self, ctx)
+        model.num_members = 4          # declares 4, returns 2
+        return model
+
+    monkeypatch.setattr(cls, "fit", liar)
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _cli(capsys, "run", "--method", "deep_ensemble", "--set", "num_members=2", *TINY[:4], "--epochs",
+                      "1", "--out", "runs")
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("ensemble-bench: error: method 'deep_ensemble' "
+                                                                "declares 4 members (num_members) but its forward returns 2")
+    assert "Traceback" not in err
+    (rec,) = [json.loads(p.read_text()) for p in Path("runs").glob("*.json")]
+    assert rec["status"] == "failed" and "declares 4 members" in rec["error"]
