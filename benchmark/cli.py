@@ -25,6 +25,10 @@ def check_output_path(folder: Path, flag: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)   # --members is not --members-parallel, --epoch not --epochs
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + error by default)
         raise UsageError(message)
 

@@ -254,6 +254,8 @@ def parse_assignments(items: list[str] | None) -> dict[str, str]:
         k = k.strip()
         if not k:
             raise UsageError(f"--set expects key=value; got {item!r}")
+        if k in out and out[k] != v:   # which one was meant? (the same value twice is harmless)
+            raise UsageError(f"--set {k} is given twice ({k}={out[k]} and {k}={v}): keep one")
         out[k] = v
     return out
 

@@ -315,6 +315,11 @@ CASES = {
     "quickstart_second_method_refused_before_the_first_trains": lambda t: (
         ["quickstart", "--methods", "single,snapshot", "--epochs", "2", "--out", "qs", "--quiet"],
         ["snapshot", "num_snapshots"]),
+    "abbreviated_flag_is_not_taken_for_another": lambda t: ([*RUN_T[:-2], "--members", "2", "--out", "out"],
+                                                            ["unrecognized arguments: --members 2"]),
+    "set_the_same_option_twice": lambda t: (["run", "--method", "deep_ensemble", *RUN_T[3:-2], "--set",
+                                             "num_members=2", "--set", "num_members=3", "--out", "out"],
+                                            ["num_members is given twice"]),
     "quickstart_methods_names_none": lambda t: (["quickstart", "--methods", ",", "--out", "qs", "--quiet"],
                                                 ["names no method"]),
     "leaderboard_o_dot": "records",
