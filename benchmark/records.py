@@ -366,6 +366,7 @@ def save_weights(out_dir: str | os.PathLike, run_id: str, model: Any) -> Path:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     save_file(state, str(tmp), metadata={"run_id": run_id})
+    os.chmod(tmp, _file_mode())   # safetensors creates it 0o600: the mode of the record's other files
     os.replace(tmp, path)
     return path
 

@@ -266,7 +266,8 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         trainer = make_trainer(cfg, bundle, device, code, log)
         ctx = FitContext(config=cfg, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                          image_size=bundle.image_size, device=device, data=bundle, trainer=trainer)
-        log(f"{run_id}: {cfg.method} on {cfg.backbone} / {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}, {device}")
+        log(f"{run_id}: {cfg.method} on {cfg.backbone} / {data_mod.identity_name(cfg.dataset, cfg.data_id)}, "
+            f"{cfg.epochs} epochs, seed {cfg.seed}, {device}")
         model = check_model(method.fit(ctx), cfg.method)
         model = trainer.prepare(model).eval()
         t_eval = time.perf_counter()

@@ -456,3 +456,15 @@ def test_the_same_seed_of_one_row_twice_counts_once(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["ensemble-bench: warning: r-b is seed 0 of the same row as r-a (same data, recipe, options and "
                    "precision): counted once, as r-a"]
+
+
+def test_a_runs_files_share_one_mode(tmp_path):
+    """The weights beside a record are as readable as the record (safetensors alone creates them 0o600,
+    which a shared results folder could not read)."""
+    import stat
+
+    import torch
+
+    rec = records.write_record(tmp_path, make_record("r0"))
+    weights = records.save_weights(tmp_path, "r0", torch.nn.Linear(2, 2))
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(rec.stat().st_mode)

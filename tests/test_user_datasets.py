@@ -192,6 +192,7 @@ def test_run_on_an_imagefolder_dataset_and_quickstart(tmp_path, monkeypatch, cap
     assert main(run_args("img.toml")) == 0
     rec = _record(tmp_path / "out")
     assert rec["status"] == "complete" and rec["data"]["name"] == "folders" and rec["data"]["ood"] == {"other": 8}
+    assert f"{rec['run_id']}: single on cnn_small / folders," in capsys.readouterr().err   # its name, not its path
     assert main(["quickstart", "--dataset", "img.toml", "--methods", "single", "--epochs", "1", "--out", "qs",
                  "--quiet"]) == 0
     assert _record(tmp_path / "qs")["data"]["name"] == "folders"
