@@ -703,6 +703,15 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     assert [f.stem for f in figs] == ["f/learning_curves_by_method"] and (tmp_path / "f/learning_curves_by_method.svg").is_file()
     svg = (tmp_path / "f/learning_curves_by_method.svg").read_text(encoding="utf-8")
     assert "epochs=30: NOT converged (2 stages)" in svg and "epochs=60: converged (2 stages)" in svg
+    # another method at another lr: the section's labels name the lr, a panel's legend only what tells its
+    # own configs apart (the reference report's paper-recipe rows put their whole recipe into every label)
+    gamma = make_record("g60", "gamma", {}, 0, 2, acc=0.8, nll=0.7, epochs=60, **kw)
+    gamma["config"]["lr"] = 0.05
+    (sec,) = report.group_sections(recs + [gamma])
+    assert any("lr=0.1" in c.label for c in sec.configs if c.method == "alpha")
+    fig_learning_curves_by_method(sec, tmp_path, "h")
+    svg = (tmp_path / "h/learning_curves_by_method.svg").read_text(encoding="utf-8")
+    assert "epochs=30: NOT converged (2 stages)" in svg and "lr=0.1" not in svg
     (one,) = report.group_sections([recs[1], recs[3]])
     assert fig_learning_curves_by_method(one, tmp_path, "g") == []
 

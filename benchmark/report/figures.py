@@ -15,10 +15,11 @@ import numpy as np
 from ensemble_bench.columns import as_dict, num
 from ensemble_bench.formatting import dee_cell
 from ensemble_bench.predictions import load_predictions
-from ensemble_bench.report.canvas import Figure, finish, legend, log_x, new_figure, panel_title
+from ensemble_bench.report.canvas import Figure, finish, legend, log_x, new_figure, panel_title, wrap_text
 from ensemble_bench.report.model import (
     Section,
     SizeFamily,
+    config_differences,
     cost_axes,
     dee_for,
     make_slug,
@@ -461,24 +462,34 @@ def fig_learning_curves_by_method(sec: Section, out_dir: Path, base: str) -> lis
             by_method.setdefault(c.method, []).append((c, stages))
     if not any(len(v) > 1 for v in by_method.values()):
         return []
-    fig, axes = new_figure(len(by_method), ncols=min(3, len(by_method)), panel_w=4.2, panel_h=3.0)
     verdict = {True: "converged", False: "NOT converged", None: "no verdict"}
+    # a legend entry says what tells the configs of its panel apart (not of the whole section: a paper-recipe
+    # row elsewhere would put the full recipe into every label), wrapped to the panel's width
+    panel_w, font = 4.2, 6.5
+    labels: dict[int, str] = {}
+    for lines in by_method.values():
+        cfgs = [c for c, _ in lines]
+        for (c, stages), text in zip(lines, config_differences(cfgs)):
+            label = f"{text or 'defaults'}: {verdict[c.converged]}" + (
+                f" ({len(stages)} stages)" if len(stages) > 1 else "")
+            labels[id(c)] = wrap_text(label, panel_w - 0.3, font)
+    legend_lines = max(sum(labels[id(c)].count("\n") + 1 for c, _ in lines) for lines in by_method.values())
+    fig, axes = new_figure(len(by_method), ncols=min(3, len(by_method)), panel_w=panel_w,
+                           panel_h=3.0 + 0.13 * legend_lines)   # room below each panel for its legend
     for ax, (method, lines) in zip(axes, by_method.items()):
         values = []
         for c, stages in lines:
-            short = c.label[len(method):].strip(" ()") or "defaults"
             for k, nll in enumerate(stages.values()):
                 ax.plot(np.arange(1, len(nll) + 1), nll, color=c.color, lw=1.1, alpha=0.85,
                         linestyle="-" if c.converged is not False else (0, (4, 2)),
-                        label=f"{short}: {verdict[c.converged]}" + (f" ({len(stages)} stages)" if len(stages) > 1
-                                                                     else "") if k == 0 else None)
+                        label=labels[id(c)] if k == 0 else None)
                 values.append(nll)
         _nll_ylim(ax, values)
         panel_title(ax, method, 9)
         ax.set_xlabel("epoch of the stage", fontsize=8)
         ax.set_ylabel("validation NLL ↓", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1)
+        ax.legend(fontsize=font, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1)
     return [finish(fig, sec, out_dir, f"{base}/learning_curves_by_method", "learning curves per method and stage",
                    "Learning curves per method",
                    "Validation NLL after every epoch, one panel per method and one colour per config of it (its "

@@ -171,24 +171,33 @@ def group_sections(complete: list[dict]) -> list[Section]:
     return sections
 
 
+def config_differences(cfgs: list[Config], scope: list[Config] | None = None) -> list[str]:
+    """What tells each of ``cfgs`` (configs of one method) apart: the options that vary between them, and
+    the training settings (budget, recipe, precision) that vary within ``scope`` (a superset of ``cfgs``;
+    default ``cfgs`` themselves); "" where nothing does."""
+    scope = cfgs if scope is None else scope
+    varying_train = [k for k in (*NUMERIC_RECIPE_KEYS, "precision")
+                     if len({hashable(c.fields.get(k)) for c in scope}) > 1]
+    recipe_text = dict(zip(map(id, scope), recipe_differences([c.fields.get("recipe") for c in scope])))
+    keys = sorted({k for c in cfgs for k in c.options})
+    vary = [k for k in keys if len({json.dumps(c.options.get(k), sort_keys=True) for c in cfgs}) > 1]
+    out = []
+    for c in cfgs:
+        tr = ", ".join([f"{k}={c.fields.get(k)}" for k in varying_train]
+                       + ([recipe_text[id(c)]] if recipe_text[id(c)] else []))
+        out.append(", ".join(x for x in (options_text(c.options, vary), tr) if x))
+    return out
+
+
 def _label_configs(sec: Section) -> None:
     """Short unique labels: the method, the options that vary between its configs, and the training
     settings that vary in the section; a colour per config and a marker per method."""
-    varying_train = [k for k in (*NUMERIC_RECIPE_KEYS, "precision")
-                     if len({hashable(c.fields.get(k)) for c in sec.configs}) > 1]
-    recipe_text = dict(zip(map(id, sec.configs),
-                           recipe_differences([c.fields.get("recipe") for c in sec.configs])))
     by_method: dict[str, list[Config]] = {}
     for c in sec.configs:
         by_method.setdefault(c.method, []).append(c)
     for cfgs in by_method.values():
-        keys = sorted({k for c in cfgs for k in c.options})
-        vary = [k for k in keys if len({json.dumps(c.options.get(k), sort_keys=True) for c in cfgs}) > 1]
-        for c in cfgs:
-            extra = options_text(c.options, vary)
-            tr = ", ".join([f"{k}={c.fields.get(k)}" for k in varying_train]
-                           + ([recipe_text[id(c)]] if recipe_text[id(c)] else []))
-            c.label = c.method + (f" ({', '.join(x for x in (extra, tr) if x)})" if extra or tr else "")
+        for c, text in zip(cfgs, config_differences(cfgs, sec.configs)):
+            c.label = c.method + (f" ({text})" if text else "")
     seen: dict[str, int] = {}
     for c in sec.configs:
         if c.label in seen:
