@@ -110,7 +110,11 @@ def _run_config(args):
 def cmd_run(args) -> int:
     from ensemble_bench.runner import execute
 
+    from ensemble_bench.recipe import ignored_settings
+
     cfg = _run_config(args)
+    for note in ignored_settings(cfg):
+        print(f"ensemble-bench: note: {note}", file=sys.stderr)
     rec = execute(cfg, force=args.force)
     path = Path(cfg.out) / f"{rec['run_id']}.json"
     m = rec["metrics"]

@@ -181,6 +181,25 @@ RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 # The settings only one schedule reads (see lr_factor): under any other they are set to their defaults.
 UNUSED_UNLESS = {"milestones": "multistep", "lr_decay": "multistep", "cycles": "cyclic_cosine"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Recipe)}
+def ignored_settings(settings: Any) -> list[str]:
+    """For a run's settings (a RunConfig, or anything with its recipe fields as attributes), one line per
+    setting given a value that its schedule never reads (``--milestones 0.3`` under cosine): the recipe holds
+    the default instead (same training, same run id), and the user is told rather than left to think it
+    acted."""
+    schedule = getattr(settings, "schedule", None)
+    out = []
+    for name, used_by in UNUSED_UNLESS.items():
+        value = getattr(settings, name, None)
+        if value is None or schedule == used_by:
+            continue
+        norm = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value
+        if norm != _DEFAULTS[name]:
+            shown = ",".join(f"{v:g}" for v in norm) if isinstance(norm, tuple) else value
+            out.append(f"{name}={shown} is read only by schedule {used_by!r}; this run's schedule is "
+                       f"{schedule!r}, so it is ignored")
+    return out
+
+
 OWN_COLUMN_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.metadata.get("own_column"))
 
 

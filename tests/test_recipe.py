@@ -301,3 +301,26 @@ def test_stage_recipe_text_names_parameter_groups():
     t = Training(stages={"s": {"recipe_changes": {"param_groups": [
         {"name": "slow", "weight_decay": 0.0005}, {"name": "fast_weights", "lr_scale": 0.5, "weight_decay": 0.0}]}}})
     assert _stage_recipes_text(t) == "s: param_groups=[slow(weight_decay=0.0005), fast_weights(lr_scale=0.5 weight_decay=0)]"
+
+
+def test_a_setting_the_schedule_never_reads_is_named_not_silently_dropped(tmp_path, capsys, monkeypatch):
+    """--milestones under cosine changes nothing (the recipe keeps the default, so the run id is the cosine
+    run's): run says so in one note line per setting; under multistep there is no note."""
+    from types import SimpleNamespace
+
+    from ensemble_bench.cli import main
+    from ensemble_bench.recipe import ignored_settings
+
+    assert ignored_settings(SimpleNamespace(schedule="cosine", milestones=(0.5, 0.75), lr_decay=0.1)) == []
+    assert ignored_settings(SimpleNamespace(schedule="multistep", milestones=(0.3,), lr_decay=0.5)) == []
+    assert ignored_settings(SimpleNamespace(schedule="cosine", milestones=[0.3, 0.6], lr_decay=0.1)) == [
+        "milestones=0.3,0.6 is read only by schedule 'multistep'; this run's schedule is 'cosine', so it is ignored"]
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "1",
+            "--no-progress", "--out", "runs"]
+    assert main([*argv, "--milestones", "0.3", "--lr-decay", "0.5"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == ["ensemble-bench: note: milestones=0.3 is read only by schedule 'multistep'; this run's "
+                     "schedule is 'cosine', so it is ignored",
+                     "ensemble-bench: note: lr_decay=0.5 is read only by schedule 'multistep'; this run's "
+                     "schedule is 'cosine', so it is ignored"]

@@ -191,6 +191,10 @@ def cli_sweep(args) -> int:
           f"(skipped), {len(todo)} to run on {executor}", flush=True)
     if note:
         print(f"  note: {note}")
+    from ensemble_bench.recipe import ignored_settings
+
+    for ignored in dict.fromkeys(n for cfg in runs for n in ignored_settings(cfg)):   # each once, not per run
+        print(f"  note: {ignored}")
     for s in alive:
         print(f"  skip  {s.run_id}  {s.state} (" + (f"job {s.job_id}" if s.job_id else s.detail) + ")")
     est = estimate_runs([s.config for s in todo]) if executor == "local" and todo else {}
