@@ -339,18 +339,23 @@ def _record(out: Path, rid: str, status: str, error: str | None = None) -> None:
                                "error": error, **done})
 
 
-def test_states_from_records_and_the_slurm_queue(tmp_path):
-    out = tmp_path / "runs"
+def _single_seeds(tmp_path: Path, out: Path, n: int):
+    """A sweep of the single model over seeds 0..n-1 writing to ``out``: (spec, its runs)."""
     spec = sweep.load_spec(write(tmp_path, """
         [grid]
         method = ["single"]
-        seed = [0, 1, 2, 3, 4, 5, 6, 7]
+        seed = {seeds}
         [run]
         backbone = "cnn_small"
         dataset = "digits"
         out = "{out}"
-        """, out=out))
-    runs = sweep.expand(spec)
+        """, out=out, seeds=list(range(n))))
+    return spec, sweep.expand(spec)
+
+
+def test_states_from_records_and_the_slurm_queue(tmp_path):
+    out = tmp_path / "runs"
+    spec, runs = _single_seeds(tmp_path, out, 8)
     r = ids(runs)
     folder = out / ".submitit"
     script = str(folder / ".submission_file_x.sh")
@@ -662,16 +667,7 @@ def test_a_complete_stub_of_the_runs_own_id_is_not_done(tmp_path):
     """"complete" without a config or metrics is no result (the leaderboard drops it): the sweep runs it
     again instead of counting it done, as it does for an unreadable file of that name."""
     out = tmp_path / "runs"
-    spec = sweep.load_spec(write(tmp_path, """
-        [grid]
-        method = ["single"]
-        seed = [0, 1]
-        [run]
-        backbone = "cnn_small"
-        dataset = "digits"
-        out = "{out}"
-        """, out=out))
-    runs = sweep.expand(spec)
+    spec, runs = _single_seeds(tmp_path, out, 2)
     r = ids(runs)
     out.mkdir(parents=True)
     (out / f"{r[0]}.json").write_text(json.dumps({"schema_version": 1, "run_id": r[0], "status": "complete"}))
