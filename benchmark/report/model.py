@@ -12,20 +12,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ensemble_bench.columns import GROUP_KEYS, NUMERIC_RECIPE_KEYS, TIMED, flatten_record, num, recipe_differences
+from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, TIMED, num, recipe_differences
 from ensemble_bench.formatting import options_text
 from ensemble_bench.leaderboard import (
     DEE,
     DEE_KEYS,
     Group,
+    complete_groups,
     converged_verdicts,
     dee_curves,
     dee_key,
     dee_size,
-    group_rows,
     higher_is_better,
     mean_std,
-    one_record_per_seed,
 )
 
 MARKERS = "osD^vP*Xh<>p"
@@ -152,7 +151,7 @@ def make_slug(text: str) -> str:
 def group_sections(complete: list[dict]) -> list[Section]:
     """The complete records as sections of configs (the engine's groups of GROUP_KEYS), labelled."""
     by_section: dict[tuple, list[Config]] = {}
-    for g in one_record_per_seed(group_rows([flatten_record(r) for r in complete], GROUP_KEYS, complete)):
+    for g in complete_groups(complete):
         sec = (str(g.fields.get("dataset") or "?"), str(g.fields.get("backbone") or "?"))
         by_section.setdefault(sec, []).append(Config(g.fields, g.rows, g.records))
     sections = []
