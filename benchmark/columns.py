@@ -99,18 +99,45 @@ BUDGET_TOL = 0.03
 LATENCY_BUSY_SPREAD = 0.5
 
 
-def recipe_differences(recipes: Sequence[Any]) -> list[str]:
+def recipe_differences(recipes: Sequence[Any], against_common: bool = False) -> list[str]:
     """For recipe strings (the "recipe" column), the text of the fields that differ between them, one entry
-    each ("weight_decay=0.0001, schedule=multistep"); "" for all when they are the same."""
-    parsed = []
-    for r in recipes:
-        try:
-            d = json.loads(r) if isinstance(r, str) else {}
-        except json.JSONDecodeError:
-            d = {}
-        parsed.append(d if isinstance(d, dict) else {})
+    each ("weight_decay=0.0001, schedule=multistep"); "" for all when they are the same.
+
+    ``against_common`` (figure legends, where a label repeated for 26 configs hides the points): an entry
+    names only the fields where it departs from the most common value (:func:`common_recipe`), and the
+    fields its own schedule reads that the common one does not (a step schedule's milestones)."""
+    parsed = [_parse_recipe(r) for r in recipes]
     keys = [k for k in RECIPE_FIELDS if len({json.dumps(d.get(k), sort_keys=True) for d in parsed}) > 1]
-    return [", ".join(f"{k}={d.get(k)}" for k in keys if _used(k, d)) for d in parsed]
+    if not against_common:
+        return [", ".join(f"{k}={d.get(k)}" for k in keys if _used(k, d)) for d in parsed]
+    common = common_recipe(recipes)
+    return [", ".join(f"{k}={d.get(k)}" for k in keys if _used(k, d) and (
+        json.dumps(d.get(k), sort_keys=True) != json.dumps(common.get(k), sort_keys=True) or not _used(k, common)))
+        for d in parsed]
+
+
+def common_recipe(recipes: Sequence[Any]) -> dict:
+    """The most common value of each recipe field that differs between ``recipes`` (a tie goes to the
+    smallest value's JSON, so the answer does not depend on the order), leaving out the fields the
+    common schedule does not read: what a label that names only departures leaves unsaid."""
+    parsed = [_parse_recipe(r) for r in recipes]
+    out = {}
+    for k in RECIPE_FIELDS:
+        counts: dict[str, int] = {}
+        for d in parsed:
+            v = json.dumps(d.get(k), sort_keys=True)
+            counts[v] = counts.get(v, 0) + 1
+        if len(counts) > 1:
+            out[k] = json.loads(min(counts, key=lambda v: (-counts[v], v)))
+    return {k: v for k, v in out.items() if _used(k, out)}
+
+
+def _parse_recipe(r: Any) -> dict:
+    try:
+        d = json.loads(r) if isinstance(r, str) else {}
+    except json.JSONDecodeError:
+        d = {}
+    return d if isinstance(d, dict) else {}
 
 
 def _used(field: str, recipe: Mapping) -> bool:

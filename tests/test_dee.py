@@ -123,3 +123,11 @@ def test_leaderboard_and_dee_keep_training_recipes_apart():
     step = '{"schedule":"multistep","milestones":[0.3,0.6,0.8],"lr_decay":0.2,"nesterov":true}'
     assert columns.recipe_differences([cos, step]) == [
         "schedule=cosine, nesterov=False", "schedule=multistep, milestones=[0.3, 0.6, 0.8], lr_decay=0.2, nesterov=True"]
+    # against the common recipe (figure legends): the common rows say nothing, a departing row names its
+    # departures and what its own schedule reads that the common one does not, even at the common value
+    step_common = '{"schedule":"multistep","milestones":[0.5,0.75],"lr_decay":0.1,"nesterov":false}'
+    assert columns.recipe_differences([cos, cos, step, step_common], against_common=True) == [
+        "", "", "schedule=multistep, milestones=[0.3, 0.6, 0.8], lr_decay=0.2, nesterov=True",
+        "schedule=multistep, milestones=[0.5, 0.75], lr_decay=0.1"]
+    assert columns.common_recipe([cos, cos, step, step_common]) == {"schedule": "cosine", "nesterov": False}
+    assert columns.common_recipe([step, cos]) == {"schedule": "cosine", "nesterov": False}   # a tie: the smaller

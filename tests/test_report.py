@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import io
 import math
 import shutil
 from html.parser import HTMLParser
@@ -640,10 +641,28 @@ def test_shared_legend_fits_inside_its_figure_however_long_the_labels():
             ax.plot([0, 1], [0, 1])
         configs = [Config({}, label=s, color="#1f4e9c", marker="o") for s in labels]
         legend(fig, configs, lines=lines)
-        fig.canvas.draw()
+        fig.savefig(io.BytesIO(), format="png")   # lays the figure out (a bare Figure's canvas.draw does not)
         box, page = fig.legends[0].get_window_extent(), fig.bbox
         assert box.x0 >= page.x0 - 0.5 and box.x1 <= page.x1 + 0.5, (box, page)
         assert box.y0 >= page.y0 - 0.5
+    # 26 configs under three panels (the reference report's training-cost figure): the figure grows by the
+    # legend, so the layout does not collapse (matplotlib warned and squeezed the panels) and each panel
+    # keeps about the height it was given
+    import warnings
+
+    fig, axes = new_figure(3, ncols=2)
+    for ax in axes:
+        ax.plot([0, 1], [0, 1])
+    labels = [f"method{i} (epochs=60, schedule=multistep, warmup_epochs=0.24, milestones=[0.4, 0.8, 0.9], "
+              f"lr_decay=0.2, nesterov=True, weight_decay=0.0006)" for i in range(26)]
+    legend(fig, [Config({}, label=s, color="#1f4e9c", marker="o") for s in labels], title="common: epochs=60")
+    assert fig.get_size_inches()[1] > 6.4 + 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.savefig(io.BytesIO(), format="png")
+    assert all(ax.get_window_extent().height / fig.dpi > 2.0 for ax in axes)
+    box, page = fig.legends[0].get_window_extent(), fig.bbox
+    assert box.y0 >= page.y0 - 0.5 and box.y1 < min(ax.get_window_extent().y0 for ax in axes)
 
 
 def test_fronts_rank_only_converged_configs_and_busy_latency_is_marked(tmp_path):
@@ -708,7 +727,13 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     gamma = make_record("g60", "gamma", {}, 0, 2, acc=0.8, nll=0.7, epochs=60, **kw)
     gamma["config"]["lr"] = 0.05
     (sec,) = report.group_sections(recs + [gamma])
-    assert any("lr=0.1" in c.label for c in sec.configs if c.method == "alpha")
+    # (a section's label names a setting only where its config departs from the most common value, which the
+    # legends' title names: 26 configs of the reference report each repeating five common settings hid its
+    # points; 30 and 60 epochs tie at two configs each: the smaller value is the common one)
+    labels = {(c.method, c.fields.get("epochs")): c.label for c in sec.configs}
+    assert labels == {("alpha", 30): "alpha", ("alpha", 60): "alpha (epochs=60)", ("beta", 30): "beta",
+                      ("gamma", 60): "gamma (epochs=60, lr=0.05)"}
+    assert sec.labels_note.endswith("most common: epochs=30, lr=0.1")
     fig_learning_curves_by_method(sec, tmp_path, "h")
     svg = (tmp_path / "h/learning_curves_by_method.svg").read_text(encoding="utf-8")
     assert "epochs=30: NOT converged (2 stages)" in svg and "lr=0.1" not in svg

@@ -86,10 +86,12 @@ def legend_columns(labels: Sequence[str], width_in: float, fontsize: float = 8, 
     return max(1, min(most, len(labels), int(width_in // entry)))
 
 
-def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = False) -> None:
-    """The figure's shared legend below its panels, as many columns as fit its width. ``lines``: the
-    handles are line segments in the config's colour (for figures of curves) rather than its marker; a
-    marker is hollow for a config that is not converged, as every figure of points draws it."""
+def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = False, title: str = "") -> None:
+    """The figure's shared legend below its panels, as many columns as fit its width, ``title`` (wrapped)
+    above it. ``lines``: the handles are line segments in the config's colour (for figures of curves)
+    rather than its marker; a marker is hollow for a config that is not converged, as every figure of
+    points draws it. The figure grows by the legend's height, so its panels keep theirs (26 configs of
+    the reference report took 5 inches of a 6.4-inch figure, and the layout collapsed)."""
     from matplotlib.lines import Line2D
 
     fontsize = 8
@@ -99,12 +101,27 @@ def legend(fig, configs: Sequence[Config], extra: Sequence = (), lines: bool = F
                for c in configs]
     handles += list(extra)
     if handles:
-        width = float(fig.get_size_inches()[0])
+        width, height = (float(x) for x in fig.get_size_inches())
         for h in handles:      # a label longer than the whole figure is wrapped to fit one column
             h.set_label(wrap_text(h.get_label(), width - 0.8, fontsize))
         longest = [max(h.get_label().split("\n"), key=len) for h in handles]
-        fig.legend(handles=handles, loc="outside lower center", ncols=legend_columns(longest, width, fontsize),
-                   fontsize=fontsize, frameon=False)
+        ncols = legend_columns(longest, width, fontsize)
+        title = wrap_text(title, width - 0.4, fontsize) if title else ""
+        fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize=fontsize, frameon=False,
+                   title=title or None, title_fontsize=fontsize)
+        fig.set_size_inches(width, height + legend_height([h.get_label() for h in handles], ncols, title, fontsize))
+
+
+def legend_height(labels: Sequence[str], ncols: int, title: str = "", fontsize: float = 8) -> float:
+    """About how many inches a legend of ``labels`` in ``ncols`` columns (matplotlib fills them column by
+    column) and its ``title`` take: a row is as tall as its tallest label (1.2 em a line) plus the
+    spacing between entries (0.5 em), and a little padding."""
+    rows = math.ceil(len(labels) / ncols)
+    lines = [s.count("\n") + 1 for s in labels]
+    row_lines = sum(max(lines[r::rows]) for r in range(rows))
+    title_lines = title.count("\n") + 1 if title else 0
+    em = fontsize / 72
+    return (row_lines + title_lines) * 1.2 * em + (rows + title_lines) * 0.5 * em + 0.2
 
 
 def log_x(ax) -> None:

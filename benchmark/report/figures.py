@@ -126,7 +126,7 @@ def fig_pareto(sec: Section, out_dir: Path, base: str) -> list[Figure]:
             n = max(n, _draw_front(ax, sec, col, device, ycol, ysc, hi, x_scale=scale))
             ax.set_ylabel(ylab + (" ↑" if hi else " ↓"))
             ax.set_xlabel(f"{xlabel} ({unit + ', ' if unit else ''}log)", fontsize=8)
-        legend(fig, [c for c in sec.configs])
+        legend(fig, [c for c in sec.configs], title=sec.labels_note)
         what = {"flops": "inference FLOPs per sample (whole ensemble)", "params": "parameters (whole ensemble)"}.get(
             col, f"batch-1 latency measured on {device}")
         figs.append(finish(fig, sec, out_dir, f"{base}/{stem}",
@@ -349,7 +349,7 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
         ax.grid(True, alpha=0.25)
     curve = Line2D([], [], color="black", marker="o", label="size-reference runs: size curve")
     env_h = Line2D([], [], color="grey", linestyle=":", label="running best (DEE reads this)")
-    legend(fig, others, [curve, env_h])
+    legend(fig, others, [curve, env_h], title=sec.labels_note)
     return [finish(fig, sec, out_dir, f"{base}/size_curve", "deep-ensemble size curve; other configs at their DEE",
                    "Deep-ensemble size curve",
                    f"Metric against members M for the size curve ({family.reason}); mean ± std over "
@@ -379,7 +379,7 @@ def fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         _draw_front(ax, sec, col, dev, "acc", 100.0, True, x_scale=scale)
         ax.set_xlabel(lab + (f" ({unit}, log)" if unit else " (log)"), fontsize=8)
         ax.set_ylabel("accuracy (%) ↑")
-    legend(fig, sec.configs)
+    legend(fig, sec.configs, title=sec.labels_note)
     return [finish(fig, sec, out_dir, f"{base}/train_cost", "training cost vs accuracy (front dashed)",
                    "Training cost vs accuracy",
                    "Accuracy against the training FLOPs (counted by the trainer, every stage) and the training "
@@ -522,7 +522,7 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         ax.grid(alpha=0.3)
     for ax in (axes[0], axes[2]):
         _nll_ylim(ax, [m[2] for _, m in lines])
-    legend(fig, [c for c, _ in lines], lines=True)
+    legend(fig, [c for c, _ in lines], lines=True, title=sec.labels_note)
     return [finish(fig, sec, out_dir, f"{base}/learning_curves", "learning curves (mean over seeds)",
                    "Learning curves",
                    "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "

@@ -86,7 +86,7 @@ def fig_shift(sec: Section, out_dir: Path, base: str, notes: list[str]) -> list[
             ax.set_xlabel("corruption severity")
             ax.set_ylabel(lab)
             ax.grid(alpha=0.3)
-        legend(fig, [c for c, _, _ in lines])
+        legend(fig, [c for c, _, _ in lines], title=sec.labels_note)
         stem = f"{base}/shift_severity" + (f"_{k}" if len(by_set) > 1 else "")
         figs.append(finish(fig, sec, out_dir, stem, f"accuracy and calibration under corruption ({set_text})",
                            f"Accuracy and ECE under distribution shift ({set_text})",

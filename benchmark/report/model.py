@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, TIMED, num, recipe_differences
+from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, TIMED, common_recipe, num, recipe_differences
 from ensemble_bench.formatting import options_text
 from ensemble_bench.leaderboard import (
     DEE,
@@ -118,6 +118,7 @@ class Section:
     configs: list[Config]
     slug: str = ""
     seed_set: list = field(default_factory=list)
+    labels_note: str = ""    # what the labels leave unsaid (the common settings): the legends' title
 
     @property
     def title(self) -> str:
@@ -170,22 +171,42 @@ def group_sections(complete: list[dict]) -> list[Section]:
     return sections
 
 
-def config_differences(cfgs: list[Config], scope: list[Config] | None = None) -> list[str]:
+def config_differences(cfgs: list[Config], scope: list[Config] | None = None,
+                       against_common: bool = False) -> list[str]:
     """What tells each of ``cfgs`` (configs of one method) apart: the options that vary between them, and
     the training settings (budget, recipe, precision) that vary within ``scope`` (a superset of ``cfgs``;
-    default ``cfgs`` themselves); "" where nothing does."""
+    default ``cfgs`` themselves); "" where nothing does. ``against_common``: a training setting is named
+    only where the config departs from the most common value in ``scope`` (:func:`common_settings`)."""
     scope = cfgs if scope is None else scope
     varying_train = [k for k in (*NUMERIC_RECIPE_KEYS, "precision")
                      if len({hashable(c.fields.get(k)) for c in scope}) > 1]
-    recipe_text = dict(zip(map(id, scope), recipe_differences([c.fields.get("recipe") for c in scope])))
+    common = common_settings(scope) if against_common else {}
+    recipe_text = dict(zip(map(id, scope), recipe_differences([c.fields.get("recipe") for c in scope],
+                                                              against_common)))
     keys = sorted({k for c in cfgs for k in c.options})
     vary = [k for k in keys if len({json.dumps(c.options.get(k), sort_keys=True) for c in cfgs}) > 1]
     out = []
     for c in cfgs:
-        tr = ", ".join([f"{k}={c.fields.get(k)}" for k in varying_train]
+        tr = ", ".join([f"{k}={c.fields.get(k)}" for k in varying_train
+                        if k not in common or hashable(c.fields.get(k)) != hashable(common[k])]
                        + ([recipe_text[id(c)]] if recipe_text[id(c)] else []))
         out.append(", ".join(x for x in (options_text(c.options, vary), tr) if x))
     return out
+
+
+def common_settings(scope: list[Config]) -> dict:
+    """The most common value of each training setting (budget, precision, recipe field) that varies within
+    ``scope``, in the order a label names them (a tie goes to the smallest value, so it does not depend on
+    the order of the configs): what the section's labels leave unsaid."""
+    out = {}
+    for k in (*NUMERIC_RECIPE_KEYS, "precision"):
+        counts: dict[Any, int] = {}
+        for c in scope:
+            v = hashable(c.fields.get(k))
+            counts[v] = counts.get(v, 0) + 1
+        if len(counts) > 1:
+            out[k] = min(counts, key=lambda v: (-counts[v], json.dumps(v, sort_keys=True, default=str)))
+    return {**out, **common_recipe([c.fields.get("recipe") for c in scope])}
 
 
 def _label_configs(sec: Section) -> None:
@@ -195,8 +216,11 @@ def _label_configs(sec: Section) -> None:
     for c in sec.configs:
         by_method.setdefault(c.method, []).append(c)
     for cfgs in by_method.values():
-        for c, text in zip(cfgs, config_differences(cfgs, sec.configs)):
+        for c, text in zip(cfgs, config_differences(cfgs, sec.configs, against_common=True)):
             c.label = c.method + (f" ({text})" if text else "")
+    common = common_settings(sec.configs)
+    sec.labels_note = ("a label names only the training settings where its config departs from this section's "
+                       "most common: " + ", ".join(f"{k}={v}" for k, v in common.items())) if common else ""
     seen: dict[str, int] = {}
     for c in sec.configs:
         if c.label in seen:
