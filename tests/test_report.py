@@ -696,6 +696,17 @@ def test_fronts_rank_only_converged_configs_and_busy_latency_is_marked(tmp_path)
     assert "† a busy machine" in md and "**2.00 †**" not in md
     assert "Hollow markers" in md
     assert "alpha (2.00 ms †, 80.00%)" in md     # the budget line by latency carries the dagger too
+    # a second seed measured busy on another device: two latency columns marked, the meaning told once
+    other = make_record("good1", "alpha", {}, 1, 1, acc=0.80, nll=0.5, latency=2.0, params=1_000, flops=1e6,
+                        device=DEV_B)
+    other["training"]["stages"] = recs[0]["training"]["stages"]
+    other["cost"].update(latency_ms_p10=0.5, latency_ms_p90=4.0)
+    report.build_report(write_records(tmp_path / "runs", [other]), out, figures=False)
+    head, rows, _ = _table((out / "report.html").read_text(encoding="utf-8"))
+    alpha = next(r for r in rows if r[0] == "alpha")
+    marked = [h for i, h in enumerate(head) if h.startswith("latency") and alpha[i].endswith("†")]
+    assert len(marked) == 2
+    assert (out / "report.md").read_text(encoding="utf-8").count("† a busy machine") == 1
 
 
 def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):

@@ -228,9 +228,10 @@ def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Pa
         sec_doc.h(3, "Leaderboard")
         cols = leaderboard_columns(sec, family)
         sec_doc.table(cols)
-        for col in cols:   # a marked cell's meaning is in the text too, not only in the HTML tooltip
-            if any(t.endswith(" †") for t in col.cells):
-                sec_doc.p(col.title)
+        # a marked cell's meaning is in the text too, not only in the HTML tooltip (once, however many
+        # devices' latency columns carry the mark)
+        for title in dict.fromkeys(col.title for col in cols if any(t.endswith(" †") for t in col.cells)):
+            sec_doc.p(title)
         dm = dee_metric(family)
         if family is not None and dm is not None:
             sec_doc.p(f"DEE: deep-ensemble-equivalent size by {dm[0]} on the reference size curve "
