@@ -745,6 +745,8 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     assert labels == {("alpha", 30): "alpha", ("alpha", 60): "alpha (epochs=60)", ("beta", 30): "beta",
                       ("gamma", 60): "gamma (epochs=60, lr=0.05)"}
     assert sec.labels_note.endswith("most common: epochs=30, lr=0.1")
+    report.build_report(write_records(tmp_path / "lr_runs", recs + [gamma]), tmp_path / "lr_rep", figures=False)
+    assert f"Config labels: {sec.labels_note}." in (tmp_path / "lr_rep/report.md").read_text(encoding="utf-8")
     fig_learning_curves_by_method(sec, tmp_path, "h")
     svg = (tmp_path / "h/learning_curves_by_method.svg").read_text(encoding="utf-8")
     assert "epochs=30: NOT converged (2 stages)" in svg and "lr=0.1" not in svg

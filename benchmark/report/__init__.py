@@ -228,6 +228,8 @@ def build_report(runs_dirs: str | Path | Sequence[str | Path], out_dir: str | Pa
         sec_doc.h(3, "Leaderboard")
         cols = leaderboard_columns(sec, family)
         sec_doc.table(cols)
+        if sec.labels_note:   # the tables' and figures' labels name departures only: say from what
+            sec_doc.p(f"Config labels: {sec.labels_note}.")
         # a marked cell's meaning is in the text too, not only in the HTML tooltip (once, however many
         # devices' latency columns carry the mark)
         for title in dict.fromkeys(col.title for col in cols if any(t.endswith(" †") for t in col.cells)):
