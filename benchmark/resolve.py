@@ -9,6 +9,7 @@ the data identified (``data_id``). Everything that makes a run from user input g
 from __future__ import annotations
 
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,23 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
     cfg.effective_recipe.update(recipe_fields())   # data-parallel ranks: the world size (nothing on one process)
     cfg.data_id = data.identity(cfg.dataset, cfg.data_dir, cfg.download, cfg.val_fraction)
+    check_batch_fits(cfg)
     load_shift(cfg)   # a missing or bad shift set is bad input here too (a sweep refuses it before submitting)
     return cfg
+
+
+def check_batch_fits(cfg: RunConfig) -> None:
+    """A batch larger than the training split: every epoch is one step on the whole split (the record
+    holds both numbers, so the run is what it says), which changes what the learning rate means; a
+    warning, not a refusal, so a small dataset still runs with the shared recipe's batch."""
+    from ensemble_bench import data
+
+    batch = int((cfg.effective_recipe or {}).get("batch_size") or cfg.batch_size)
+    n_train = int((cfg.data_id or {}).get("n_train") or 0)
+    if n_train and batch > n_train:
+        warnings.warn(f"batch_size {batch} is larger than the training split of "
+                      f"{data.identity_name(cfg.dataset, cfg.data_id)} ({n_train:,} images after the "
+                      f"{cfg.val_fraction:g} validation fraction): every epoch is one full-batch step", stacklevel=2)
 
 
 def shift_data_dir(data_dir: Any) -> Path:

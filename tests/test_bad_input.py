@@ -748,3 +748,20 @@ def test_a_member_count_beyond_memory_is_refused_before_any_write(tmp_path, caps
     bad_input(tmp_path, ["run", "--method", "deep_ensemble", "--set", "num_members=30", "--backbone", "cnn_small",
                          "--dataset", "digits", "--epochs", "1", "--out", "out"], capsys,
               "num_members': 30", "more than the 0.0 GiB of cpu memory")
+
+
+def test_a_batch_larger_than_the_training_split_is_said(capsys):
+    """A batch larger than the training split trains one full-batch step an epoch: said in one warning line
+    when the run is planned (a small dataset still runs with the shared batch; the record holds both numbers)."""
+    import warnings
+
+    from ensemble_bench.resolve import make_run_config
+
+    settings = dict(method="single", backbone="cnn_small", dataset="digits", epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_run_config(dict(settings, batch_size=128))
+        assert not [w for w in caught if "full-batch" in str(w.message)]
+        make_run_config(dict(settings, batch_size=5000))
+    (w,) = [w for w in caught if "full-batch" in str(w.message)]
+    assert "5000" in str(w.message) and "1,294" in str(w.message) and "digits" in str(w.message)
