@@ -304,6 +304,8 @@ def check_shift(name: Any, dataset: str) -> None:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"config file {p} is a folder, not a TOML file")
     if not p.is_file():
         raise UsageError(f"config file not found: {p}")
     try:

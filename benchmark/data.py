@@ -250,6 +250,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
     if spec is not None:
         return load_user(spec, val_fraction)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name != "digits" and root.exists() and not root.is_dir():
+        raise UsageError(f"--data-dir {root} is a file, not a folder with the {name} data")
     if name == "digits":
         (xtr, ytr), (xte, yte), ood, source = _digits()
         augment = Augment(crop_pad=1, flip=False)   # 8x8 digits: 1-pixel shifts; mirrored digits are other digits

@@ -165,6 +165,11 @@ def _file(tmp: Path, name: str = "afile") -> Path:
     return p
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -327,6 +332,11 @@ CASES = {
     "quickstart_single_nope": lambda t: (["quickstart", "--methods", "single,nope", "--epochs", "1", "--out", "qs",
                                           "--quiet"], ["nope"]),
     "epochs_1e12": lambda t: ([*RUN_T[:-2], "--out", "out", "--epochs", "1000000000000"], ["epochs"]),
+    "config_is_a_folder": lambda t: (["run", "--config", _mkdir(t / "dir.toml")], ["is a folder"]),
+    "data_dir_is_a_file": lambda t: (["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "cifar10",
+                                      "--epochs", "1", "--data-dir", _file(t), "--out", "out"], ["is a file"]),
+    "corrupt_data_dir_is_a_file": lambda t: (["corrupt", "--data-dir", _file(t), "--out", "cc", "--limit", "4"],
+                                             ["is a file"]),
     "toml_option_typo_did_you_mean": lambda t: (["run", "--config", _toml(t, "epocs = 3\n")], ["did you mean 'epochs'"]),
     # --- data files: the messages themselves
     "data_random_bytes": "random",

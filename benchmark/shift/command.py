@@ -14,7 +14,8 @@ from ensemble_bench.shift import (FOLDERS, FROST_ENV, GENERATOR, IMAGE_SIZE, _ch
 
 # ------------------------------------------------------------------------------------------ command
 def corrupt_command(dataset: str = "cifar10", data_dir=None, out=None, corruptions=None, severities=None,
-                    limit: int | None = None, seed: int = 0, *, progress: bool = True, frost_dir=None) -> dict:
+                    limit: int | None = None, seed: int = 0, *, progress: bool = True, frost_dir=None,
+                    download: bool = False) -> dict:
     """``ensemble-bench corrupt``: corrupt the clean test split of ``dataset`` (ensemble_bench.data.load) and write
     the release layout under ``out/CIFAR-10-C`` (or ``CIFAR-100-C``), so that ``--data-dir out`` finds it.
     ``corruptions`` / ``severities`` are lists or comma-separated strings; ``limit`` keeps the first N test
@@ -40,7 +41,7 @@ def corrupt_command(dataset: str = "cifar10", data_dir=None, out=None, corruptio
     fd = _frost_dir(frost_dir)
     if "frost" in names and fd is not None:
         _load_frost(fd)   # fail now, not after an hour of other corruptions
-    bundle = data.load(dataset, data_dir)
+    bundle = data.load(dataset, data_dir, download)   # download: as for run (torchvision's copy)
     x = bundle.test.x
     y = bundle.test.y
     if limit is not None:
@@ -62,7 +63,7 @@ def corrupt_command(dataset: str = "cifar10", data_dir=None, out=None, corruptio
 def cli_corrupt(args) -> int:
     """Entry point of the ``corrupt`` sub-command (argparse namespace of add_corrupt_parser)."""
     res = corrupt_command(args.dataset, args.data_dir, args.out, args.corruptions, args.severities, args.limit,
-                          args.seed, progress=not args.no_progress, frost_dir=args.frost_dir)
+                          args.seed, progress=not args.no_progress, frost_dir=args.frost_dir, download=args.download)
     meta = res["metadata"]
     print(json.dumps({"dir": res["dir"], "corruptions": meta["corruptions"], "severities": meta["severities"],
                       "n_per_severity": meta["n_per_severity"], "approximate": sorted(meta["approximate"]),
@@ -78,6 +79,8 @@ def add_corrupt_parser(subparsers) -> Any:
                     "write the official release layout to OUT/CIFAR-10-C (or OUT/CIFAR-100-C).")
     p.add_argument("--dataset", default="cifar10", help="cifar10 or cifar100 (default cifar10)")
     p.add_argument("--data-dir", dest="data_dir", help="folder with the clean data (as for run)")
+    p.add_argument("--download", action="store_true",
+                   help="download the clean data into the data folder when it is not there (as for run)")
     p.add_argument("--out", required=True, help="output folder; the set is written to OUT/CIFAR-10-C")
     p.add_argument("--corruptions", help="comma-separated subset (default: all 15)")
     p.add_argument("--severities", help="comma-separated subset of 1,2,3,4,5 (default: all)")
