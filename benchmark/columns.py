@@ -123,13 +123,24 @@ def common_recipe(recipes: Sequence[Any]) -> dict:
     parsed = [_parse_recipe(r) for r in recipes]
     out = {}
     for k in RECIPE_FIELDS:
-        counts: dict[str, int] = {}
-        for d in parsed:
-            v = json.dumps(d.get(k), sort_keys=True)
-            counts[v] = counts.get(v, 0) + 1
-        if len(counts) > 1:
-            out[k] = json.loads(min(counts, key=lambda v: (-counts[v], v)))
+        value, n_distinct = most_common([d.get(k) for d in parsed])
+        if n_distinct > 1:
+            out[k] = value
     return {k: v for k, v in out.items() if _used(k, out)}
+
+
+def most_common(values: Sequence[Any]) -> tuple[Any, int]:
+    """The most frequent of ``values`` (compared as canonical JSON; a tie goes to the smallest JSON, so the
+    answer does not depend on the order) and how many distinct values there are."""
+    counts: dict[str, int] = {}
+    first: dict[str, Any] = {}
+    for v in values:
+        key = json.dumps(v, sort_keys=True, default=str)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, v)
+    if not counts:
+        return None, 0
+    return first[min(counts, key=lambda key: (-counts[key], key))], len(counts)
 
 
 def _parse_recipe(r: Any) -> dict:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, TIMED, common_recipe, num, recipe_differences
+from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, TIMED, common_recipe, most_common, num, recipe_differences
 from ensemble_bench.formatting import options_text
 from ensemble_bench.leaderboard import (
     DEE,
@@ -200,12 +200,9 @@ def common_settings(scope: list[Config]) -> dict:
     the order of the configs): what the section's labels leave unsaid."""
     out = {}
     for k in (*NUMERIC_RECIPE_KEYS, "precision"):
-        counts: dict[Any, int] = {}
-        for c in scope:
-            v = hashable(c.fields.get(k))
-            counts[v] = counts.get(v, 0) + 1
-        if len(counts) > 1:
-            out[k] = min(counts, key=lambda v: (-counts[v], json.dumps(v, sort_keys=True, default=str)))
+        value, n_distinct = most_common([hashable(c.fields.get(k)) for c in scope])
+        if n_distinct > 1:
+            out[k] = value
     return {**out, **common_recipe([c.fields.get("recipe") for c in scope])}
 
 
