@@ -5,13 +5,14 @@
 # (60 and 120 epochs), then at 60 epochs: 2 shared seed 0, 3 paper recipes seeds 0-1, 4 shared seeds 1-2,
 # 5 paper seed 2, 6 the wider backbone seed 0, 7 its seeds 1-2 (the wider backbone costs ~4x: one seed of
 # it comes before the others). 3c: a control added after phase 3's snapshot row (the single model under
-# the snapshot paper's optimiser; its own file says why).
+# the snapshot paper's optimiser; its own file says why). 3d: the same kind of control for phase 3's MC-dropout
+# row (the single model, i.e. MC dropout at rate 0, under MC dropout's paper recipe).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 BIN=${ENSEMBLE_BENCH:-ensemble-bench}          # the code that trains: the pinned commit (README)
 POST=${ENSEMBLE_BENCH_POST:-ensemble-bench}    # the code that reads the records: leaderboard and report
-PHASES="0-shorter-30ep 1-budget-60 1b-budget-120 2-shared-seed0 3-paper-seeds01 3c-control-snapshot-recipe
+PHASES="0-shorter-30ep 1-budget-60 1b-budget-120 2-shared-seed0 3-paper-seeds01 3c-control-snapshot-recipe 3d-control-mc-dropout-recipe
         4-shared-seeds12 5-paper-seed2 6-wide-shared-seed0 7-wide-shared-seeds12"
 # LANES (default 2, one per core) processes each go through every phase in order, one run at a time. A run
 # one lane is training is locked, so the others skip it ("left to another process") and take the next: when
