@@ -6,14 +6,15 @@
 # 5 paper seed 2, 6 the wider backbone seed 0, 7 its seeds 1-2 (the wider backbone costs ~4x: one seed of
 # it comes before the others). 3c: a control added after phase 3's snapshot row (the single model under
 # the snapshot paper's optimiser; its own file says why). 3d: the same kind of control for phase 3's MC-dropout
-# row (the single model, i.e. MC dropout at rate 0, under MC dropout's paper recipe).
+# row (the single model, i.e. MC dropout at rate 0, under MC dropout's paper recipe). 3e: the single model under
+# uncertainty-baselines' recipe, the paper recipe of BatchEnsemble and MIMO.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 BIN=${ENSEMBLE_BENCH:-ensemble-bench}          # the code that trains: the pinned commit (README)
 POST=${ENSEMBLE_BENCH_POST:-ensemble-bench}    # the code that reads the records: leaderboard and report
-PHASES="0-shorter-30ep 1-budget-60 1b-budget-120 2-shared-seed0 3-paper-seeds01 3c-control-snapshot-recipe 3d-control-mc-dropout-recipe
-        4-shared-seeds12 5-paper-seed2 6-wide-shared-seed0 7-wide-shared-seeds12"
+PHASES="0-shorter-30ep 1-budget-60 1b-budget-120 2-shared-seed0 3-paper-seeds01 3c-control-snapshot-recipe
+        3d-control-mc-dropout-recipe 3e-control-ub-recipe 4-shared-seeds12 5-paper-seed2 6-wide-shared-seed0 7-wide-shared-seeds12"
 # LANES (default 2, one per core) processes each go through every phase in order, one run at a time. A run
 # one lane is training is locked, so the others skip it ("left to another process") and take the next: when
 # a phase has fewer runs left than lanes, the free lane starts the next phase instead of waiting (on
