@@ -275,10 +275,12 @@ def _stage_recipes_text(training: Training) -> str:
 
 def device_kind(device: Any) -> str | None:
     """"cpu" or "cuda" of a record's device string (``cost.device_name``: "cpu: <model> (N threads)", "N x
-    cpu: ..." for DDP, the GPU's name on CUDA); None when there is none."""
+    cpu: ..." for DDP, the GPU's name on CUDA); "mixed" for a run whose epochs trained on both (devices
+    joined by " + ", ``train.Trainer.training_device``); None when there is none."""
     if not isinstance(device, str) or not device:
         return None
-    return "cpu" if re.search(r"(^|x )(cpu|mps)\b", device) else "cuda"
+    kinds = {"cpu" if re.search(r"(^|x )(cpu|mps)\b", d.strip()) else "cuda" for d in device.split(" + ")}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def train_precision(cfg: Mapping, training: Training) -> str:

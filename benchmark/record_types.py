@@ -226,7 +226,10 @@ class Cost(Section):
 class Training(Section):
     """``training``: the stages as trained (``stages``: {name: {curve, recipe_changes, converges, ...}}) and
     the totals: ``train_s`` on ``device``, ``train_flops``, ``samples_seen``, ``epochs_run`` per stage, and the
-    ``precision`` it trained in ("bf16" or "fp32"; records before 2026-12-04 leave it out)."""
+    ``precision`` it trained in ("bf16" or "fp32"; records before 2026-12-04 leave it out). A run whose epochs
+    trained on more than one device or precision (resumed elsewhere, a stage reused from another machine)
+    names each, " + "-joined; ``device_epochs`` counts its epochs per device (each stage's ``segments`` say
+    which; records before 2026-12-05 leave both out)."""
 
     train_s: float | None = _f("nonneg")
     train_flops: float | None = _f("nonneg")
@@ -235,6 +238,7 @@ class Training(Section):
     stages: dict | None = _f("dict")
     device: str | None = _f("str")
     precision: str | None = _f("str")
+    device_epochs: dict | None = _f("dict")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -304,7 +304,7 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         if ctx.extra_train_s:
             training["train_s"] += ctx.extra_train_s
             training["train_s_extra"] = ctx.extra_train_s
-        training["device"] = cost_mod.device_name(device)
+        training["device"] = trainer.training_device()   # every device that trained its epochs, " + "-joined
         training.update(trainer.scale_out_summary())   # world size (DDP): per device and in total
         tasks = read_member_tasks(out, run_id, training)   # members trained by member tasks (--members-parallel)
         if tasks:

@@ -99,6 +99,9 @@ class StageResult:
     select: str = "last"
     select_metric: str | None = None
     converges: bool = True     # meant to converge (an exploration phase is not): the convergence rule reads it
+    # one entry per time this stage's training started or resumed: {"from_epoch", "device"} (a run killed and
+    # resumed on another machine trained its epochs on two devices; its train_s is their sum)
+    segments: list[dict] = field(default_factory=list)
 
     @property
     def train_flops(self) -> float | None:
@@ -326,6 +329,9 @@ class Trainer:
             for g, h in zip(opt.param_groups, hyper):   # this stage's own lr / momentum / weight decay
                 g.update(h)
 
+        if start_epoch < epochs:
+            result.segments.append({"from_epoch": start_epoch, "device": self.device_label(),
+                                    "precision": self.precision})
         with distributed.data_parallel(model, self.device) as dp_model:
             self._train_epochs(model, dp_model, opt, r, result, gen, spec, epochs, start_epoch, has_val,
                                higher_better, best_state, ckpt, stateful, anchor)
@@ -476,15 +482,52 @@ class Trainer:
         except Exception:  # training cost is an estimate: never fail a finished stage over it
             return None
 
-    def scale_out_summary(self) -> dict[str, Any]:
-        """For the record of a data-parallel run: the world size, the device column as ``N x <device>``
-        and the training time per device (wall, as ``train_s``) and in total (device-seconds)."""
-        if self.world_size <= 1:
-            return {"world_size": 1}
+    def device_label(self) -> str:
+        """The device this trainer trains on, as records name it (``N x <device>`` under data parallelism)."""
         from ensemble_bench.cost import device_name
 
+        name = device_name(self.device)
+        return f"{self.world_size} x {name}" if self.world_size > 1 else name
+
+    def device_epochs(self) -> dict[str, int]:
+        """Epochs trained on each device, over every stage this run holds (reused stages included: their
+        time is in ``train_s`` too), in the order the devices were first used; from the stages' segments
+        (a stage from a checkpoint or store written before segments were recorded counts nothing)."""
+        out: dict[str, int] = {}
+        for s in self.stages.values():
+            ends = [seg["from_epoch"] for seg in s.segments[1:]] + [len(s.history)]
+            for seg, end in zip(s.segments, ends):
+                out[seg["device"]] = out.get(seg["device"], 0) + max(end - seg["from_epoch"], 0)
+        return out
+
+    def training_device(self) -> str:
+        """The record's ``training.device``: this trainer's device, or, where some epochs of the run were
+        trained elsewhere (a run resumed on another machine, a stage reused from the store or trained by a
+        member task on another), every device joined by " + ", so that its ``train_s`` is never read as
+        one device's time."""
+        here = self.device_label()
+        used = [d for d, n in self.device_epochs().items() if n > 0]
+        return here if set(used) <= {here} else " + ".join(used)
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def training_precision(self) -> str:
+        """The record's ``training.precision`` (a group key): this trainer's, or where the run's segments
+        trained in more than one (a bf16 CUDA run resumed on a CPU), each " + "-joined in order."""
+        used = list(dict.fromkeys(seg["precision"] for s in self.stages.values() for seg in s.segments
+                                  if seg.get("precision")))
+        return " + ".join(used) if len(used) > 1 else (used[0] if used else self.precision)
+
+    def scale_out_summary(self) -> dict[str, Any]:
+        """For the record of a data-parallel run: the world size, the device column as ``N x <device>``
+        (:meth:`training_device`) and the training time per device (wall, as ``train_s``) and in total
+        (device-seconds)."""
+        if self.world_size <= 1:
+            return {"world_size": 1}
         train_s = sum(s.train_s for s in self.stages.values())
-        return {"world_size": self.world_size, "device": f"{self.world_size} x {device_name(self.device)}",
+        return {"world_size": self.world_size, "device": self.training_device(),
                 "train_s_per_device": train_s, "train_device_s_total": train_s * self.world_size,
                 "global_batch": self.recipe.batch_size,
                 "batch_per_device": self.recipe.batch_size / self.world_size}
@@ -499,8 +542,9 @@ class Trainer:
         run = self.recipe.to_dict()
         return {
             "train_s": sum(s.train_s for s in self.stages.values()),
-            "precision": "bf16" if self.bf16 else "fp32",     # the arithmetic every stage trained in
+            "precision": self.training_precision(),     # the arithmetic every stage trained in
             "epochs_run": {k: len(s.history) for k, s in self.stages.items()},
+            "device_epochs": self.device_epochs(),
             "samples_seen": sum(s.samples_seen for s in self.stages.values()),
             "train_flops": None if any(f is None for f in flops) or not flops else float(sum(flops)),
             "stages": {k: {"epochs": s.epochs, "steps": s.steps, "samples_seen": s.samples_seen,
@@ -510,6 +554,6 @@ class Trainer:
                            "final_loss": s.history[-1]["loss"] if s.history else None,
                            "recipe": s.recipe, "reused_from": s.reused_from,
                            "recipe_changes": {f: v for f, v in differences(s.recipe, run).items() if f != "epochs"},
-                           "curve": s.history}
+                           "segments": s.segments, "curve": s.history}
                        for k, s in self.stages.items()},
         }

@@ -55,6 +55,33 @@ def test_resume_mid_stage_gives_identical_weights(digits, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_run_resumed_on_another_machine_names_both_devices(digits, tmp_path, monkeypatch):
+    """A stage killed after epoch 1 of 4 and resumed on another machine: its segments say which epochs
+    trained where, and the record's training device names both, so its train_s (their sum) is never read
+    as one machine's time; a run that stayed on one machine keeps that machine's plain name."""
+    import ensemble_bench.cost as cost
+    from ensemble_bench.columns import device_kind
+
+    here = cost.device_name("cpu")
+    _, ref, _ = fit_method("single", digits, epochs=4)
+    assert ref.stages["member0"].segments == [{"from_epoch": 0, "device": here, "precision": "fp32"}]
+    assert ref.training_device() == here and ref.summary()["device_epochs"] == {here: 4}
+    assert ref.summary()["stages"]["member0"]["segments"] == ref.stages["member0"].segments
+    with kill_at("member0", 2), pytest.raises(Killed):
+        fit_method("single", digits, epochs=4, ckpt_dir=tmp_path)
+    monkeypatch.setattr(cost, "device_name", lambda device: "cpu: Another CPU (1 threads)")
+    _, tr, _ = fit_method("single", digits, epochs=4, ckpt_dir=tmp_path)
+    assert [(s["from_epoch"], s["device"]) for s in tr.stages["member0"].segments] == \
+        [(0, here), (1, "cpu: Another CPU (1 threads)")]
+    assert tr.summary()["device_epochs"] == {here: 1, "cpu: Another CPU (1 threads)": 3}
+    assert tr.training_device() == f"{here} + cpu: Another CPU (1 threads)"
+    assert tr.training_precision() == "fp32"
+    # the device kind of a joined name: one kind, or "mixed" (a CUDA run resumed on a CPU)
+    assert device_kind(tr.training_device()) == "cpu" and device_kind(f"{here} + NVIDIA H100") == "mixed"
+    tr.stages["member0"].segments[1]["precision"] = "bf16"
+    assert tr.training_precision() == "fp32 + bf16"      # a group key of its own: never pooled with either
+
+
 def test_finished_stage_is_not_trained_again(digits, tmp_path):
     m1, t1, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 2}, ckpt_dir=tmp_path)
     m2, t2, _ = fit_method("deep_ensemble", digits, epochs=1, options={"num_members": 2}, ckpt_dir=tmp_path)
