@@ -217,6 +217,22 @@ def make_trainer(cfg: RunConfig, bundle: Any, device: torch.device, code: dict, 
 
 
 
+def _earlier_processes(out: Path, run_id: str, status: str | None) -> dict:
+    """For a run that resumes a killed or failed one (its record is there, not complete): when the first
+    process started and how many processes this one makes, so that ``timings.started`` and ``wall_s``
+    (this process's) are not read as the whole run's; {} for a fresh run."""
+    from ensemble_bench import records
+
+    if status not in ("running", "failed"):
+        return {}
+    try:
+        old = records.read_record(out / f"{run_id}.json").get("timings") or {}
+    except (OSError, records.RecordError):   # unreadable: nothing to carry (the run still resumes from checkpoints)
+        return {}
+    first = old.get("first_started") or old.get("started")
+    return {**({"first_started": first} if first else {}), "processes": int(old.get("processes") or 1) + 1}
+
+
 def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
              shift_set: Any = None) -> dict:
     from ensemble_bench import cost as cost_mod
@@ -255,7 +271,7 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         method=records.MethodInfo(name=cfg.method, options=dict(cfg.options),
                                   size_reference=bool(getattr(type(method), "size_reference", False))),
         data=bundle.describe(), code=code, env=environment.environment_info(),
-        timings={"started": _now()}, error=None,
+        timings={"started": _now(), **_earlier_processes(out, run_id, status)}, error=None,
     ).to_dict()
     out.mkdir(parents=True, exist_ok=True)
     if not replacing:

@@ -387,6 +387,8 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     running = copy.deepcopy(failed)
     running.update(run_id="single-still", status="running", error=None)
     running["config"]["seed"] = 8
+    running["timings"] = {"started": "2026-12-05T07:16:09+00:00", "first_started": "2026-12-04T20:01:00+00:00",
+                          "processes": 3}     # a run resumed twice: the report gives its first start too
     extra_seed = copy.deepcopy(single)     # a second seed of single without predictions on disk
     extra_seed["run_id"] = "single-seed1"
     extra_seed["config"]["seed"] = 1
@@ -400,6 +402,7 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     assert "FAILED single-boom" in section and "CUDA out of memory (GPU 0)" in section
     # no process holds its lock: the report says it was stopped and how to resume it
     assert "STOPPED single-still" in section and "run it again to resume" in section
+    assert "started 2026-12-04T20:01:00+00:00, resumed 2026-12-05T07:16:09+00:00 (process 3)" in section
     assert "UNREADABLE" in section and "truncated.json" in section
     assert "FEWER SEEDS" in section and "deep_ensemble" in section     # 1 seed, single has 2
     assert sum(item.startswith("FAILED") for item in rep.notes) == 1

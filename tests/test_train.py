@@ -143,6 +143,7 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     with kill_at("member1", 3, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
         execute(cfg(out), log=lambda s: None)
     assert records.record_status(out, ref["run_id"]) == "running"
+    killed_started = records.read_record(out / f"{ref['run_id']}.json")["timings"]["started"]
     assert (out / ".ckpt" / ref["run_id"] / "member1.pt").is_file()
     lines: list[str] = []
     rec = execute(cfg(out), log=lines.append)
@@ -152,6 +153,11 @@ def test_killed_run_resumes_to_the_same_record(tmp_path):
     assert json.dumps(rec["metrics"], sort_keys=True) == json.dumps(ref["metrics"], sort_keys=True)
     assert rec["training"]["epochs_run"] == ref["training"]["epochs_run"] == {"member0": 4, "member1": 4}
     assert rec["training"]["samples_seen"] == ref["training"]["samples_seen"]
+    # its timings are the last process's, and say so: when the first started, how many processes it took
+    assert "processes" not in ref["timings"] and "first_started" not in ref["timings"]
+    assert rec["timings"]["processes"] == 2 and rec["timings"]["first_started"] == killed_started
+    assert rec["training"]["device"] == ref["training"]["device"]     # the same machine: its plain name
+    assert [s["from_epoch"] for s in rec["training"]["stages"]["member1"]["segments"]] == [0, 2]
     a = predictions.load_predictions(tmp_path / "ref", ref["run_id"])
     b = predictions.load_predictions(out, rec["run_id"])
     assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("logits", "labels"))

@@ -153,10 +153,12 @@ def _incomplete_items(all_recs: list[dict], folder_of: dict[str, Path], problems
             items.append(f"FAILED {_run_desc(rec)} — {_one_line(err)}")
     for rec in all_recs:
         if rec.get("status") == "running":
-            started = as_dict(rec.get("timings")).get("started")
+            t = as_dict(rec.get("timings"))
+            started = t.get("first_started") or t.get("started")
+            resumed = f", resumed {t.get('started')} (process {t['processes']})" if t.get("processes") else ""
             stale, state = running_state(folder_of[rec["run_id"]], rec["run_id"])
             items.append(f"{'STOPPED' if stale else 'RUNNING'} {_run_desc(rec)}" + (f", started {started}" if started else "")
-                         + f": {state}")
+                         + resumed + f": {state}")
     for sec in sections:
         for c in sec.configs:
             missing = [s for s in sec.seed_set if s not in c.seeds]
