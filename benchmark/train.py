@@ -99,8 +99,8 @@ class StageResult:
     select: str = "last"
     select_metric: str | None = None
     converges: bool = True     # meant to converge (an exploration phase is not): the convergence rule reads it
-    # one entry per time this stage's training started or resumed: {"from_epoch", "device"} (a run killed and
-    # resumed on another machine trained its epochs on two devices; its train_s is their sum)
+    # one entry per time this stage's training started or resumed: {"from_epoch", "device", "precision"} (a
+    # run killed and resumed on another machine trained its epochs on two devices; its train_s is their sum)
     segments: list[dict] = field(default_factory=list)
 
     @property
