@@ -99,18 +99,20 @@ BUDGET_TOL = 0.03
 LATENCY_BUSY_SPREAD = 0.5
 
 
-def recipe_differences(recipes: Sequence[Any], against_common: bool = False) -> list[str]:
+def recipe_differences(recipes: Sequence[Any], against_common: bool = False,
+                       common: Mapping | None = None) -> list[str]:
     """For recipe strings (the "recipe" column), the text of the fields that differ between them, one entry
     each ("weight_decay=0.0001, schedule=multistep"); "" for all when they are the same.
 
     ``against_common`` (figure legends, where a label repeated for 26 configs hides the points): an entry
     names only the fields where it departs from the most common value (:func:`common_recipe`), and the
-    fields its own schedule reads that the common one does not (a step schedule's milestones)."""
+    fields its own schedule reads that the common one does not (a step schedule's milestones); ``common``:
+    that answer when the caller has it already."""
     parsed = [_parse_recipe(r) for r in recipes]
     keys = [k for k in RECIPE_FIELDS if len({json.dumps(d.get(k), sort_keys=True) for d in parsed}) > 1]
     if not against_common:
         return [", ".join(f"{k}={d.get(k)}" for k in keys if _used(k, d)) for d in parsed]
-    common = common_recipe(recipes)
+    common = common_recipe(recipes) if common is None else common
     return [", ".join(f"{k}={d.get(k)}" for k in keys if _used(k, d) and (
         json.dumps(d.get(k), sort_keys=True) != json.dumps(common.get(k), sort_keys=True) or not _used(k, common)))
         for d in parsed]

@@ -172,17 +172,19 @@ def group_sections(complete: list[dict]) -> list[Section]:
 
 
 def config_differences(cfgs: list[Config], scope: list[Config] | None = None,
-                       against_common: bool = False) -> list[str]:
+                       against_common: bool = False, common: dict | None = None) -> list[str]:
     """What tells each of ``cfgs`` (configs of one method) apart: the options that vary between them, and
     the training settings (budget, recipe, precision) that vary within ``scope`` (a superset of ``cfgs``;
     default ``cfgs`` themselves); "" where nothing does. ``against_common``: a training setting is named
-    only where the config departs from the most common value in ``scope`` (:func:`common_settings`)."""
+    only where the config departs from the most common value in ``scope`` (:func:`common_settings`;
+    ``common``: that answer when the caller has it already)."""
     scope = cfgs if scope is None else scope
     varying_train = [k for k in (*NUMERIC_RECIPE_KEYS, "precision")
                      if len({hashable(c.fields.get(k)) for c in scope}) > 1]
-    common = common_settings(scope) if against_common else {}
-    recipe_text = dict(zip(map(id, scope), recipe_differences([c.fields.get("recipe") for c in scope],
-                                                              against_common)))
+    common = (common_settings(scope) if common is None else common) if against_common else {}
+    recipe_text = dict(zip(map(id, scope), recipe_differences(
+        [c.fields.get("recipe") for c in scope], against_common,
+        {k: v for k, v in common.items() if k not in (*NUMERIC_RECIPE_KEYS, "precision")})))
     keys = sorted({k for c in cfgs for k in c.options})
     vary = [k for k in keys if len({json.dumps(c.options.get(k), sort_keys=True) for c in cfgs}) > 1]
     out = []
@@ -212,10 +214,10 @@ def _label_configs(sec: Section) -> None:
     by_method: dict[str, list[Config]] = {}
     for c in sec.configs:
         by_method.setdefault(c.method, []).append(c)
-    for cfgs in by_method.values():
-        for c, text in zip(cfgs, config_differences(cfgs, sec.configs, against_common=True)):
-            c.label = c.method + (f" ({text})" if text else "")
     common = common_settings(sec.configs)
+    for cfgs in by_method.values():
+        for c, text in zip(cfgs, config_differences(cfgs, sec.configs, against_common=True, common=common)):
+            c.label = c.method + (f" ({text})" if text else "")
     sec.labels_note = ("a label names only the training settings where its config departs from this section's "
                        "most common: " + ", ".join(f"{k}={v}" for k, v in common.items())) if common else ""
     seen: dict[str, int] = {}
