@@ -521,13 +521,13 @@ class Trainer:
         return " + ".join(used) if len(used) > 1 else (used[0] if used else self.precision)
 
     def scale_out_summary(self) -> dict[str, Any]:
-        """For the record of a data-parallel run: the world size, the device column as ``N x <device>``
-        (:meth:`training_device`) and the training time per device (wall, as ``train_s``) and in total
-        (device-seconds)."""
+        """For the record of a data-parallel run: the world size and the training time per device (wall,
+        as ``train_s``) and in total (device-seconds); its device, ``N x <device>``, is
+        :meth:`training_device`'s."""
         if self.world_size <= 1:
             return {"world_size": 1}
         train_s = sum(s.train_s for s in self.stages.values())
-        return {"world_size": self.world_size, "device": self.training_device(),
+        return {"world_size": self.world_size,
                 "train_s_per_device": train_s, "train_device_s_total": train_s * self.world_size,
                 "global_batch": self.recipe.batch_size,
                 "batch_per_device": self.recipe.batch_size / self.world_size}
