@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -47,7 +47,7 @@ GROUP_KEYS = (
 TEXT_KEYS = ("dataset", "data_id", "backbone", "method", "config_key", "recipe", "precision", "combine",
              *DEVICE_COLUMNS)
 # per-record columns that are not averaged over seeds (the row says how its seeds agree instead)
-ROW_FLAGS = ("converged", "code_id", "stage_recipes", "latency_busy")
+ROW_FLAGS = ("converged", "converged_why", "code_id", "stage_recipes", "latency_busy")
 NOT_AGGREGATED = set(GROUP_KEYS) | set(DEVICE_COLUMNS) | {"seed", "run_id", "status", "_shift_errors", *ROW_FLAGS}
 # the timed columns (a figure or a table column each, per device) -> the column naming their device
 TIMED = {"latency_ms": "latency_device", "throughput": "throughput_device",
@@ -179,39 +179,77 @@ def _canonical(obj: Any) -> str:
     return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def stage_converged(stage: Mapping) -> bool | None:
-    """The convergence rule on one stage's learning curve (None: no validation curve to judge)."""
+class Trend(NamedTuple):
+    """How a stage's validation curve ended, as the convergence rule reads it: ``fall`` is the relative drop
+    the rule compares with CONVERGENCE_TOL (of the fitted line across the window, or from the previous cycle
+    end to the last; negative: it rose), ``se`` that drop in standard errors (NaN where the rule has none: a
+    window under 3 points, a cycle end without ``val_nll_diff_se``; inf: an exact line), ``first`` / ``last`` the window's epochs
+    (a cycle: the two cycle ends), ``cyclic`` whether it was judged on cycle ends."""
+
+    converged: bool
+    fall: float
+    se: float
+    first: Any
+    last: Any
+    cyclic: bool
+
+    def text(self) -> str:
+        """"-1.26 % over epochs 55-60, 3.1 SE" / "cycle ends 48 -> 60: -3.10 %, 2.4 SE"."""
+        se = f", {self.se:.1f} SE" if math.isfinite(self.se) else ""
+        if self.cyclic:
+            return f"cycle ends {self.first} -> {self.last}: {-100 * self.fall:+.2f} %{se}"
+        return f"{-100 * self.fall:+.2f} % over epochs {self.first}-{self.last}{se}"
+
+
+def stage_trend(stage: Mapping) -> Trend | None:
+    """The convergence rule on one stage's learning curve, with its evidence (None: no validation curve to
+    judge)."""
     curve = [e for e in (stage.get("curve") or []) if isinstance(e, dict)]
     key = "val_nll" if any("val_nll" in e for e in curve) else "val"
     entries = [e for e in curve if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
     vals = [float(e[key]) for e in entries]
     if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
         return None
+    def epoch(i: int) -> Any:   # the curve's epoch number of entry i (its position when it has none)
+        i %= len(entries)
+        return entries[i].get("epoch", i + 1)
     cycle = _last_cycle(entries)
     if cycle is not None:
-        before, last = cycle
+        (i_before, before), (_, last) = cycle
         drop, level = float(before[key]) - float(last[key]), (abs(float(before[key])) + abs(float(last[key]))) / 2
         paired = key == "val_nll" and last.get("diff_from_epoch") == before.get("epoch")
         se = last.get("val_nll_diff_se") if paired else None
-        noise = CONVERGENCE_NOISE * float(se) if isinstance(se, (int, float)) and math.isfinite(se) else 0.0
-        return not (drop > CONVERGENCE_TOL * level and drop > noise)
+        has_se = isinstance(se, (int, float)) and math.isfinite(se) and se > 0
+        noise = CONVERGENCE_NOISE * float(se) if has_se else 0.0
+        return Trend(not (drop > CONVERGENCE_TOL * level and drop > noise), drop / level if level else 0.0,
+                     drop / float(se) if has_se else math.nan, epoch(i_before), epoch(-1), True)
     n = len(vals)
-    fit = np.asarray(vals[-min(n, max(CONVERGENCE_MIN_EPOCHS, math.ceil(CONVERGENCE_WINDOW * n))):],
-                     dtype=np.float64)
+    k = min(n, max(CONVERGENCE_MIN_EPOCHS, math.ceil(CONVERGENCE_WINDOW * n)))
+    fit = np.asarray(vals[-k:], dtype=np.float64)
     level = float(np.abs(fit).mean())
     if len(fit) < 3 or level == 0:
-        return bool(fit[-1] >= fit[0] - CONVERGENCE_TOL * level)
+        fall = float(fit[0] - fit[-1]) / level if level else 0.0
+        return Trend(bool(fit[-1] >= fit[0] - CONVERGENCE_TOL * level), fall, math.nan, epoch(n - k), epoch(-1), False)
     t = np.arange(len(fit), dtype=np.float64)
     slope, intercept = np.polyfit(t, fit, 1)
     resid = fit - (intercept + slope * t)
     stderr = math.sqrt(float(resid @ resid) / (len(fit) - 2) / float(((t - t.mean()) ** 2).sum()))
-    falling = -slope * (len(fit) - 1) / level > CONVERGENCE_TOL and -slope > CONVERGENCE_NOISE * stderr
-    return not falling
+    fall = float(-slope * (len(fit) - 1) / level)
+    falling = fall > CONVERGENCE_TOL and -slope > CONVERGENCE_NOISE * stderr
+    # a window on an exact line (a made-up curve) has residuals of rounding size: its fall is not noise at all
+    return Trend(not falling, fall, float(-slope / stderr) if stderr > 1e-9 * level else math.inf,
+                 epoch(n - k), epoch(-1), False)
 
 
-def _last_cycle(entries: Sequence[Mapping]) -> tuple[Mapping, Mapping] | None:
+def stage_converged(stage: Mapping) -> bool | None:
+    """The convergence rule on one stage's learning curve (None: no validation curve to judge)."""
+    trend = stage_trend(stage)
+    return None if trend is None else trend.converged
+
+
+def _last_cycle(entries: Sequence[Mapping]) -> tuple[tuple[int, Mapping], tuple[int, Mapping]] | None:
     """For a curve whose learning rate restarts (``recipe.cycle_ends`` on its ``lr``) and whose last epoch
-    ends a cycle as well (its rate no higher than the previous cycle end's), the entries of the previous
+    ends a cycle as well (its rate no higher than the previous cycle end's), (index, entry) of the previous
     cycle end and of the last epoch; None otherwise."""
     lrs = [e.get("lr") for e in entries]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lrs):
@@ -219,7 +257,7 @@ def _last_cycle(entries: Sequence[Mapping]) -> tuple[Mapping, Mapping] | None:
     ends = _recipe.cycle_ends(lrs)
     if not ends or lrs[-1] > lrs[ends[-1]] * (1 + 1e-6) + 1e-12:
         return None
-    return entries[ends[-1]], entries[-1]
+    return (ends[-1], entries[ends[-1]]), (len(entries) - 1, entries[-1])
 
 
 def stage_end_val_nll(stage: Mapping) -> float:
@@ -236,13 +274,29 @@ def typed_record(rec: RunRecord | Mapping) -> RunRecord:
     return RunRecord.from_dict(rec, f"record {as_dict(rec).get('run_id')!r}", complete=False, identity=False)
 
 
-def record_converged(rec: RunRecord | Mapping) -> bool | None:
-    """All stages of the run that are meant to converge have (None: the record has no curves)."""
+def record_trends(rec: RunRecord | Mapping) -> dict[str, Trend]:
+    """The trend of every stage of the run that is meant to converge and has a validation curve, by stage."""
     training = typed_record(rec).training
     stages = as_dict(training.stages if training is not None else None)
-    verdicts = [stage_converged(s) for s in stages.values() if isinstance(s, dict) and s.get("converges", True)]
-    verdicts = [v for v in verdicts if v is not None]
-    return all(verdicts) if verdicts else None
+    trends = {name: stage_trend(s) for name, s in stages.items() if isinstance(s, dict) and s.get("converges", True)}
+    return {name: t for name, t in trends.items() if t is not None}
+
+
+def record_converged(rec: RunRecord | Mapping) -> bool | None:
+    """All stages of the run that are meant to converge have (None: the record has no curves)."""
+    trends = record_trends(rec)
+    return all(t.converged for t in trends.values()) if trends else None
+
+
+def not_converged_text(trends: Mapping[str, Trend]) -> str:
+    """The evidence against a run's convergence: its stage still falling the most, with its trend, and how
+    many other stages were still falling ("member1: -1.26 % over epochs 55-60, 3.1 SE"); "" when none was."""
+    falling = sorted(((t.fall, name) for name, t in trends.items() if not t.converged), reverse=True)
+    if not falling:
+        return ""
+    name = falling[0][1]
+    more = f" (+{len(falling) - 1} more stage{'s' if len(falling) > 2 else ''})" if len(falling) > 1 else ""
+    return f"{name}: {trends[name].text()}{more}"
 
 
 def record_end_val_nll(rec: RunRecord | Mapping) -> float:
@@ -327,7 +381,8 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
     code = as_dict(rec.code)
     p10, p90, med = num(cost.latency_ms_p10), num(cost.latency_ms_p90), num(cost.latency_ms)
     spread = (p90 - p10) / med if med > 0 else math.nan
-    conv = record_converged(rec)
+    trends = record_trends(rec)
+    conv = all(t.converged for t in trends.values()) if trends else None
 
     row: dict[str, Any] = {
         # a user's dataset is a TOML path in the config: the table shows the name it declares
@@ -344,6 +399,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
         "precision": train_precision(cfg, training),
         "stage_recipes": _stage_recipes_text(training),
         "converged": None if conv is None else bool(conv),
+        "converged_why": not_converged_text(trends),
         "val_nll_end": record_end_val_nll(rec),
         "code_id": f"{code.get('harness_sha256')}/{code.get('method_sha256')}" if code else None,
         "latency_spread": spread,

@@ -104,15 +104,19 @@ def dee_cell(size: Any, bound: Any) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
-def converged_text(verdict: Any, budget_epochs: Any, budget_gain: Any, strong: str = "**") -> str:
-    """A row's converged cell: yes / **no** / ? (no curves); a longer budget that did clearly better is named
-    with its gain in validation NLL ("**no** (60 ep: val NLL -9.8 %)"). ``strong``: the markdown emphasis."""
+def converged_text(verdict: Any, budget_epochs: Any, budget_gain: Any, strong: str = "**", why: Any = "") -> str:
+    """A row's converged cell: yes / **no** / ? (no curves). A **no** says why: a longer budget that did clearly
+    better, with its gain in validation NLL ("60 ep: val NLL -9.8 %"), and ``why``, the curves' evidence
+    (leaderboard.curve_evidence: "seed 1 member1: -1.26 % over epochs 55-60, 3.1 SE"). ``strong``: the
+    markdown emphasis."""
     if verdict is None or verdict != verdict:
         return "?"
+    if verdict:
+        return "yes"
     gain = num(budget_gain)
-    longer = (f" ({num(budget_epochs):g} ep: val NLL {-100 * gain:+.1f} %)"
-              if math.isfinite(gain) and gain >= BUDGET_TOL else "")
-    return "yes" if verdict else f"{strong}no{strong}" + longer
+    reasons = [f"{num(budget_epochs):g} ep: val NLL {-100 * gain:+.1f} %"] if math.isfinite(gain) and gain >= BUDGET_TOL else []
+    reasons += [why] if isinstance(why, str) and why else []
+    return f"{strong}no{strong}" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
 def format_markdown(df) -> str:
@@ -163,7 +167,8 @@ def format_markdown(df) -> str:
             row["M"] = f"{members:g}" if math.isfinite(members) else "?"
             row["n"] = (str(r["n_seeds"]) + (" ‡" if num(r.get("code_versions")) > 1 else "")
                         + (" §" if num(r.get("train_devices")) > 1 else ""))
-            row["converged"] = converged_text(r.get("converged"), r.get("budget_epochs"), r.get("budget_gain"))
+            row["converged"] = converged_text(r.get("converged"), r.get("budget_epochs"), r.get("budget_gain"),
+                                              why=r.get("converged_why"))
 
             def g(col: str, scale: float = 1.0, digits: int = 2) -> str:
                 return mean_std_text(r.get(f"{col}_mean"), r.get(f"{col}_std"), scale, digits)
@@ -218,6 +223,8 @@ def format_markdown(df) -> str:
             f"by more than {CONVERGENCE_NOISE:g} standard errors of that change, image by image); "
             f"also **no** when the table holds the same configuration trained longer whose end-of-training "
             f"validation NLL is {BUDGET_TOL:.0%} or more lower (the cell names that budget and the gain); "
+            "a **no** from the curves names, per seed, the stage still falling the most, its fall (the fitted "
+            "line's across the window, or from the previous cycle end) and that fall in standard errors; "
             "**no** = still improving when it stopped, so the row is not a verdict on the method; "
             f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "

@@ -146,6 +146,35 @@ def test_convergence_rule():
     assert "**no**" in md and f"{columns.CONVERGENCE_TOL:.0%}" in md
 
 
+def test_a_not_converged_row_shows_its_evidence():
+    """A **no** from the curves names the seed and stage still falling the most, the fitted line's fall across
+    the rule's window and that fall in standard errors (checked against scipy's regression); flat stages and
+    seeds say nothing."""
+    from scipy.stats import linregress
+
+    flat = [2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.01, 1.005, 1.003, 1.002]
+    tail = [0.83, 0.76, 0.75, 0.70]                  # the rule's window: max(4, 10 % of 10 epochs)
+    falling = [2.0, 1.6, 1.3, 1.1, 1.0, 0.9] + tail
+    fit = linregress(range(4), tail)
+    fall = -fit.slope * 3 / np.mean(tail)
+    trend = columns.stage_trend({"curve": [{"epoch": i + 1, "val_nll": v} for i, v in enumerate(falling)]})
+    assert trend.converged is False and (trend.first, trend.last) == (7, 10) and not trend.cyclic
+    assert trend.fall == pytest.approx(fall) and trend.se == pytest.approx(-fit.slope / fit.stderr)
+    assert trend.text() == f"{-100 * fall:+.2f} % over epochs 7-10, {-fit.slope / fit.stderr:.1f} SE"
+    assert columns.stage_trend({"curve": [{"epoch": i + 1, "val_nll": v} for i, v in enumerate(flat)]}).converged
+    # the record: the stage falling the most, and how many more; a converged record has no evidence
+    steeper = falling[:6] + [v - 0.1 * k for k, v in enumerate(tail)]
+    rec = _rec({"a": flat, "b": falling, "c": steeper})
+    assert columns.not_converged_text(columns.record_trends(rec)).startswith("c: ")
+    assert columns.not_converged_text(columns.record_trends(rec)).endswith("(+1 more stage)")
+    assert columns.not_converged_text(columns.record_trends(_rec({"a": flat}))) == ""
+    df = leaderboard.leaderboard([_rec({"a": flat}, 0), _rec({"a": falling}, 1)])
+    cell = formatting.converged_text(df.loc[0, "converged"], df.loc[0, "budget_epochs"], df.loc[0, "budget_gain"],
+                                     why=df.loc[0, "converged_why"])
+    assert cell == f"**no** (seed 1 a: {trend.text()})"
+    assert cell in formatting.format_markdown(df)
+
+
 def test_a_schedule_that_restarts_is_judged_on_its_cycle_ends():
     """Cyclic cosine (snapshot ensembles): the last 10 % of the epochs is inside the last anneal, falling by
     design; the rule compares the last two cycle ends instead, with the paired standard error when the curve
@@ -171,6 +200,8 @@ def test_a_schedule_that_restarts_is_judged_on_its_cycle_ends():
     assert columns.stage_converged(curve(0.60)) is False       # the last cycle still gained 8 %
     assert columns.stage_converged(curve(0.60, se=0.01)) is False     # ... 5.5 standard errors of its change
     assert columns.stage_converged(curve(0.60, se=0.04)) is True      # ... inside 2 (a tiny validation split)
+    assert columns.stage_trend(curve(0.60, se=0.01)).text() == "cycle ends 15 -> 20: -8.76 %, 5.5 SE"
+    assert columns.stage_trend(curve(0.60)).text() == "cycle ends 15 -> 20: -8.76 %"   # no paired error
     wrong_anchor = curve(0.60, se=0.04)
     wrong_anchor["curve"][-1]["diff_from_epoch"] = 10           # an error against another epoch is not used
     assert columns.stage_converged(wrong_anchor) is False

@@ -16,7 +16,7 @@ from ensemble_bench.formatting import (
     non_default_options,
     options_text,
 )
-from ensemble_bench.leaderboard import mce_values, timing_device
+from ensemble_bench.leaderboard import curve_evidence, mce_values, timing_device
 from ensemble_bench.report.canvas import Figure
 from ensemble_bench.report.model import (
     Section,
@@ -129,7 +129,8 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     cols.append(Column("seeds", [str(len(c.rows)) + (f" of {n_max}" if len(c.seeds) < n_max else "") for c in cf],
                        [False] * len(cf), title="runs aggregated (of the section's seed set)"))
     cols.append(Column("converged", [converged_text(c.converged, c.budget.epochs if c.budget else None,
-                                                    c.budget.gain if c.budget else None, strong="")
+                                                    c.budget.gain if c.budget else None, strong="",
+                                                    why=curve_evidence(c))
                                      for c in cf], [False] * len(cf), "left",
                        title="every seed's validation NLL flat at its end, and no longer budget of the same config "
                              f"ending {BUDGET_TOL:.0%} or more lower (the leaderboard's rule; README)", wrap=True))
