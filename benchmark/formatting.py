@@ -18,6 +18,7 @@ from ensemble_bench.columns import (
     LATENCY_BUSY_SPREAD,
     NUMERIC_RECIPE_KEYS,
     num,
+    common_recipe,
     recipe_differences,
 )
 
@@ -149,7 +150,10 @@ def format_markdown(df) -> str:
         train_hdr = "train s" + (f" ({train_devs[0]})" if len(train_devs) == 1 else "")
         varying = [k for k in NUMERIC_RECIPE_KEYS if t[k].astype(str).nunique() > 1]
         show_precision = "precision" in t.columns and t["precision"].astype(str).nunique() > 1
-        recipe_text = recipe_differences(list(t["recipe"]))
+        # the recipe column names what departs from the table's most common recipe, stated under its heading
+        common = common_recipe(list(t["recipe"]))
+        recipe_text = recipe_differences(list(t["recipe"]), against_common=True, common=common)
+        any_recipe = len({str(x) for x in t["recipe"]}) > 1
         show_combine = any(c not in ("probs", "") for c in t["combine"])
         out_rows = []
         for i, (_, r) in enumerate(t.iterrows()):
@@ -157,8 +161,8 @@ def format_markdown(df) -> str:
                                    "options": options_text(non_default_options(r["method"], r["config_key"]), empty="–")}
             for k in varying:
                 row[k] = str(r[k])
-            if any(recipe_text):
-                row["recipe"] = recipe_text[i] or "-"
+            if any_recipe:
+                row["recipe"] = recipe_text[i] or "–"
             if show_precision:
                 row["precision"] = r["precision"] or "?"
             if show_combine:
@@ -195,12 +199,17 @@ def format_markdown(df) -> str:
             row[lat_hdr] = g("latency_ms", 1, 2) + (" †" if bool(r.get("latency_busy")) else "")
             row[train_hdr] = g("train_s", 1, 0)
             if len(lat_devs) > 1 or len(train_devs) > 1:
-                row["devices"] = f"latency: {device_name(r['latency_device'])}; train: {device_name(r['train_device'])}"
+                lat_dev, train_dev = device_name(r["latency_device"]), device_name(r["train_device"])
+                row["devices"] = lat_dev if lat_dev == train_dev else f"latency: {lat_dev}; train: {train_dev}"
             if any(str(s or "") for s in t.get("stage_recipes", [])):
                 row["stage recipes"] = str(r.get("stage_recipes") or "") or "-"
             out_rows.append(row)
         header = list(out_rows[0])
         lines = [f"### {dataset or '?'} · {backbone or '?'}", ""]
+        if any_recipe:
+            lines += ["recipe: – = the table's most common values of the recipe fields that vary ("
+                      + ", ".join(f"{k}={v}" for k, v in common.items())
+                      + "); a cell names where its row departs from them (the CSV's recipe column has every field)", ""]
         lines.append("| " + " | ".join(md_cell(h) for h in header) + " |")
         text_cols = {"method", "options", "combine", "devices", "converged", "stage recipes", "recipe", "precision"}
         lines.append("|" + "|".join("---" if h in text_cols else "---:" for h in header) + "|")
@@ -226,7 +235,8 @@ def format_markdown(df) -> str:
             "a **no** from the curves names, per seed, the stage still falling the most, its fall (the fitted "
             "line's across the window, or from the previous cycle end) and that fall in standard errors; "
             "**no** = still improving when it stopped, so the row is not a verdict on the method; "
-            f"? = no learning curve in the record. † latency spread (p90 - p10) / median above "
+            f"? = no learning curve in the record. devices: where a row's latency and training ran (one name: both). "
+            f"† latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
             "(harness or method file hash). stage recipes: stages that a method trains with its own "
             "recipe (part of the method, recorded per stage)."

@@ -468,3 +468,30 @@ def test_a_runs_files_share_one_mode(tmp_path):
     rec = records.write_record(tmp_path, make_record("r0"))
     weights = records.save_weights(tmp_path, "r0", torch.nn.Linear(2, 2))
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(rec.stat().st_mode)
+
+
+def test_markdown_recipe_cells_name_departures_from_the_tables_common_recipe():
+    """Three rows under one recipe and one under a paper's: the three show –, the fourth only what departs,
+    and the line under the heading states the common values; a row whose latency and training ran on one
+    device names it once in the devices column, another names both."""
+    recs = [make_record(f"c{i}", method=m, options={}, seed=0) for i, m in enumerate(("single", "packed", "mimo"))]
+    recs.append(make_record("p0", method="nfe", options={}, seed=0, latency_device="cpu: AMD EPYC"))
+    for r in recs:
+        r["config"]["effective_recipe"] = {"schedule": "cosine", "nesterov": False, "weight_decay": 5e-4}
+    recs[3]["config"]["effective_recipe"] = {"schedule": "linear", "nesterov": True, "weight_decay": 5e-4}
+    df = leaderboard.leaderboard(recs)
+    md = formatting.format_markdown(df)
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    head = [h.strip() for h in rows["method"].strip("|").split("|")]
+    cells = {m: [c.strip() for c in rows[m].strip("|").split("|")] for m in ("single", "packed", "mimo", "nfe")}
+    recipe, devices = head.index("recipe"), head.index("devices")
+    assert [cells[m][recipe] for m in ("single", "packed", "mimo")] == ["–"] * 3
+    assert cells["nfe"][recipe] == "schedule=linear, nesterov=True"
+    assert "recipe: – = the table's most common values of the recipe fields that vary (schedule=cosine, " \
+           "nesterov=False)" in md
+    assert cells["single"][devices] == "NVIDIA H100"
+    assert cells["nfe"][devices] == "latency: cpu: AMD EPYC; train: NVIDIA H100"
+    # one recipe in the table: no recipe column, no line
+    one = formatting.format_markdown(leaderboard.leaderboard(recs[:3]))
+    header = next(line for line in one.splitlines() if line.startswith("| method"))
+    assert "| recipe |" not in header and "recipe: –" not in one
