@@ -750,6 +750,13 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     assert sec.labels_note.endswith("most common: epochs=30, lr=0.1")
     report.build_report(write_records(tmp_path / "lr_runs", recs + [gamma]), tmp_path / "lr_rep", figures=False)
     assert f"Config labels: {sec.labels_note}." in (tmp_path / "lr_rep/report.md").read_text(encoding="utf-8")
+    # the table's recipe column, as the markdown leaderboard's: – for the common recipe, a departure named
+    gamma["config"].update(schedule="linear", nesterov=True)
+    report.build_report(write_records(tmp_path / "nesterov_runs", recs + [gamma]), tmp_path / "nesterov_rep",
+                        figures=False)
+    head, rows, _ = _table((tmp_path / "nesterov_rep/report.html").read_text(encoding="utf-8"))
+    col = head.index("recipe")
+    assert sorted(r[col] for r in rows) == sorted(["–"] * 3 + ["schedule=linear, nesterov=True"])
     fig_learning_curves_by_method(sec, tmp_path, "h")
     svg = (tmp_path / "h/learning_curves_by_method.svg").read_text(encoding="utf-8")
     assert "epochs=30: NOT converged (2 stages)" in svg and "lr=0.1" not in svg

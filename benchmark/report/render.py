@@ -122,9 +122,14 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
     for k in NUMERIC_RECIPE_KEYS:
         if len({hashable(c.fields.get(k)) for c in cf}) > 1:
             cols.append(Column(k, [str(c.fields.get(k)) for c in cf], [False] * len(cf)))
-    recipe_text = recipe_differences([c.fields.get("recipe") for c in cf])
-    if any(recipe_text):
-        cols.append(Column("recipe", [t or "–" for t in recipe_text], [False] * len(cf), "left", wrap=True))
+    # as the markdown leaderboard: where a config's recipe departs from the section's most common one (which
+    # the "Config labels" line states); every field in the cell's tooltip
+    recipes = [c.fields.get("recipe") for c in cf]
+    if len({str(r) for r in recipes}) > 1:
+        recipe_text = recipe_differences(recipes, against_common=True)
+        cols.append(Column("recipe", [t or "–" for t in recipe_text], [False] * len(cf), "left",
+                           title="where the config's recipe departs from the section's most common (Config labels)",
+                           cell_titles=recipe_differences(recipes), wrap=True))
     n_max = len(sec.seed_set)
     cols.append(Column("seeds", [str(len(c.rows)) + (f" of {n_max}" if len(c.seeds) < n_max else "") for c in cf],
                        [False] * len(cf), title="runs aggregated (of the section's seed set)"))
