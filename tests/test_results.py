@@ -7,6 +7,7 @@ import math
 import multiprocessing as mp
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -495,3 +496,27 @@ def test_markdown_recipe_cells_name_departures_from_the_tables_common_recipe():
     one = formatting.format_markdown(leaderboard.leaderboard(recs[:3]))
     header = next(line for line in one.splitlines() if line.startswith("| method"))
     assert "| recipe |" not in header and "recipe: –" not in one
+
+
+def test_reference_landed_table_lists_each_record_with_its_own_evidence():
+    """results/reference/landed.py: one line per complete record in landing order, a record's own verdict with
+    the stage still falling, the recipe as it departs from the folder's most common, the machine shortened."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("landed", Path(__file__).parents[1] / "results/reference/landed.py")
+    landed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(landed)
+    recs = [make_record(f"r{i}", method="single", options={}, seed=i, train_device="cpu: Intel(R) Xeon(R) Processor "
+                        "@ 2.80GHz (1 threads)") for i in range(3)]
+    for i, r in enumerate(recs):
+        r["timings"]["finished"] = f"2026-12-0{3 - i}T10:00:00+00:00"          # landed in reverse order
+        falling = [1.0 - 0.05 * k for k in range(10)] if i == 1 else [1.0] * 10
+        r["training"]["stages"] = {"member0": {"curve": [{"epoch": k + 1, "val_nll": v} for k, v in enumerate(falling)]}}
+    recs[2]["config"]["effective_recipe"] = {"schedule": "linear"}
+    recs[2]["training"]["device"] = "cpu: AMD EPYC (1 threads) + cpu: Intel(R) Xeon(R) Processor (1 threads)"
+    text = landed.table(recs)
+    rows = [line for line in text.splitlines() if line.startswith("| 2026")]
+    assert [r.split(" | ")[1] for r in rows] == ["`r2`", "`r1`", "`r0`"]
+    assert "**no** (member0: -" in rows[1] and "over epochs 7-10" in rows[1] and rows[0].count("| yes |") == 1
+    assert "| schedule=linear |" in rows[0] and rows[0].endswith("| AMD EPYC + Intel Xeon |")
+    assert rows[2].endswith("| Intel Xeon @ 2.80GHz |")
