@@ -392,7 +392,11 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     extra_seed = copy.deepcopy(single)     # a second seed of single without predictions on disk
     extra_seed["run_id"] = "single-seed1"
     extra_seed["config"]["seed"] = 1
-    write_records(runs, [failed, running, extra_seed])
+    de = next(json.loads(p.read_text()) for p in runs.glob("deep_ensemble-*.json"))
+    de_more = copy.deepcopy(de)            # another config short of the same seed: one item for both
+    de_more["run_id"] = "deep_ensemble-five"
+    de_more["method"]["options"]["num_members"] = de_more["method"]["num_members"] = 5
+    write_records(runs, [failed, running, extra_seed, de_more])
     (runs / "truncated.json").write_text('{"schema_version": 1, "run_')
     out = tmp_path / "report"
     rep = report.build_report(runs, out, figures=False)     # the figures of this folder: test above
@@ -405,11 +409,14 @@ def test_partial_sweep_lists_failed_running_and_unreadable(real_runs, tmp_path, 
     assert "started 2026-12-04T20:01:00+00:00, resumed 2026-12-05T07:16:09+00:00 (process 3)" in section
     assert "UNREADABLE" in section and "truncated.json" in section
     assert "FEWER SEEDS" in section and "deep_ensemble" in section     # 1 seed, single has 2
+    # the configs short of the same seeds are one item, naming each (a half-done sweep lists one line, not 27)
+    fewer = [ln for ln in section.splitlines() if "FEWER SEEDS" in ln]
+    assert len(fewer) == 1 and "seeds [0], missing [1]" in fewer[0] and "in 2 config(s): deep_ensemble" in fewer[0]
     assert sum(item.startswith("FAILED") for item in rep.notes) == 1
     head, rows, _ = _table((out / "report.html").read_text(encoding="utf-8"))
     single_row = next(r for r in rows if r[0] == "single")
     assert single_row[head.index("seeds")] == "2"          # the failed/running seeds are not aggregated
-    assert sorted(r[0] for r in rows) == ["deep_ensemble", "single"]
+    assert sorted(r[0] for r in rows) == ["deep_ensemble (num_members=4)", "deep_ensemble (num_members=5)", "single"]
     # the CLI also names failures and unreadable files on stderr, one line each
     from ensemble_bench.report import cli_report
 

@@ -159,12 +159,15 @@ def _incomplete_items(all_recs: list[dict], folder_of: dict[str, Path], problems
             stale, state = running_state(folder_of[rec["run_id"]], rec["run_id"])
             items.append(f"{'STOPPED' if stale else 'RUNNING'} {_run_desc(rec)}" + (f", started {started}" if started else "")
                          + resumed + f": {state}")
-    for sec in sections:
+    for sec in sections:   # one item per set of seeds a section's configs have fewer of (a sweep half done: 27 configs)
+        short: dict[tuple, list[str]] = {}
         for c in sec.configs:
-            missing = [s for s in sec.seed_set if s not in c.seeds]
-            if missing:
-                items.append(f"FEWER SEEDS {sec.title} / {c.label}: {len(c.rows)} run(s), seeds {c.seeds}; "
-                             f"missing {missing} of the section's seeds {sec.seed_set}")
+            if any(s not in c.seeds for s in sec.seed_set):
+                short.setdefault(tuple(c.seeds), []).append(c.label)
+        for seeds, labels in short.items():
+            missing = [s for s in sec.seed_set if s not in seeds]
+            items.append(f"FEWER SEEDS {sec.title}: seeds {list(seeds)}, missing {missing} of the section's seeds "
+                         f"{sec.seed_set}, in {len(labels)} config(s): " + "; ".join(labels))
     items += [f"UNREADABLE {_one_line(p)}" for p in problems]
     items += [f"NOTE {n}" for n in notes]
     return items
