@@ -723,7 +723,8 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     """Several budgets of one method: a panel per method, every stage from its own epoch 1, the legend
     naming each config's verdict; with one config per method the figure is not drawn (the section-wide
     figure suffices)."""
-    from ensemble_bench.report.figures import _stage_curves, fig_learning_curves_by_method
+    from ensemble_bench.report.figures import _stage_curves, fig_learning_curves, fig_learning_curves_by_method
+    from ensemble_bench.report.model import headline_configs
 
     kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
     recs = []
@@ -755,6 +756,17 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     assert labels == {("alpha", 30): "alpha", ("alpha", 60): "alpha (epochs=60)", ("beta", 30): "beta",
                       ("gamma", 60): "gamma (epochs=60, lr=0.05)"}
     assert sec.labels_note.endswith("most common: epochs=30, lr=0.1")
+    # the section-wide learning curves: one line per method, its config at the common settings where it has one
+    assert sorted((c.method, c.fields.get("epochs")) for c in headline_configs(sec)) == [
+        ("alpha", 30), ("beta", 30), ("gamma", 60)]
+    # ... the method's default options before more seeds (a method not registered: every option is a change)
+    tuned = [make_record(f"b30k{i}", "beta", {"k": 2}, i, 2, acc=0.8, nll=0.9, epochs=30, **kw) for i in (0, 1)]
+    (sec_k,) = report.group_sections(recs + [gamma] + tuned)
+    assert [c.options for c in headline_configs(sec_k) if c.method == "beta"] == [{}]
+    (lc,) = fig_learning_curves(sec, tmp_path, "lc")
+    assert "one line per method" in lc.caption
+    assert "one line per config" in fig_learning_curves(report.group_sections([recs[1], recs[3]])[0], tmp_path,
+                                                        "lc1")[0].caption
     report.build_report(write_records(tmp_path / "lr_runs", recs + [gamma]), tmp_path / "lr_rep", figures=False)
     assert f"Config labels: {sec.labels_note}." in (tmp_path / "lr_rep/report.md").read_text(encoding="utf-8")
     # the table's recipe column, as the markdown leaderboard's: – for the common recipe, a departure named

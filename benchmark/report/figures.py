@@ -21,6 +21,7 @@ from ensemble_bench.report.model import (
     SizeFamily,
     config_differences,
     cost_axes,
+    headline_configs,
     dee_for,
     make_slug,
     pareto_front,
@@ -500,10 +501,18 @@ def fig_learning_curves_by_method(sec: Section, out_dir: Path, base: str) -> lis
 
 
 def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
+    """The section's learning curves against epochs and training FLOPs, mean over seeds: one line per config,
+    or, when a method has several configs (the per-method figure then draws every one), one line per method,
+    its config at the section's most common settings (:func:`model.headline_configs`): the reference report's
+    30 configs in one panel could not be told apart."""
     lines = [(c, _mean_curve([run_curve(r) for r in c.records])) for c in sec.configs]
     lines = [(c, m) for c, m in lines if m is not None]
     if not lines:
         return []
+    per_method = len({c.method for c, _ in lines}) < len(lines)
+    if per_method:
+        headline = {id(c) for c in headline_configs(sec)}
+        lines = [(c, m) for c, m in lines if id(c) in headline]
     fig, axes = new_figure(4, ncols=2)
     f_scale, f_unit = scale_prefix((float(m[1][-1]) for _, m in lines if np.isfinite(m[1][-1])), "FLOPs")
     for c, (ep, fl, nll, acc) in lines:
@@ -527,6 +536,8 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
                    "Learning curves",
                    "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "
                    "ensemble's members one after the other), against epochs and against the training FLOPs "
-                   "spent so far; one line per config, mean over seeds. A curve still falling at its end is a "
-                   "row the leaderboard marks as not converged.")]
+                   "spent so far; " + ("one line per method: its config at the section's most common settings "
+                   "(the method's default options first; every config is in the per-method figure)"
+                   if per_method else "one line per config") + ", mean over seeds. A curve still falling at its "
+                   "end is a row the leaderboard marks as not converged.")]
 

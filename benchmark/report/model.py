@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from ensemble_bench.columns import NUMERIC_RECIPE_KEYS, TIMED, common_recipe, most_common, num, recipe_differences
-from ensemble_bench.formatting import options_text
+from ensemble_bench.formatting import non_default_options, options_text
 from ensemble_bench.leaderboard import (
     DEE,
     DEE_KEYS,
@@ -193,6 +193,24 @@ def config_differences(cfgs: list[Config], scope: list[Config] | None = None,
                         if k not in common or hashable(c.fields.get(k)) != hashable(common[k])]
                        + ([recipe_text[id(c)]] if recipe_text[id(c)] else []))
         out.append(", ".join(x for x in (options_text(c.options, vary), tr) if x))
+    return out
+
+
+def headline_configs(sec: Section) -> list[Config]:
+    """One config per method, the one a reader compares across methods: among its configs at the section's most
+    common training settings (budget, recipe, precision; :func:`common_settings`), else among all of them, the
+    one with the method's default options, then the most seeds (ties: table order). The section-wide learning
+    curves draw these; every config is in the per-method figure."""
+    common = common_settings(sec.configs)
+    by_method: dict[str, list[Config]] = {}
+    for c in sec.configs:
+        by_method.setdefault(c.method, []).append(c)
+    out = []
+    for cfgs in by_method.values():
+        at_common = [c for c in cfgs if not config_differences([c], sec.configs, against_common=True, common=common)[0]]
+        pool = at_common or cfgs
+        out.append(min(pool, key=lambda c: (bool(non_default_options(c.method, c.options)), -len(c.rows),
+                                            pool.index(c))))
     return out
 
 
