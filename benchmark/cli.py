@@ -311,11 +311,9 @@ def cmd_quickstart(args) -> int:
         else:
             print(f"[1/{len(cfgs)}] {cfg.method}", file=sys.stderr, flush=True)
         rec = execute(cfg, log=lambda s: None if args.quiet else print(s, file=sys.stderr, flush=True))
-        trends = columns.record_trends(rec)
-        conv = ("?" if not trends else "yes" if all(t.converged for t in trends.values())
-                else f"NO ({columns.not_converged_text(trends)})")
         print(f"{cfg.method:<15} acc {rec['metrics']['acc']:.4f}  nll {rec['metrics']['nll']:.4f}  "
-              f"train {rec['training']['train_s']:.1f}s  converged {conv}", flush=True)
+              f"train {rec['training']['train_s']:.1f}s  converged {columns.verdict_text(columns.record_trends(rec))}",
+              flush=True)
     recs, _ = records.load_records(args.out)
     df = leaderboard.leaderboard(recs)
     leaderboard.write_leaderboard(df, csv_path=Path(args.out) / "leaderboard.csv", md_path=Path(args.out) / "leaderboard.md")

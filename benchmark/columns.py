@@ -180,17 +180,18 @@ def _canonical(obj: Any) -> str:
 
 
 class Trend(NamedTuple):
-    """How a stage's validation curve ended, as the convergence rule reads it: ``fall`` is the relative drop
-    the rule compares with CONVERGENCE_TOL (of the fitted line across the window, or from the previous cycle
-    end to the last; negative: it rose), ``se`` that drop in standard errors (NaN where the rule has none: a
-    window under 3 points, a cycle end without ``val_nll_diff_se``; inf: an exact line), ``first`` / ``last`` the window's epochs
-    (a cycle: the two cycle ends), ``cyclic`` whether it was judged on cycle ends."""
+    """How a stage's validation curve ended, as the convergence rule reads it: ``fall`` is the drop the rule
+    compares with CONVERGENCE_TOL, relative to the mean level (of the fitted line across the window, relative
+    to the window's mean; or from the previous cycle end to the last, relative to the two ends' mean;
+    negative: it rose), ``se`` that drop in standard errors (NaN where the rule has none: a window under 3
+    points, a cycle end without ``val_nll_diff_se``; +-inf: an exact line), ``first`` / ``last`` the window's
+    epochs (a cycle: the two cycle ends), ``cyclic`` whether it was judged on cycle ends."""
 
     converged: bool
     fall: float
     se: float
-    first: Any
-    last: Any
+    first: str
+    last: str
     cyclic: bool
 
     def text(self) -> str:
@@ -210,9 +211,10 @@ def stage_trend(stage: Mapping) -> Trend | None:
     vals = [float(e[key]) for e in entries]
     if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
         return None
-    def epoch(i: int) -> Any:   # the curve's epoch number of entry i (its position when it has none)
+    def epoch(i: int) -> str:   # the curve's epoch number of entry i (its position when it has none)
         i %= len(entries)
-        return entries[i].get("epoch", i + 1)
+        e = entries[i].get("epoch", i + 1)
+        return f"{e:g}" if isinstance(e, (int, float)) else str(e)
     cycle = _last_cycle(entries)
     if cycle is not None:
         (i_before, before), (_, last) = cycle
@@ -237,8 +239,8 @@ def stage_trend(stage: Mapping) -> Trend | None:
     fall = float(-slope * (len(fit) - 1) / level)
     falling = fall > CONVERGENCE_TOL and -slope > CONVERGENCE_NOISE * stderr
     # a window on an exact line (a made-up curve) has residuals of rounding size: its fall is not noise at all
-    return Trend(not falling, fall, float(-slope / stderr) if stderr > 1e-9 * level else math.inf,
-                 epoch(n - k), epoch(-1), False)
+    se = float(-slope / stderr) if stderr > 1e-9 * level else math.copysign(math.inf, -slope) if slope else 0.0
+    return Trend(not falling, fall, se, epoch(n - k), epoch(-1), False)
 
 
 def stage_converged(stage: Mapping) -> bool | None:
@@ -282,16 +284,27 @@ def record_trends(rec: RunRecord | Mapping) -> dict[str, Trend]:
     return {name: t for name, t in trends.items() if t is not None}
 
 
+def trends_converged(trends: Mapping[str, Trend]) -> bool | None:
+    """All of ``trends`` (a run's stages, :func:`record_trends`) converged; None when there are none."""
+    return all(t.converged for t in trends.values()) if trends else None
+
+
 def record_converged(rec: RunRecord | Mapping) -> bool | None:
     """All stages of the run that are meant to converge have (None: the record has no curves)."""
-    trends = record_trends(rec)
-    return all(t.converged for t in trends.values()) if trends else None
+    return trends_converged(record_trends(rec))
+
+
+def verdict_text(trends: Mapping[str, Trend], no: str = "NO") -> str:
+    """A run's own verdict in words: "?" (no curves), "yes", or ``no`` with the evidence
+    ("NO (member1: -1.26 % over epochs 55-60, 3.1 SE)")."""
+    verdict = trends_converged(trends)
+    return "?" if verdict is None else "yes" if verdict else f"{no} ({not_converged_text(trends)})"
 
 
 def not_converged_text(trends: Mapping[str, Trend]) -> str:
     """The evidence against a run's convergence: its stage still falling the most, with its trend, and how
     many other stages were still falling ("member1: -1.26 % over epochs 55-60, 3.1 SE"); "" when none was."""
-    falling = sorted(((t.fall, name) for name, t in trends.items() if not t.converged), reverse=True)
+    falling = sorted(((-t.fall, name) for name, t in trends.items() if not t.converged))
     if not falling:
         return ""
     name = falling[0][1]
@@ -382,7 +395,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
     p10, p90, med = num(cost.latency_ms_p10), num(cost.latency_ms_p90), num(cost.latency_ms)
     spread = (p90 - p10) / med if med > 0 else math.nan
     trends = record_trends(rec)
-    conv = all(t.converged for t in trends.values()) if trends else None
+    conv = trends_converged(trends)
 
     row: dict[str, Any] = {
         # a user's dataset is a TOML path in the config: the table shows the name it declares
@@ -398,7 +411,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
         "recipe": _canonical(_as_trained({k: eff[k] for k in RECIPE_FIELDS if k in eff}, training)),
         "precision": train_precision(cfg, training),
         "stage_recipes": _stage_recipes_text(training),
-        "converged": None if conv is None else bool(conv),
+        "converged": conv,
         "converged_why": not_converged_text(trends),
         "val_nll_end": record_end_val_nll(rec),
         "code_id": f"{code.get('harness_sha256')}/{code.get('method_sha256')}" if code else None,

@@ -116,7 +116,7 @@ def converged_text(verdict: Any, budget_epochs: Any, budget_gain: Any, strong: s
         return "yes"
     gain = num(budget_gain)
     reasons = [f"{num(budget_epochs):g} ep: val NLL {-100 * gain:+.1f} %"] if math.isfinite(gain) and gain >= BUDGET_TOL else []
-    reasons += [why] if isinstance(why, str) and why else []
+    reasons += [("curves: " if reasons else "") + why] if isinstance(why, str) and why else []
     return f"{strong}no{strong}" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
@@ -142,6 +142,7 @@ def format_markdown(df) -> str:
                    and has_values(c)]
     any_shift = has_values("shift_acc_mean")
     mixed = "train_devices" in df.columns and bool((df["train_devices"].map(num) > 1).any())
+    devices_column = False     # any table with a devices column (its footnote line)
     parts: list[str] = []
     for (dataset, backbone), t in df.groupby(["dataset", "backbone"], sort=False, dropna=False):
         lat_devs = sorted({device_name(d) for d in t["latency_device"]})
@@ -153,7 +154,7 @@ def format_markdown(df) -> str:
         # the recipe column names what departs from the table's most common recipe, stated under its heading
         common = common_recipe(list(t["recipe"]))
         recipe_text = recipe_differences(list(t["recipe"]), against_common=True, common=common)
-        any_recipe = len({str(x) for x in t["recipe"]}) > 1
+        any_recipe = any(recipe_text)
         show_combine = any(c not in ("probs", "") for c in t["combine"])
         out_rows = []
         for i, (_, r) in enumerate(t.iterrows()):
@@ -199,6 +200,7 @@ def format_markdown(df) -> str:
             row[lat_hdr] = g("latency_ms", 1, 2) + (" †" if bool(r.get("latency_busy")) else "")
             row[train_hdr] = g("train_s", 1, 0)
             if len(lat_devs) > 1 or len(train_devs) > 1:
+                devices_column = True
                 lat_dev, train_dev = device_name(r["latency_device"]), device_name(r["train_device"])
                 row["devices"] = lat_dev if lat_dev == train_dev else f"latency: {lat_dev}; train: {train_dev}"
             if any(str(s or "") for s in t.get("stage_recipes", [])):
@@ -232,11 +234,13 @@ def format_markdown(df) -> str:
             f"by more than {CONVERGENCE_NOISE:g} standard errors of that change, image by image); "
             f"also **no** when the table holds the same configuration trained longer whose end-of-training "
             f"validation NLL is {BUDGET_TOL:.0%} or more lower (the cell names that budget and the gain); "
-            "a **no** from the curves names, per seed, the stage still falling the most, its fall (the fitted "
-            "line's across the window, or from the previous cycle end) and that fall in standard errors; "
+            "a **no** from the curves names, per seed, the stage still falling the most, its fall relative to "
+            "its level (the fitted line's across the window, or from the previous cycle end) and that fall in "
+            "standard errors; "
             "**no** = still improving when it stopped, so the row is not a verdict on the method; "
-            f"? = no learning curve in the record. devices: where a row's latency and training ran (one name: both). "
-            f"† latency spread (p90 - p10) / median above "
+            f"? = no learning curve in the record. "
+            + ("devices: where a row's latency and training ran (one name: both). " if devices_column else "")
+            + f"† latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
             "(harness or method file hash). stage recipes: stages that a method trains with its own "
             "recipe (part of the method, recorded per stage)."

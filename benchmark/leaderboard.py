@@ -234,10 +234,12 @@ def _flags(g: Group, devices: Mapping[str, str] | None = None) -> dict:
 
 
 def curve_evidence(g: Group) -> str:
-    """Why a row's curves say it had not converged: per seed still falling at its end, the stage falling
-    the most and its trend (columns.not_converged_text): "seed 1 member1: -1.26 % over epochs 55-60, 3.1 SE";
-    "" when every seed's curves are flat."""
-    return "; ".join(f"seed {r.get('seed')} {r['converged_why']}" for r in g.rows if r.get("converged_why"))
+    """Why a row's curves say it had not converged: per seed still falling at its end (in seed order), the
+    stage falling the most and its trend (columns.not_converged_text): "seed 1 member1: -1.26 % over epochs
+    55-60, 3.1 SE"; "" when every seed with curves is flat (a seed without curves makes the row's verdict
+    None, "?", while this still names the seeds that were falling)."""
+    rows = sorted(g.rows, key=lambda r: str(r.get("seed")))
+    return "; ".join(f"seed {r.get('seed')} {r['converged_why']}" for r in rows if r.get("converged_why"))
 
 
 class Budget(NamedTuple):
@@ -291,7 +293,8 @@ def leaderboard(records: list[dict]):
     ``train_device``); ``train_devices`` counts the machines its seeds trained on. For every numeric column ``x``: ``x_mean`` and
     ``x_std`` (:func:`mean_std`: sample std, ddof=1; NaN with one seed; a value missing in any seed
     of a group makes that group's mean/std NaN). Also ``n_seeds`` (runs in the group), ``seeds``
-    (sorted list as a string) and ``run_ids``; ``converged`` (:func:`converged_verdicts`) with
+    (sorted list as a string) and ``run_ids``; ``converged`` (:func:`converged_verdicts`), its curves' evidence
+    ``converged_why`` (:func:`curve_evidence`), with
     ``budget_epochs`` / ``budget_gain`` (:func:`longer_budgets`); ``mce`` with shift evaluations; ``dee_<metric>`` and
     ``dee_<metric>_bound`` when a deep-ensemble curve exists (:data:`DEE_LEADERBOARD_METRICS`).
     Records whose status is not "complete" are left out with a warning. Sorted by dataset,

@@ -158,16 +158,26 @@ def test_a_not_converged_row_shows_its_evidence():
     fit = linregress(range(4), tail)
     fall = -fit.slope * 3 / np.mean(tail)
     trend = columns.stage_trend({"curve": [{"epoch": i + 1, "val_nll": v} for i, v in enumerate(falling)]})
-    assert trend.converged is False and (trend.first, trend.last) == (7, 10) and not trend.cyclic
+    assert trend.converged is False and (trend.first, trend.last) == ("7", "10") and not trend.cyclic
     assert trend.fall == pytest.approx(fall) and trend.se == pytest.approx(-fit.slope / fit.stderr)
     assert trend.text() == f"{-100 * fall:+.2f} % over epochs 7-10, {-fit.slope / fit.stderr:.1f} SE"
     assert columns.stage_trend({"curve": [{"epoch": i + 1, "val_nll": v} for i, v in enumerate(flat)]}).converged
+    # two epochs: no line to fit, no standard error; an exact rising line: its fall is negative, "infinitely" sure
+    short = columns.stage_trend({"curve": [{"epoch": 1.0, "val_nll": 1.0}, {"epoch": 2.0, "val_nll": 0.5}]})
+    assert not short.converged and math.isnan(short.se) and short.text() == "-66.67 % over epochs 1-2"
+    rising = columns.stage_trend({"curve": [{"val_nll": 1.0 + 0.1 * i} for i in range(6)]})
+    assert rising.converged and rising.fall < 0 and rising.se == -math.inf and (rising.first, rising.last) == ("3", "6")
     # the record: the stage falling the most, and how many more; a converged record has no evidence
     steeper = falling[:6] + [v - 0.1 * k for k, v in enumerate(tail)]
     rec = _rec({"a": flat, "b": falling, "c": steeper})
     assert columns.not_converged_text(columns.record_trends(rec)).startswith("c: ")
     assert columns.not_converged_text(columns.record_trends(rec)).endswith("(+1 more stage)")
     assert columns.not_converged_text(columns.record_trends(_rec({"a": flat}))) == ""
+    # two stages falling alike: the first by name; the run's verdict in words (the quickstart's line)
+    assert columns.not_converged_text(columns.record_trends(_rec({"b": falling, "a": falling}))).startswith("a: ")
+    assert columns.verdict_text(columns.record_trends(rec)) == f"NO ({columns.not_converged_text(columns.record_trends(rec))})"
+    assert columns.verdict_text(columns.record_trends(_rec({"a": flat}))) == "yes"
+    assert columns.verdict_text({}) == "?"
     df = leaderboard.leaderboard([_rec({"a": flat}, 0), _rec({"a": falling}, 1)])
     cell = formatting.converged_text(df.loc[0, "converged"], df.loc[0, "budget_epochs"], df.loc[0, "budget_gain"],
                                      why=df.loc[0, "converged_why"])

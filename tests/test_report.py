@@ -763,6 +763,12 @@ def test_learning_curves_per_method_when_a_method_has_several_configs(tmp_path):
     tuned = [make_record(f"b30k{i}", "beta", {"k": 2}, i, 2, acc=0.8, nll=0.9, epochs=30, **kw) for i in (0, 1)]
     (sec_k,) = report.group_sections(recs + [gamma] + tuned)
     assert [c.options for c in headline_configs(sec_k) if c.method == "beta"] == [{}]
+    # a method whose config at the common settings has no curve keeps a line: its config that has one
+    no_curve = copy.deepcopy(recs[0])
+    no_curve["training"]["stages"] = {}
+    (sec_nc,) = report.group_sections([no_curve, recs[1], recs[3], tuned[0]])
+    fig_learning_curves(sec_nc, tmp_path, "nc")
+    assert "alpha" in (tmp_path / "nc/learning_curves.svg").read_text(encoding="utf-8")
     (lc,) = fig_learning_curves(sec, tmp_path, "lc")
     assert "one line per method" in lc.caption
     assert "one line per config" in fig_learning_curves(report.group_sections([recs[1], recs[3]])[0], tmp_path,

@@ -511,7 +511,7 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
         return []
     per_method = len({c.method for c, _ in lines}) < len(lines)
     if per_method:
-        headline = {id(c) for c in headline_configs(sec)}
+        headline = {id(c) for c in headline_configs(sec, among=[c for c, _ in lines])}
         lines = [(c, m) for c, m in lines if id(c) in headline]
     fig, axes = new_figure(4, ncols=2)
     f_scale, f_unit = scale_prefix((float(m[1][-1]) for _, m in lines if np.isfinite(m[1][-1])), "FLOPs")
@@ -536,7 +536,7 @@ def fig_learning_curves(sec: Section, out_dir: Path, base: str) -> list[Figure]:
                    "Learning curves",
                    "Validation NLL and accuracy after every epoch of every stage (stages in training order: a deep "
                    "ensemble's members one after the other), against epochs and against the training FLOPs "
-                   "spent so far; " + ("one line per method: its config at the section's most common settings "
+                   "spent so far; " + ("one line per method: its config at the section's most common settings where it has one "
                    "(the method's default options first; every config is in the per-method figure)"
                    if per_method else "one line per config") + ", mean over seeds. A curve still falling at its "
                    "end is a row the leaderboard marks as not converged.")]

@@ -196,14 +196,15 @@ def config_differences(cfgs: list[Config], scope: list[Config] | None = None,
     return out
 
 
-def headline_configs(sec: Section) -> list[Config]:
-    """One config per method, the one a reader compares across methods: among its configs at the section's most
-    common training settings (budget, recipe, precision; :func:`common_settings`), else among all of them, the
-    one with the method's default options, then the most seeds (ties: table order). The section-wide learning
-    curves draw these; every config is in the per-method figure."""
+def headline_configs(sec: Section, among: Sequence[Config] | None = None) -> list[Config]:
+    """One config per method of ``among`` (default: the section's), the one a reader compares across methods:
+    among its configs at the section's most common training settings (budget, recipe, precision;
+    :func:`common_settings` of every config of the section), else among all of them, the one with the method's
+    default options, then the most seeds (ties: table order). The section-wide learning curves draw these
+    (``among``: the configs that have a curve); every config is in the per-method figure."""
     common = common_settings(sec.configs)
     by_method: dict[str, list[Config]] = {}
-    for c in sec.configs:
+    for c in (sec.configs if among is None else among):
         by_method.setdefault(c.method, []).append(c)
     out = []
     for cfgs in by_method.values():

@@ -123,10 +123,10 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
         if len({hashable(c.fields.get(k)) for c in cf}) > 1:
             cols.append(Column(k, [str(c.fields.get(k)) for c in cf], [False] * len(cf)))
     # as the markdown leaderboard: where a config's recipe departs from the section's most common one (which
-    # the "Config labels" line states); every field in the cell's tooltip
+    # the "Config labels" line states); the cell's tooltip names every recipe field that varies in the section
     recipes = [c.fields.get("recipe") for c in cf]
-    if len({str(r) for r in recipes}) > 1:
-        recipe_text = recipe_differences(recipes, against_common=True)
+    recipe_text = recipe_differences(recipes, against_common=True)
+    if any(recipe_text):
         cols.append(Column("recipe", [t or "–" for t in recipe_text], [False] * len(cf), "left",
                            title="where the config's recipe departs from the section's most common (Config labels)",
                            cell_titles=recipe_differences(recipes), wrap=True))

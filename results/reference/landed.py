@@ -41,9 +41,7 @@ def table(recs: list[dict]) -> str:
              "NLL TS | converged (this record's curves) | reused stages | trained on |",
              "|---|---|---|---|---:|---:|---|---:|---|---:|---|---|---|"]
     for rec, f, recipe in zip(recs, flat, departs):
-        trends = columns.record_trends(rec)
-        verdict = ("?" if not trends else "yes" if all(t.converged for t in trends.values())
-                   else f"**no** ({columns.not_converged_text(trends)})")
+        verdict = columns.verdict_text(columns.record_trends(rec), no="**no**")
         training = rec.get("training") or {}
         reused = ", ".join(sorted(training.get("reused_stages") or {})) or "–"
         cells = [str((rec.get("timings") or {}).get("finished", "?"))[:16].replace("T", " "), f"`{f['run_id']}`",
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {p}", file=sys.stderr)
     complete = [r for r in recs if r.get("status") == "complete"]
     text = (f"{len(complete)} complete records in `{Path(args.runs).name}/` "
-            f"({len(recs) - len(complete)} running or stopped, not listed).\n\n" + table(complete))
+            f"({len(recs) - len(complete)} not complete: running, stopped or failed, not listed).\n\n" + table(complete))
     if args.output:
         records.write_text_atomic(args.output, text)
     else:
