@@ -1,7 +1,7 @@
 """The user's own code: methods, backbones and datasets that register themselves when imported.
 
 A plugin is
-  - a Python file (``--plugin path/to/my_method.py``; in a TOML file, relative to that file), imported
+  - a Python file (``--plugin path/to/my_method.py``; in a TOML file too, relative to the current folder), imported
     under a private module name, or
   - an importable module (``--plugin mypackage.methods``), or
   - an installed package that declares an entry point in the group ``ensemble_bench.plugins``

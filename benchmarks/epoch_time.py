@@ -14,11 +14,16 @@ Writes results/bench_epoch_time.{md,csv}.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the shared helpers of throughput.py
+import throughput as tp  # noqa: E402
 
 from ensemble_bench import data as data_mod
 from ensemble_bench.backbones import build_backbone
@@ -48,6 +53,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
+    argv_used = list(sys.argv)
+    started_load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -58,7 +65,7 @@ def main():
 
     # --- suite ---------------------------------------------------------------------------------
     cfg = make_run_config({"method": "single", "backbone": args.backbone, "dataset": "cifar10", "epochs": 1,
-                           "progress": False, "batch_size": bs})
+                           "progress": False, "batch_size": bs, "data_dir": args.data_dir})
     trainer = Trainer(bundle, cfg, "cpu", log=lambda s: None)
     model_s = build_backbone(args.backbone, 10)
 
@@ -163,8 +170,8 @@ def main():
     df.to_csv(out / "bench_epoch_time.csv", index=False)
     lines = [f"# Epoch time: suite vs bare loops ({dev})", "",
              f"CIFAR-10 development copy, {args.n} training images, batch {bs}, backbone {args.backbone}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} epochs after a warm-up.",
-             f"Command: `python benchmarks/epoch_time.py --n {args.n} --backbone {args.backbone} --repeats {args.repeats}`", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} epochs after a warm-up.", "",
+             *tp.environment_lines(torch.device("cpu"), args, argv_used, started_load), "",
              "| what | seconds (median) | runs |", "|---|---|---|"]
     lines += [f"| {r['what']} | {r['seconds']:.3f} | {r['runs']} |" for r in rows]
     lines += ["", f"- suite epoch vs bare tensor loop: {summary['suite_vs_bare_tensor_overhead_pct']:+.1f}% (target: within 10%)",

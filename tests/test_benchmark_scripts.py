@@ -67,3 +67,12 @@ def test_slice_data_cuts_every_per_image_array_and_the_suite_reads_the_slice(tmp
         assert len(z["class_names"]) == 10   # metadata, not a per-image array: copied whole
     bundle = data.load("cifar10", tmp_path / "s", val_fraction=0.1)
     assert len(bundle.train.y) + len(bundle.val.y) == 40 and len(bundle.test.y) == 10
+
+
+def test_epoch_time_runs_on_the_real_data_and_says_how_it_was_made(tmp_path, shared_data):
+    """epoch_time.py on 256 real CIFAR-10 images: every row measured, and the table names the command, the
+    commit and the load (it once built its run config from the default data folder and stopped there)."""
+    rows = _script(tmp_path, "epoch_time.py", "--data-dir", str(shared_data), "--n", "256", "--repeats", "1")
+    assert len(rows) == 6 and all(float(r["seconds"]) > 0 for r in rows)
+    md = (tmp_path / "bench" / "bench_epoch_time.md").read_text()
+    assert "- command: `python " in md and "--n 256" in md and "- load average" in md
