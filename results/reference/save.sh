@@ -46,6 +46,17 @@ if git diff --cached --quiet; then
     exit 0
 fi
 n_rec=$(git diff --cached --name-only --diff-filter=A "$base" -- "$R/*.json" | wc -l)
+# A save that cannot amend (other commits came after this session's last save) adds a new version of every
+# checkpoint to the history. With no new record, such a save waits until SAVE_CKPT_EVERY seconds (default
+# 3600) have passed since this session's last save; FORCE_SAVE=1 (the save before a session stops) never waits.
+if [[ "$base" == HEAD && "$n_rec" -eq 0 && "${FORCE_SAVE:-0}" != 1 && -n "${SAVE_SINCE:-}" ]]; then
+    last=$(git log -1 --format=%ct --grep='^Reference sweep: [0-9]* new complete record' "$SAVE_SINCE"..HEAD)
+    if [[ -n "$last" ]] && (( $(date +%s) - last < ${SAVE_CKPT_EVERY:-3600} )); then
+        git reset -q -- "$R"
+        echo "save.sh: checkpoints only, this session's last save $(( $(date +%s) - last )) s ago: not yet"
+        exit 0
+    fi
+fi
 n_ckpt=$(git diff --cached --name-only "$base" -- "$R/.ckpt" | wc -l)
 n_mem=$(git diff --cached --name-only "$base" -- "$R/.members" | wc -l)
 msg="Reference sweep: $n_rec new complete record(s); resume state: $n_ckpt checkpoint file(s) changed, $n_mem stage-store file(s) changed"
