@@ -217,12 +217,11 @@ def main_devices(g: Group) -> dict[str, str]:
 def _flags(g: Group, devices: Mapping[str, str] | None = None) -> dict:
     """The per-run columns a row reports as how its seeds agree instead of a mean (the latency's busy flag:
     of the seeds timed on ``devices``' latency device, all seeds without it)."""
-    verdicts = [r.get("converged") for r in g.rows]
     code_ids = {r.get("code_id") for r in g.rows}
     lat = None if devices is None else devices["latency_device"]
     timed = [r for r in g.rows if lat is None or timing_device(r, "latency_ms") == lat]
     return {
-        "converged": None if any(v is None or v != v for v in verdicts) else bool(all(verdicts)),
+        "converged": seeds_converged(g),
         "converged_why": curve_evidence(g),
         # an unknown code next to known code counts as one more version
         "code_versions": len(code_ids) if code_ids != {None} else 0,
@@ -231,6 +230,12 @@ def _flags(g: Group, devices: Mapping[str, str] | None = None) -> dict:
         # machines the seeds trained on: more than one pools seeds across machines (timings: main device only)
         "train_devices": len(g.devices("train_s")),
     }
+
+
+def seeds_converged(g: Group) -> bool | None:
+    """Whether every seed's curves converged (its record's ``converged``); None when a seed's cannot say."""
+    verdicts = [r.get("converged") for r in g.rows]
+    return None if any(v is None or v != v for v in verdicts) else bool(all(verdicts))
 
 
 def curve_evidence(g: Group) -> str:
@@ -278,7 +283,7 @@ def converged_verdicts(groups: Sequence[Group]) -> list[tuple[bool | None, Budge
     ended clearly better (:func:`longer_budgets`); None when the curves cannot say."""
     out = []
     for g, budget in zip(groups, longer_budgets(groups)):
-        verdict = _flags(g)["converged"]
+        verdict = seeds_converged(g)
         out.append((None if verdict is None else verdict and not (budget is not None and budget.short), budget))
     return out
 
