@@ -28,8 +28,8 @@ METRIC_COLUMNS = ("acc", "nll", "ece", "brier", "nll_ts", "ece_ts", "temperature
 SHIFT_MEAN_COLUMNS = ("acc", "nll", "ece")       # -> shift_acc, shift_nll, shift_ece
 SHIFT_SEVERITY_COLUMNS = tuple(f"shift_acc_s{s}" for s in range(1, 6))
 # mCE (Hendrycks & Dietterich 2019) of a row is relative to the single model (a size-reference record with
-# one member) of the same data and training recipe: these keys
-MCE_KEYS = ("dataset", "data_id", "backbone", "epochs", "batch_size", "lr", "recipe")
+# one member) of the same data, training recipe and precision: these keys
+MCE_KEYS = ("dataset", "data_id", "backbone", "epochs", "batch_size", "lr", "recipe", "precision")
 COST_COLUMNS = (
     "params", "params_nonzero", "flops", "macs", "flops_dense",
     "latency_ms", "throughput", "peak_mem_mb", "train_s", "train_flops",

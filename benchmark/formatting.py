@@ -128,8 +128,8 @@ def format_markdown(df) -> str:
     is one seed or no spread). The latency / training device (a row's main device: most of its seeds) is
     named in the column header when it is the same for every row of a table, otherwise in a devices column;
     § marks a row whose seeds trained on different machines. Columns for epochs,
-    batch size, lr, the rest of the recipe and members' combine rule appear only when they differ between
-    rows of a table.
+    batch size, lr and the rest of the recipe appear only when they differ between rows of a table; the
+    members' combine rule whenever a row's is not the average of probabilities.
     """
     if df is None or len(df) == 0:
         return "_no results_\n"

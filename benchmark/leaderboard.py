@@ -41,8 +41,9 @@ from ensemble_bench.formatting import device_name, format_markdown
 from ensemble_bench.records import write_text_atomic
 
 UNKNOWN_DEVICE = "unknown device"
-# DEE (below): the curve of a recipe is made of the records with these keys in common
-DEE_KEYS = ("dataset", "backbone", "epochs", "batch_size", "lr", "recipe")
+# DEE (below): the curve of a recipe is made of the records with these keys in common: the same data (by
+# their fingerprint) and training precision too, as a row's seeds (GROUP_KEYS)
+DEE_KEYS = ("dataset", "backbone", "epochs", "batch_size", "lr", "recipe", "data_id", "precision")
 DEE_LEADERBOARD_METRICS = ("nll_ts", "acc")
 
 
@@ -336,7 +337,7 @@ def leaderboard(records: list[dict]):
         rows.append(row)
     df = pd.DataFrame(rows)
     if has_shift:   # mCE relative to the single model of the same data and recipe (never in the run)
-        df["mce"] = mce_values([g.rows for g in groups], flat)
+        df["mce"] = mce_values([g.rows for g in groups], [r for g in groups for r in g.rows])
     for k in ("epochs", "batch_size", "num_members"):
         if df[k].notna().all():
             df[k] = df[k].astype("int64")
@@ -444,8 +445,8 @@ def mce_values(groups: Sequence[Sequence[Mapping]], rows: Sequence[Mapping]) -> 
 # DEE of a result (Yun et al. 2023, after Kim et al.'s "deep ensemble equivalent"): the size of a deep
 # ensemble that reaches the same metric, read off a DE curve measured on the same harness.
 #
-# The DE curve of a recipe (same dataset, backbone, epochs, batch size, lr and the rest of the recipe:
-# DEE_KEYS) is made of the complete records of the size-reference methods (record method.size_reference, set from the method's
+# The DE curve of a recipe (same dataset, data, backbone, epochs, batch size, lr, the rest of the recipe and
+# precision: DEE_KEYS) is made of the complete records of the size-reference methods (record method.size_reference, set from the method's
 # class: deep ensembles of any size, and the single model as size 1), the metric averaged over seeds at each size. A curve needs size 1 and at
 # least one other size. Rule: with g = the metric oriented so that larger is better (-nll, acc), the
 # curve is taken as its running best over sizes (a larger DE is credited with the best value any smaller
@@ -536,9 +537,18 @@ def group_dee(groups: Sequence[Group], metric: str) -> list[DEE | None]:
 def dee(records: list[dict], metric: str = "nll_ts") -> dict[str, DEE]:
     """DEE of every complete record whose recipe (DEE_KEYS) has a DE curve among ``records``, by run id.
     The curve is the seed-mean of ``metric`` at each size of the reference methods' records (the single
-    model counts as size 1). Records without the metric, or without a curve, are left out."""
-    rows = [flatten_record(r) for r in records if r.get("status", "complete") == "complete"]
+    model counts as size 1; a seed recorded twice counts once, :func:`one_record_per_seed`). Records without
+    the metric, or without a curve, are left out."""
+    complete = [r for r in records if r.get("status", "complete") == "complete"]
+    rows = [flatten_record(r) for r in complete]
     if metric not in METRIC_COLUMNS and not any(metric in r for r in rows):
         raise ValueError(f"unknown metric {metric!r} for DEE")
-    groups = [Group(r, [r]) for r in rows]      # every record on its own: a seed of the curve
-    return {str(g.fields["run_id"]): d for g, d in zip(groups, group_dee(groups, metric)) if d is not None}
+    curves = dee_curves(complete_groups(complete), metric)
+    better = higher_is_better(metric)
+    out: dict[str, DEE] = {}
+    for row in rows:        # every record on its own, its keys compared as a row's are (group_rows)
+        key = dee_key({k: _key_value(k, row.get(k)) for k in DEE_KEYS})
+        curve, v = curves.get(key), num(row.get(metric))
+        if curve is not None and not math.isnan(v):
+            out[str(row["run_id"])] = dee_size(v, curve, better)
+    return out

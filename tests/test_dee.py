@@ -131,3 +131,23 @@ def test_leaderboard_and_dee_keep_training_recipes_apart():
         "schedule=multistep, milestones=[0.5, 0.75], lr_decay=0.1"]
     assert columns.common_recipe([cos, cos, step, step_common]) == {"schedule": "cosine", "nesterov": False}
     assert columns.common_recipe([step, cos]) == {"schedule": "cosine", "nesterov": False}   # a tie: the smaller
+
+
+def test_dee_curve_is_of_the_same_data_and_precision_and_counts_a_seed_once():
+    """A result is read off the DE curve of its own data (fingerprint) and training precision only, as a
+    row's seeds are pooled; a seed recorded twice (two run ids) counts once in the curve."""
+    other_data = _with(rec("bridge-data", "bridge", members=2, nll_ts=0.27), data_id={"sha256": "other"})
+    bf16 = rec("bridge-bf16", "bridge", members=2, nll_ts=0.27)
+    bf16["training"] = {"precision": "bf16"}
+    recs = de_records() + [rec("bridge-a", "bridge", members=2, nll_ts=0.27), other_data, bf16]
+    got = leaderboard.dee(recs)
+    assert got["bridge-a"].size == pytest.approx(1.5)
+    assert "bridge-data" not in got and "bridge-bf16" not in got
+    df = leaderboard.leaderboard(recs)
+    apart = df[(df["method"] == "bridge") & ((df["precision"] == "bf16") | (df["data_id"] == "other"))]
+    assert len(apart) == 2 and apart["dee_nll_ts"].isna().all()
+    # seed 1 of the single model recorded again under another run id: the curve's size 1 stays (0.31 + 0.29) / 2
+    twice = de_records() + [rec("single-1-again", "single", nll_ts=0.41, acc=0.8, seed=1),
+                            rec("bridge-a", "bridge", members=2, nll_ts=0.27)]
+    with pytest.warns(UserWarning, match="counted once"):
+        assert leaderboard.dee(twice)["bridge-a"].size == pytest.approx(1.5)

@@ -550,6 +550,16 @@ def test_leaderboard_shift_columns_and_mce():
     assert row["deep_ensemble"]["mce"] == pytest.approx(expected)
     assert row["single"]["mce"] == pytest.approx(100.0)
     assert math.isnan(row["packed"]["mce"]) and math.isnan(row["mimo"]["mce"])       # no single-model row to compare
+    # a seed of the single model recorded twice counts once: in its row and in the reference alike
+    again = _shift_record("s1-again", "single", 1, {"fog": [0.1] * 5, "snow": [0.1] * 5})
+    with pytest.warns(UserWarning, match="counted once"):
+        twice = {r["method"]: r for _, r in leaderboard.leaderboard([*recs, again]).iterrows()}
+    assert twice["single"]["mce"] == pytest.approx(100.0) and twice["deep_ensemble"]["mce"] == pytest.approx(expected)
+    # a bf16 run is not compared with the fp32 single model
+    bf16 = _shift_record("de-bf16", "deep_ensemble", 0, de, members=4)
+    bf16["training"]["precision"] = "bf16"
+    by_precision = leaderboard.leaderboard([*recs, bf16])
+    assert math.isnan(by_precision[by_precision["precision"] == "bf16"].iloc[0]["mce"])
     assert row["deep_ensemble"]["shift_acc_mean"] == pytest.approx(np.mean(de["fog"] + de["snow"]))
     assert row["single"]["shift_acc_s2_mean"] == pytest.approx(np.mean([0.8, 0.8, 0.8, 0.7]))
     assert row["single"]["shift_acc_s2_std"] == pytest.approx(np.std([0.8, 0.75], ddof=1))

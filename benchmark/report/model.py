@@ -295,7 +295,8 @@ class SizeFamily:
 
     @property
     def recipe(self) -> tuple:
-        """(epochs, batch_size, lr, recipe): the key without dataset and backbone (the section's)."""
+        """(epochs, batch_size, lr, recipe, data_id, precision): the key without dataset and backbone (the
+        section's)."""
         return self.key[2:]
 
     @property
