@@ -59,35 +59,18 @@ def pct(v: Any, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", help="comma-separated subset of the registered methods (default: all)")
-    ap.add_argument("--set", dest="sets", action="append", metavar="METHOD.KEY=VALUE",
-                    help="a method option, e.g. packed.alpha=4 (repeatable)")
+    tp.config_args(ap)
     ap.add_argument("--backbones", default="resnet20", help="comma-separated backbones")
     ap.add_argument("--no-bare", action="store_true", help="skip the plain-backbone reference rows")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--in-channels", type=int, default=3)
-    ap.add_argument("--num-classes", type=int, default=10)
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--repeats", type=int, default=10, help="R: latency measurements per config")
     ap.add_argument("--runs", type=int, default=50, help="timed forwards per measurement (the spec: >= 50)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed forwards before each measurement")
     ap.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    ap.add_argument("--channels-last", action="store_true", help="channels_last model and input (CUDA only)")
-    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="time the replay of the forward captured as a CUDA graph: the GPU's time without the "
                          "host's kernel launches (a diagnostic; records keep the eager forward's latency)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--note", help="a line for the report, e.g. 'shared machine: not final numbers'")
-    ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
-    argv_used = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))
-    try:
-        return run(args, argv_used)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tp.machine_args(ap)
+    return tp.run_cli(ap, run, argv)
 
 
 def run(args, argv_used: list[str]) -> int:

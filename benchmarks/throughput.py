@@ -553,16 +553,43 @@ def markdown(rows: list[dict], args, dev: torch.device, argv: list[str], load0, 
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def config_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments that say what is measured, shared by the benchmark scripts (their backbone argument is
+    their own: one here, a list in latency_noise.py)."""
     ap.add_argument("--methods", help="comma-separated subset of the registered methods (default: all)")
     ap.add_argument("--set", dest="sets", action="append", metavar="METHOD.KEY=VALUE",
                     help="a method option, e.g. packed.alpha=4 (repeatable)")
-    ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--in-channels", type=int, default=3)
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+
+
+def machine_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments that say how the device runs and where the table goes, shared by the benchmark scripts."""
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last model and input (CUDA only)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--note", help="a line for the report, e.g. 'shared machine: not final numbers'")
+    ap.add_argument("--out", default="results")
+
+
+def run_cli(ap: argparse.ArgumentParser, run: Callable[[Any, list[str]], int], argv: list[str] | None) -> int:
+    """Parse ``argv`` and call ``run(args, the command line as given)``; bad input is one line and exit code 2."""
+    args = ap.parse_args(argv)
+    argv_used = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))
+    try:
+        return run(args, argv_used)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    config_args(ap)
+    ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--batch", type=int, default=256, help="inference throughput batch")
     ap.add_argument("--infer-runs", type=int, default=10)
     ap.add_argument("--infer-warmup", type=int, default=2)
@@ -575,21 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     ap.add_argument("--suite-images", type=int, default=None,
                     help="images per epoch of the suite Trainer.fit row (default train-batch x train-steps; 0: skip)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    ap.add_argument("--channels-last", action="store_true", help="channels_last model and input (CUDA only)")
     ap.add_argument("--compare-fp32", action="store_true",
                     help="with --bf16/--channels-last: also measure every row in plain fp32 / NCHW")
-    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--note", help="a line for the report, e.g. 'shared machine: not final numbers'")
-    ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
-    argv_used = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))
-    try:
-        return run(args, argv_used)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    machine_args(ap)
+    return run_cli(ap, run, argv)
 
 
 def run(args, argv_used: list[str]) -> int:
