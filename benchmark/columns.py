@@ -59,7 +59,11 @@ NUMERIC_RECIPE_KEYS = _recipe.OWN_COLUMN_FIELDS   # ("epochs", "batch_size", "lr
 # the rest of the effective training recipe (ensemble_bench.recipe.Recipe, as trained) and the run settings that
 # change numbers: runs that differ in any of them are different experiments, never seeds of one row; the
 # leaderboard keeps them as the "recipe" column (canonical JSON) and shows only the fields that differ
-RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIPE_KEYS) + RUN_SETTING_FIELDS
+# (and data-parallel training's world size: distributed.recipe_fields puts it in the effective recipe, and so
+# in the run id, only when it is above 1; a recipe without it is read as 1 process)
+RECIPE_FIELDS = tuple(f for f in _recipe.RECIPE_FIELDS if f not in NUMERIC_RECIPE_KEYS) + RUN_SETTING_FIELDS + (
+    "world_size",)
+_RECIPE_DEFAULTS = {"world_size": 1}
 
 # Convergence rule (one rule for every row; the numbers are printed under every table): a training stage
 # that is meant to converge has converged unless its validation NLL (a stage without one: its own validation
@@ -150,7 +154,7 @@ def _parse_recipe(r: Any) -> dict:
         d = json.loads(r) if isinstance(r, str) else {}
     except json.JSONDecodeError:
         d = {}
-    return d if isinstance(d, dict) else {}
+    return {**_RECIPE_DEFAULTS, **d} if isinstance(d, dict) else {}
 
 
 def _used(field: str, recipe: Mapping) -> bool:
@@ -375,6 +379,16 @@ def _as_trained(recipe: dict, training: Training) -> dict:
     return out
 
 
+def code_id(code: Mapping | None) -> str | None:
+    """The code that made a record, as one string: the harness's and the method's hashes and every plugin's
+    (a plugin may define the backbone or the data a method trains on); None when the record does not say."""
+    if not code:
+        return None
+    plugins = ",".join(sorted(f"{p.get('module')}:{p.get('sha256')}" for p in code.get("plugins") or []
+                              if isinstance(p, Mapping)))
+    return f"{code.get('harness_sha256')}/{code.get('method_sha256')}" + (f"/{plugins}" if plugins else "")
+
+
 def flatten_record(rec: RunRecord | Mapping) -> dict:
     """One flat row of a record (a :class:`RunRecord`, or its dict): identity columns, metrics, msp OOD
     metrics per set, cost, devices.
@@ -414,7 +428,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
         "converged": conv,
         "converged_why": not_converged_text(trends),
         "val_nll_end": record_end_val_nll(rec),
-        "code_id": f"{code.get('harness_sha256')}/{code.get('method_sha256')}" if code else None,
+        "code_id": code_id(code),
         "latency_spread": spread,
         "latency_busy": bool(spread > LATENCY_BUSY_SPREAD) if spread == spread else None,
         "seed": cfg.get("seed"),

@@ -121,6 +121,7 @@ def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: tor
     from safetensors.torch import load_file
 
     from ensemble_bench import records
+    from ensemble_bench import distributed
     from ensemble_bench.resolve import make_run_config
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
@@ -137,15 +138,21 @@ def rebuild(record: dict, out: Path, *, data_dir: str | None = None, device: tor
     values["progress"] = False
     if data_dir is not None:
         values["data_dir"] = str(data_dir)
+    # a run trained on several data-parallel ranks has their number in its id (distributed.recipe_fields)
+    world = ((record.get("config") or {}).get("effective_recipe") or {}).get("world_size")
     try:
-        cfg = make_run_config(values)
+        with distributed.assume_world_size(world if isinstance(world, int) and world > 1 else 1):
+            cfg = make_run_config(values)
+            here = cfg.run_id()
     except UsageError as e:
         raise UsageError(f"{run_id}: its config cannot be read back ({e})") from None
-    if cfg.run_id() != run_id:
-        raise UsageError(f"{run_id}: its config gives run id {cfg.run_id()} here: the data in "
-                         f"{cfg.data_dir or 'the default data folder'} differ from the run's (data sha256 "
-                         f"{cfg.data_id['sha256']} vs {(record['config'].get('data_id') or {}).get('sha256')}), or "
-                         f"the method's options changed since; skipped")
+    if here != run_id:
+        theirs = (record["config"].get("data_id") or {}).get("sha256")
+        why = (f"the data in {cfg.data_dir or 'the default data folder'} differ from the run's (data sha256 "
+               f"{cfg.data_id['sha256']} vs {theirs})" if cfg.data_id["sha256"] != theirs else
+               f"the data are the run's (sha256 {theirs}), so the method's options or the code's recipe rules "
+               f"changed since")
+        raise UsageError(f"{run_id}: its config gives run id {here} here: {why}; skipped")
     device = device or torch.device("cpu")
     method = make_method(cfg)
     channels, size = IMAGE_SHAPES[cfg.dataset]

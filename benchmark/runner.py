@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -129,7 +129,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     another process running the same run id is one line, exit 2. A failure never overwrites a
     complete record."""
     out, run_id = Path(cfg.out), cfg.run_id()
-    shift_set = preflight(cfg)
+    shift_set = preflight(cfg, force=force)
     from ensemble_bench import distributed
 
     if distributed.rank() > 0:     # torchrun: rank 0 holds the lock and writes; the others train beside it
@@ -147,7 +147,7 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
         return _execute(cfg, log=log, force=force, shift_set=shift_set)
 
 
-def preflight(cfg: RunConfig) -> Any:
+def preflight(cfg: RunConfig, force: bool = False) -> Any:
     """Every check of a run's input that needs no training, in the order ``execute`` makes them: a
     UsageError (one line) before anything is written. Returns the loaded ``--shift`` set (None without one).
     A command that runs several configurations (quickstart) checks them all first."""
@@ -156,7 +156,9 @@ def preflight(cfg: RunConfig) -> Any:
     check_output_dir(out)
     from ensemble_bench import records
 
-    records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
+    status = records.record_status(out, run_id)   # a file of that name holding another run's record: refused here
+    if status == "complete" and not force:   # a record this device would not have trained: refused here
+        check_same_precision(cfg, records.read_record(out / f"{run_id}.json"))
     check_run_paths(out, run_id)         # a folder where a result file goes (or the reverse): refused here
     method = make_method(cfg)      # bad options fail here, before anything is written
     meta_model = check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
@@ -249,7 +251,10 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     status = records.record_status(out, run_id)   # read again under the lock: another process may have finished it
     if not force and status == "complete":
         rec = records.read_record(out / f"{run_id}.json")
-        changed = [k for k, v in code.items() if k.endswith("sha256") and (rec.get("code") or {}).get(k) != v]
+        theirs = rec.get("code") or {}
+        changed = [k for k, v in code.items() if k.endswith("sha256") and theirs.get(k) != v]
+        if plugin_hashes(code) != plugin_hashes(theirs):   # a plugin may define the backbone or the data
+            changed.append("plugins' sha256")
         if changed:
             log(f"{run_id}: a complete record exists, made by other code ({', '.join(changed)} differ): skipped; "
                 f"--force runs it again with this code")
@@ -381,6 +386,30 @@ def _sha256_files(paths: list[Path], root: Path) -> str:
     for p in sorted(paths):
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def check_same_precision(cfg: RunConfig, rec: Mapping) -> None:
+    """Refuse to take a complete record for this run when this device would train it in another precision.
+    The ``bf16`` flag is in the run id but acts only on CUDA, and the id is fixed before the device is known,
+    so a CPU run (fp32) and a CUDA run (bf16) of the same flags share an id: another experiment, which
+    skipping would silently replace by the record there."""
+    from ensemble_bench import columns
+
+    theirs = columns.flatten_record(rec).get("precision")
+    device = resolve_device(cfg.device)
+    mine = "bf16" if device.type == "cuda" and cfg.bf16 else "fp32"
+    if theirs and theirs != mine:
+        raise UsageError(
+            f"{rec.get('run_id')}: the complete record of this run id trained in {theirs}; on {device.type} this "
+            f"run would train in {mine}, another experiment under the same id (bf16 acts on CUDA only, and the id "
+            f"is fixed before the device is known): give it another --out, or bf16 = false in a --config file to "
+            f"train in fp32 under its own id, or --force to replace the record")
+
+
+def plugin_hashes(code: Mapping) -> list[tuple[str, str]]:
+    """(module, sha256) of every plugin a record's ``code`` names, sorted; [] without plugins."""
+    return sorted((str(p.get("module")), str(p.get("sha256"))) for p in code.get("plugins") or []
+                  if isinstance(p, Mapping))
 
 
 def code_identity(method_cls: type, plugin_specs: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -150,6 +150,30 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def model_code(model: nn.Module) -> str:
+    """A hash of the source files that define the model's module classes outside torch and this harness (whose
+    own hash salts the stage store's keys): a method's or a plugin's file, a timm model's. A stage whose forward
+    another version of that code computes is another stage, though its ``repr`` and weights are the same."""
+    import inspect
+
+    files: dict[str, Path] = {}
+    for cls in {type(m) for m in model.modules()}:
+        mod = cls.__module__
+        if mod.split(".")[0] == "torch" or (mod.startswith("ensemble_bench.")
+                                            and not mod.startswith("ensemble_bench.methods.")):
+            continue
+        try:
+            path = Path(inspect.getsourcefile(cls) or "")
+        except TypeError:   # a built-in class: no source file
+            continue
+        if path.is_file():
+            files[mod] = path
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")
+    return h.hexdigest()[:16] if files else ""
+
+
 class Trainer:
     def __init__(self, data: DataBundle, config: Any, device: torch.device | str = "cpu",
                  ckpt_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
@@ -463,7 +487,8 @@ class Trainer:
         h = hashlib.sha256()
         h.update(repr((type(model).__qualname__, repr(model), sorted(recipe.items()), seed, self.config.seed
                        if seed is None else None, select, select_metric, self.device.type, self.bf16,
-                       self.channels_last, bool(getattr(self.config, "compile", False)), self.share_salt)
+                       self.channels_last, bool(getattr(self.config, "compile", False)), self.share_salt,
+                       model_code(model))
                       + ((("world_size", self.world_size),) if self.world_size > 1 else ())).encode())
         for k, t in sorted(model.state_dict().items()):
             h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ensemble_bench import distributed, runner
+from ensemble_bench import distributed, leaderboard, runner
 from ensemble_bench.resolve import make_run_config
 
 ARGS = ["run", "--method", "single", "--backbone", "cnn_small", "--dataset", "digits", "--epochs", "2",
@@ -144,6 +144,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert r2["metrics"]["acc"] == pytest.approx(r1["metrics"]["acc"], abs=0.01)
     assert not (tmp_path / "two" / ".ckpt").exists()
     assert runner.resolve_device("cpu").type == "cpu"
+    # evaluate, in one process, derives the 2-rank run's id with the record's world size (it refused it before)
+    ev = subprocess.run([sys.executable, "-m", "ensemble_bench", "evaluate", str(tmp_path / "two" / f"{r2['run_id']}.json"),
+                         "--ood", "photos", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    # and the leaderboard never pools a 2-rank run with the 1-process one: the world size is in the row's key
+    assert len(leaderboard.leaderboard([r1, {**r2, "config": {**r2["config"], "seed": 1}}])) == 2
 
 
 def _descendants(pid: int) -> list[int]:

@@ -292,6 +292,7 @@ def test_a_complete_record_from_other_code_is_named_when_skipped(tmp_path, capsy
     s = run_cli(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)], capsys)
     path = out / f"{s['run_id']}.json"
     rec = json.loads(path.read_text())
+    made_by = rec["code"]["method_sha256"]
     rec["code"]["method_sha256"] = "0" * 16
     path.write_text(json.dumps(rec))
     code = main(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)])
@@ -301,6 +302,49 @@ def test_a_complete_record_from_other_code_is_named_when_skipped(tmp_path, capsy
     other = {**rec, "run_id": "x", "config": {**rec["config"], "seed": 1}, "code": {**rec["code"], "method_sha256": "1" * 16}}
     df = leaderboard.leaderboard([rec, other])
     assert df.loc[0, "code_versions"] == 2 and "‡" in formatting.format_markdown(df)
+    # a plugin (it may define the backbone or the data) is code too: when skipping, and in the leaderboard
+    rec["code"]["method_sha256"] = made_by
+    rec["code"]["plugins"] = [{"spec": "/x/my_backbones.py", "module": "my_backbones", "sha256": "a" * 16}]
+    path.write_text(json.dumps(rec))
+    code = main(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0 and "made by other code (plugins' sha256 differ)" in err
+    edited = {**rec, "run_id": "y", "config": {**rec["config"], "seed": 1},
+              "code": {**rec["code"], "plugins": [{**rec["code"]["plugins"][0], "sha256": "b" * 16}]}}
+    assert leaderboard.leaderboard([rec, edited]).loc[0, "code_versions"] == 2
+    assert leaderboard.leaderboard([rec, {**edited, "code": rec["code"]}]).loc[0, "code_versions"] == 1
+
+
+def test_a_record_of_another_precision_is_not_taken_for_this_run(tmp_path, capsys, monkeypatch):
+    """bf16 acts only on CUDA and the run id is fixed before the device is known: a CPU record (fp32) is not
+    this run on a CUDA device (bf16, the same id). One line and exit 2 before any work, the record kept."""
+    import torch
+
+    from ensemble_bench import runner
+
+    out = tmp_path / "runs"
+    s = run_cli(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)], capsys)
+    before = (out / f"{s['run_id']}.json").read_bytes()
+    monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device("cuda"))
+    code = main(["run", "--method", "single", *T[:-2], "--device", "auto", "--epochs", "1", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "trained in fp32; on cuda this run would train in bf16" in err and "Traceback" not in err
+    assert (out / f"{s['run_id']}.json").read_bytes() == before
+    monkeypatch.undo()
+    assert main(["run", "--method", "single", *T, "--epochs", "1", "--out", str(out)]) == 0     # CPU: skipped
+    assert "complete record exists, skipped" in capsys.readouterr()[1]
+
+
+def test_data_parallel_world_size_is_its_own_row():
+    """The world size is in the run id of a data-parallel run (distributed.recipe_fields): in the group key
+    too, so a 2-rank run is never a seed of the 1-process row, and the recipe column names it."""
+    one = _rec({"a": [1.0, 1.0]}, seed=0)
+    two = _rec({"a": [1.0, 1.0]}, seed=1)
+    two["config"]["effective_recipe"] = {"world_size": 2}
+    df = leaderboard.leaderboard([one, two])
+    assert len(df) == 2 and sorted(df["n_seeds"]) == [1, 1]
+    assert sorted(columns.recipe_differences(list(df["recipe"]))) == ["world_size=1", "world_size=2"]
+    assert len(leaderboard.leaderboard([one, {**two, "config": {**two["config"], "effective_recipe": {}}}])) == 1
 
 
 def test_identical_runs_keep_identical_ids_whatever_the_spelling():
@@ -332,6 +376,28 @@ def test_a_plain_stage_trained_by_another_run_is_reused_bitwise(tmp_path, capsys
     # a changed recipe makes every stage another one: nothing reused
     c = run_cli([*de, "--out", str(out), "--weight-decay", "1e-4"], capsys)
     assert json.loads((out / f"{c['run_id']}.json").read_text())["training"]["reused_stages"] == {}
+
+
+def test_the_stage_store_key_holds_the_code_of_the_models_own_classes(tmp_path, monkeypatch):
+    """A plain stage's key hashes the files that define its module classes outside torch and the harness (a
+    method's or a plugin's): edit that file and the stage is another one; a harness backbone has none, so
+    DE-2's member 0 stays the single model's stage (test above)."""
+    import importlib
+    import sys
+
+    from ensemble_bench.backbones import build_backbone
+    from ensemble_bench.train import model_code
+
+    assert model_code(build_backbone("cnn_small", 10, 1)) == ""
+    src = tmp_path / "user_net.py"
+    src.write_text("from torch import nn\nclass Net(nn.Sequential):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_net", raising=False)
+    net = importlib.import_module("user_net").Net(build_backbone("cnn_small", 10, 1))
+    before = model_code(net)
+    assert len(before) == 16 and model_code(net) == before
+    src.write_text(src.read_text() + "    def forward(self, x):\n        return 3 * super().forward(x)\n")
+    assert model_code(net) != before
 
 
 def test_stage_recipe_text_names_parameter_groups():
