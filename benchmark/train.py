@@ -156,18 +156,19 @@ def model_code(model: nn.Module) -> str:
     another version of that code computes is another stage, though its ``repr`` and weights are the same."""
     import inspect
 
+    import ensemble_bench.methods as methods
+
+    torch_dir, harness = Path(torch.__file__).resolve().parent, Path(__file__).resolve().parent
+    methods_dir = Path(methods.__file__).resolve().parent    # inside the harness's folder once installed
     files: dict[str, Path] = {}
     for cls in {type(m) for m in model.modules()}:
-        mod = cls.__module__
-        if mod.split(".")[0] == "torch" or (mod.startswith("ensemble_bench.")
-                                            and not mod.startswith("ensemble_bench.methods.")):
-            continue
         try:
-            path = Path(inspect.getsourcefile(cls) or "")
+            path = Path(inspect.getsourcefile(cls) or "").resolve()
         except TypeError:   # a built-in class: no source file
             continue
-        if path.is_file():
-            files[mod] = path
+        if path.is_file() and not path.is_relative_to(torch_dir) and (
+                not path.is_relative_to(harness) or path.is_relative_to(methods_dir)):
+            files[cls.__module__] = path
     h = hashlib.sha256()
     for name in sorted(files):
         h.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")

@@ -17,7 +17,7 @@ def test_recipe_field_lists_are_derived_with_the_same_contents():
     assert columns.NUMERIC_RECIPE_KEYS == ("epochs", "batch_size", "lr")
     assert columns.RECIPE_FIELDS == ("schedule", "warmup_epochs", "milestones", "lr_decay", "cycles", "momentum",
                                      "nesterov", "weight_decay", "weight_decay_on", "label_smoothing",
-                                     "mixup_alpha", "val_fraction", "bf16", "channels_last")
+                                     "mixup_alpha", "val_fraction", "bf16", "channels_last", "world_size")
     run_fields = {f.name for f in dataclasses.fields(config.RunConfig)}
     assert set(config.RUN_RECIPE_FIELDS) == run_fields & set(recipe.RECIPE_FIELDS)
     # every RunConfig field has one role: experiment, recipe mode, recipe, setting, execution, derived
