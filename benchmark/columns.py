@@ -379,13 +379,18 @@ def _as_trained(recipe: dict, training: Training) -> dict:
     return out
 
 
+def plugin_hashes(code: Mapping) -> list[tuple[str, str]]:
+    """(module, sha256) of every plugin a record's ``code`` names, sorted; [] without plugins."""
+    return sorted((str(p.get("module")), str(p.get("sha256"))) for p in code.get("plugins") or []
+                  if isinstance(p, Mapping))
+
+
 def code_id(code: Mapping | None) -> str | None:
     """The code that made a record, as one string: the harness's and the method's hashes and every plugin's
     (a plugin may define the backbone or the data a method trains on); None when the record does not say."""
     if not code:
         return None
-    plugins = ",".join(sorted(f"{p.get('module')}:{p.get('sha256')}" for p in code.get("plugins") or []
-                              if isinstance(p, Mapping)))
+    plugins = ",".join(f"{module}:{sha}" for module, sha in plugin_hashes(code))
     return f"{code.get('harness_sha256')}/{code.get('method_sha256')}" + (f"/{plugins}" if plugins else "")
 
 

@@ -543,12 +543,12 @@ def dee(records: list[dict], metric: str = "nll_ts") -> dict[str, DEE]:
     rows = [flatten_record(r) for r in complete]
     if metric not in METRIC_COLUMNS and not any(metric in r for r in rows):
         raise ValueError(f"unknown metric {metric!r} for DEE")
-    curves = dee_curves(complete_groups(complete), metric)
+    # group_rows normalises every row's keys in place, so each record is then compared as its row is
+    curves = dee_curves(one_record_per_seed(group_rows(rows, GROUP_KEYS, complete)), metric)
     better = higher_is_better(metric)
     out: dict[str, DEE] = {}
-    for row in rows:        # every record on its own, its keys compared as a row's are (group_rows)
-        key = dee_key({k: _key_value(k, row.get(k)) for k in DEE_KEYS})
-        curve, v = curves.get(key), num(row.get(metric))
+    for row in rows:        # every record on its own
+        curve, v = curves.get(dee_key(row)), num(row.get(metric))
         if curve is not None and not math.isnan(v):
             out[str(row["run_id"])] = dee_size(v, curve, better)
     return out

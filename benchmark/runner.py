@@ -253,6 +253,8 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
         rec = records.read_record(out / f"{run_id}.json")
         theirs = rec.get("code") or {}
         changed = [k for k, v in code.items() if k.endswith("sha256") and theirs.get(k) != v]
+        from ensemble_bench.columns import plugin_hashes
+
         if plugin_hashes(code) != plugin_hashes(theirs):   # a plugin may define the backbone or the data
             changed.append("plugins' sha256")
         if changed:
@@ -404,12 +406,6 @@ def check_same_precision(cfg: RunConfig, rec: Mapping) -> None:
             f"run would train in {mine}, another experiment under the same id (bf16 acts on CUDA only, and the id "
             f"is fixed before the device is known): give it another --out, or bf16 = false in a --config file to "
             f"train in fp32 under its own id, or --force to replace the record")
-
-
-def plugin_hashes(code: Mapping) -> list[tuple[str, str]]:
-    """(module, sha256) of every plugin a record's ``code`` names, sorted; [] without plugins."""
-    return sorted((str(p.get("module")), str(p.get("sha256"))) for p in code.get("plugins") or []
-                  if isinstance(p, Mapping))
 
 
 def code_identity(method_cls: type, plugin_specs: tuple[str, ...] = ()) -> dict[str, Any]:
