@@ -242,7 +242,7 @@ def format_markdown(df) -> str:
             + ("devices: where a row's latency and training ran (one name: both). " if devices_column else "")
             + f"† latency spread (p90 - p10) / median above "
             f"{LATENCY_BUSY_SPREAD:.0%}: measured on a busy machine. ‡ seeds made by different code "
-            "(harness or method file hash). stage recipes: stages that a method trains with its own "
+            "(harness, method file or plugin hash). stage recipes: stages that a method trains with its own "
             "recipe (part of the method, recorded per stage)."
             + (" § seeds trained on different machines: every metric pools them (the machine moves a number by "
                "floating-point rounding, as a seed does); a timing is the mean over the seeds timed on the "
