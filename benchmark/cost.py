@@ -219,9 +219,12 @@ def device_name(device) -> str:
 
 # ------------------------------------------------------------------------------------------ timing
 def _autocast(dev: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked; otherwise exact float32 (no TF32: the precision the record names)."""
     if bf16 and dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from ensemble_bench.environment import exact_float32
+
+    return exact_float32()
 
 
 def _prepare_input(x: Tensor, dev: torch.device, channels_last: bool) -> Tensor:

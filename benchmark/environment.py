@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -11,6 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """IEEE float32 for every matmul and convolution inside (restored on exit): on CUDA, PyTorch runs
+    float32 convolutions as TF32 by default (``torch.backends.cudnn.allow_tf32``; 10-bit mantissa on
+    Ampere and later), which a record labelled ``fp32`` would hide. A bf16 run's autocast regions are
+    bf16 either way; its float32 remainder (evaluation, which is float32 by contract) is exact too.
+    On a CPU nothing changes (the flags act on CUDA only)."""
+    import torch
+
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 

@@ -229,7 +229,8 @@ class Training(Section):
     ``precision`` it trained in ("bf16" or "fp32"; records before 2026-12-04 leave it out). A run whose epochs
     trained on more than one device or precision (resumed elsewhere, a stage reused from another machine)
     names each, " + "-joined; ``device_epochs`` counts its epochs per device (each stage's ``segments`` say
-    which; records before 2026-12-05 leave both out)."""
+    which; records before 2026-12-05 leave both out). ``compiled``: some epochs trained under torch.compile
+    (``--compile``, CUDA only; records before 2026-12-05 leave it out)."""
 
     train_s: float | None = _f("nonneg")
     train_flops: float | None = _f("nonneg")
@@ -239,6 +240,7 @@ class Training(Section):
     device: str | None = _f("str")
     precision: str | None = _f("str")
     device_epochs: dict | None = _f("dict")
+    compiled: bool | None = _f("bool")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -132,19 +132,23 @@ def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: 
     shift_set = preflight(cfg, force=force)
     from ensemble_bench import distributed
 
-    if distributed.rank() > 0:     # torchrun: rank 0 holds the lock and writes; the others train beside it
-        return distributed.follow(cfg, log=log)
-    if cfg.members_parallel and not locked:   # the members as parallel processes; the run below assembles
-        from ensemble_bench.members import train_members_local
+    from ensemble_bench.environment import exact_float32
 
-        train_members_local(cfg, log=log, force=force)
-    if locked:
-        return _execute(cfg, log=log, force=force, shift_set=shift_set)
-    with run_lock(out, run_id) as mine:
-        if not mine:
-            raise UsageError(f"run {run_id} is being run by another process ({lock_holder(out, run_id) or 'unknown'}); "
-                             f"wait for it to finish (its record will be {out / (run_id + '.json')})")
-        return _execute(cfg, log=log, force=force, shift_set=shift_set)
+    with exact_float32():   # "fp32" in a record means float32, not CUDA's default TF32 convolutions
+        if distributed.rank() > 0:     # torchrun: rank 0 holds the lock and writes; the others train beside it
+            return distributed.follow(cfg, log=log)
+        if cfg.members_parallel and not locked:   # the members as parallel processes; the run below assembles
+            from ensemble_bench.members import train_members_local
+
+            train_members_local(cfg, log=log, force=force)
+        if locked:
+            return _execute(cfg, log=log, force=force, shift_set=shift_set)
+        with run_lock(out, run_id) as mine:
+            if not mine:
+                raise UsageError(f"run {run_id} is being run by another process "
+                                 f"({lock_holder(out, run_id) or 'unknown'}); "
+                                 f"wait for it to finish (its record will be {out / (run_id + '.json')})")
+            return _execute(cfg, log=log, force=force, shift_set=shift_set)
 
 
 def preflight(cfg: RunConfig, force: bool = False) -> Any:
@@ -390,22 +394,29 @@ def _sha256_files(paths: list[Path], root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def check_same_precision(cfg: RunConfig, rec: Mapping) -> None:
-    """Refuse to take a complete record for this run when this device would train it in another precision.
-    The ``bf16`` flag is in the run id but acts only on CUDA, and the id is fixed before the device is known,
-    so a CPU run (fp32) and a CUDA run (bf16) of the same flags share an id: another experiment, which
-    skipping would silently replace by the record there."""
+def precision_conflict(cfg: RunConfig, rec: Mapping, device_type: str) -> str | None:
+    """Why a complete record cannot stand for this run on a ``device_type`` device (None when it can): it
+    trained in another precision. The ``bf16`` flag is in the run id but acts only on CUDA, and the id is fixed
+    before the device is known, so a CPU run (fp32) and a CUDA run (bf16) of the same flags share an id:
+    another experiment, which skipping would silently replace by the record there."""
     from ensemble_bench import columns
 
     theirs = columns.flatten_record(rec).get("precision")
-    device = resolve_device(cfg.device)
-    mine = "bf16" if device.type == "cuda" and cfg.bf16 else "fp32"
-    if theirs and theirs != mine:
-        raise UsageError(
-            f"{rec.get('run_id')}: the complete record of this run id trained in {theirs}; on {device.type} this "
+    mine = "bf16" if device_type == "cuda" and cfg.bf16 else "fp32"
+    if not theirs or theirs == mine:
+        return None
+    return (f"{rec.get('run_id')}: the complete record of this run id trained in {theirs}; on {device_type} this "
             f"run would train in {mine}, another experiment under the same id (bf16 acts on CUDA only, and the id "
-            f"is fixed before the device is known): give it another --out, or bf16 = false in a --config file to "
-            f"train in fp32 under its own id, or --force to replace the record")
+            f"is fixed before the device is known)")
+
+
+def check_same_precision(cfg: RunConfig, rec: Mapping) -> None:
+    """Refuse to take a complete record for this run when this device would train it in another precision
+    (:func:`precision_conflict`): one line, before any work."""
+    why = precision_conflict(cfg, rec, resolve_device(cfg.device).type)
+    if why:
+        raise UsageError(f"{why}: give it another --out, or bf16 = false in a --config file to train in fp32 "
+                         f"under its own id, or --force to replace the record")
 
 
 def code_identity(method_cls: type, plugin_specs: tuple[str, ...] = ()) -> dict[str, Any]:

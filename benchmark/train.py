@@ -197,6 +197,9 @@ class Trainer:
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.channels_last = bool(getattr(config, "channels_last", False)) and self.cuda
         self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
+        # torch.compile of the training forward (CUDA only): the same computation with other floating-point
+        # rounding, as another machine's; recorded (segments, training.compiled), not a row key
+        self.compiled = bool(getattr(config, "compile", False)) and self.cuda
         self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
         self.stages: dict[str, StageResult] = {}
         # the run's effective recipe: every stage's default (ensemble_bench.recipe)
@@ -227,16 +230,20 @@ class Trainer:
     @torch.inference_mode()
     def predict(self, model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """Member logits [M, N, C] (float32, on CPU) of uint8 images ``x``, in eval mode. Evaluation runs
-        in float32 (never under the bf16 autocast that training may use), so metrics do not depend on it."""
+        in float32 (never under the bf16 autocast that training may use, nor as CUDA's TF32), so metrics do
+        not depend on it."""
+        from ensemble_bench.environment import exact_float32
+
         was_training = model.training
         model.eval()
         outs = []
-        for i in range(0, x.shape[0], batch_size):
-            xb = self.normalizer(x[i:i + batch_size].to(self.device))
-            out = model(xb)
-            if out.dim() == 2:
-                out = out.unsqueeze(0)
-            outs.append(out.float().cpu())
+        with exact_float32():
+            for i in range(0, x.shape[0], batch_size):
+                xb = self.normalizer(x[i:i + batch_size].to(self.device))
+                out = model(xb)
+                if out.dim() == 2:
+                    out = out.unsqueeze(0)
+                outs.append(out.float().cpu())
         model.train(was_training)
         return torch.cat(outs, dim=1)
 
@@ -356,7 +363,7 @@ class Trainer:
 
         if start_epoch < epochs:
             result.segments.append({"from_epoch": start_epoch, "device": self.device_label(),
-                                    "precision": self.precision})
+                                    "precision": self.precision, **({"compiled": True} if self.compiled else {})})
         with distributed.data_parallel(model, self.device) as dp_model:
             self._train_epochs(model, dp_model, opt, r, result, gen, spec, epochs, start_epoch, has_val,
                                higher_better, best_state, ckpt, stateful, anchor)
@@ -383,8 +390,7 @@ class Trainer:
         batch_transform, after_step, on_epoch_end = spec.batch_transform, spec.after_step, spec.on_epoch_end
         val_fn, val_model, select, select_metric = spec.val_fn, spec.val_model, spec.select, spec.select_metric
         ddp = dp_model is not model
-        train_model = (torch.compile(dp_model) if getattr(self.config, "compile", False) and self.cuda
-                       else dp_model)
+        train_model = torch.compile(dp_model) if self.compiled else dp_model
         loader = self.loader(split or self.data.train, batch_size=r.batch_size, generator=gen)
         steps_per_epoch = len(loader)
         if steps_per_epoch < 1:
@@ -488,7 +494,7 @@ class Trainer:
         h = hashlib.sha256()
         h.update(repr((type(model).__qualname__, repr(model), sorted(recipe.items()), seed, self.config.seed
                        if seed is None else None, select, select_metric, self.device.type, self.bf16,
-                       self.channels_last, bool(getattr(self.config, "compile", False)), self.share_salt,
+                       self.channels_last, self.compiled, self.share_salt,
                        model_code(model))
                       + ((("world_size", self.world_size),) if self.world_size > 1 else ())).encode())
         for k, t in sorted(model.state_dict().items()):
@@ -569,6 +575,7 @@ class Trainer:
         return {
             "train_s": sum(s.train_s for s in self.stages.values()),
             "precision": self.training_precision(),     # the arithmetic every stage trained in
+            "compiled": any(seg.get("compiled", False) for s in self.stages.values() for seg in s.segments),
             "epochs_run": {k: len(s.history) for k, s in self.stages.items()},
             "device_epochs": self.device_epochs(),
             "samples_seen": sum(s.samples_seen for s in self.stages.values()),

@@ -42,7 +42,12 @@ compared against, uncertainty-baselines ``baselines/cifar/dropout.py`` with
   else ran before. Masks are drawn per element and per row (each image of a batch gets its own masks, as
   ``tf.keras.layers.Dropout`` and ``F.dropout`` draw them). Passes are run ``rows_per_chunk // B`` at a
   time as one batch (TorchUncertainty's ``on_batch``), which bounds the memory; the grouping does not
-  change the output because every pass has its own generator.
+  change the output because every pass has its own generator. The generators live on the input's device,
+  so a CPU and a CUDA evaluation of the same weights draw different masks (CPU's Mersenne Twister, CUDA's
+  Philox): each reproducible on its device, both the same distribution, as another machine's rounding is.
+  Drawing CUDA's masks on the CPU instead would make the devices agree at the price of generating and
+  copying every element's mask on the host (30 passes x 10,000 test images x every dropout layer's
+  activations), which would dominate a GPU evaluation and its latency; the record names its device.
 
 Recipe. ``--recipe shared`` (default): the run's recipe. ``--recipe paper``: the reference script's:
 SGD with Nesterov momentum 0.9, lr 0.05 per 128 images (scaled linearly with ``batch_size``, as the

@@ -431,3 +431,44 @@ def test_a_setting_the_schedule_never_reads_is_named_not_silently_dropped(tmp_pa
                      "schedule is 'cosine', so it is ignored",
                      "ensemble-bench: note: lr_decay=0.5 is read only by schedule 'multistep'; this run's "
                      "schedule is 'cosine', so it is ignored"]
+
+
+def test_fp32_means_float32_not_tf32(tmp_path, capsys, monkeypatch):
+    """CUDA runs float32 convolutions as TF32 by default (cudnn.allow_tf32): a record labelled fp32 would
+    hide a 10-bit mantissa. Every convolution a run computes (training, evaluation, the latency timing) runs
+    with TF32 off, and the user's flags are restored after the run. (The flags act on CUDA only; on a CPU
+    the test reads what a CUDA kernel would be allowed.)"""
+    import torch
+
+    seen = []
+    conv_forward = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        seen.append((torch.is_grad_enabled(), torch.backends.cudnn.allow_tf32,
+                     torch.backends.cuda.matmul.allow_tf32))
+        return conv_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True   # a user allowing TF32
+    try:
+        run_cli(["run", "--method", "single", *T, "--epochs", "1", "--out", str(tmp_path / "runs")], capsys)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32   # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert {g for g, _, _ in seen} == {True, False}            # training and evaluation forwards both seen
+    assert {(c, m) for _, c, m in seen} == {(False, False)}    # all in float32
+
+
+def test_compile_is_recorded_where_it_acts_and_changes_no_stage_where_it_does_not(tmp_path, capsys):
+    """`--compile` acts on CUDA only: on a CPU the record says it did not (training.compiled false, no
+    compiled segment) and the stage it trained is the same stage as without the flag, so a later run
+    without it reuses that stage."""
+    out = tmp_path / "runs"
+    s = run_cli(["run", "--method", "single", *T, "--epochs", "1", "--compile", "--out", str(out)], capsys)
+    rec = json.loads((out / f"{s['run_id']}.json").read_text())
+    assert rec["config"]["compile"] is True and rec["training"]["compiled"] is False
+    assert all("compiled" not in seg for st in rec["training"]["stages"].values() for seg in st["segments"])
+    de = run_cli(["run", "--method", "deep_ensemble", *T, "--epochs", "1", "--set", "num_members=2",
+                  "--out", str(out)], capsys)
+    assert list(json.loads((out / f"{de['run_id']}.json").read_text())["training"]["reused_stages"]) == ["member0"]

@@ -674,3 +674,43 @@ def test_a_complete_stub_of_the_runs_own_id_is_not_done(tmp_path):
     _record(out, r[1], "complete")
     states, _ = sweep.run_states(spec, runs, queue={})
     assert [s.state for s in states] == ["pending", "done"]
+
+
+@pytest.mark.parametrize("where", ["local", "gpu-nodes"])
+def test_a_record_of_another_precision_is_a_problem_not_done(tmp_path, capsys, monkeypatch, where):
+    """bf16 acts on CUDA only and the run id is fixed before the device is known: a complete record of the id
+    trained in another precision than the run would train in where the sweep sends it (bf16 from a GPU, run
+    here on a CPU; fp32 from a CPU, sent to Slurm nodes with GPUs) is not the run's result. `run` refuses to
+    skip it; the sweep refuses too (one line, exit 2, nothing run, submitted or written), never "complete"."""
+    out = tmp_path / "runs"
+    text = TINY if where == "local" else TINY.replace('device = "cpu"', 'device = "auto"') + "gpus_per_node = 1\n"
+    spec = write(tmp_path, text, out=out)
+    runs = sweep.expand(sweep.load_spec(spec))
+    cfg = runs[0]
+    theirs = "bf16" if where == "local" else "fp32"
+    records.write_record(out, {"schema_version": records.SCHEMA_VERSION, "run_id": cfg.run_id(), "status": "complete",
+                               "config": cfg.to_dict(), "metrics": {"acc": 0.9, "nll": 0.3}, "error": None,
+                               "training": {"precision": theirs}})
+    before = _files(tmp_path)
+
+    def never(*a, **k):
+        raise AssertionError("the sweep started work")
+
+    monkeypatch.setattr(sweep, "run_local", never)
+    monkeypatch.setattr(sweep, "submit_slurm", never)
+    monkeypatch.setattr(sweep, "slurm_available", lambda: True)
+    monkeypatch.setattr(sweep, "slurm_queue", dict)
+    argv = [["--dry-run"], []] if where == "local" else [["--executor", "slurm", "--dry-run"], ["--executor", "slurm"]]
+    mine, device = ("fp32", "cpu") if where == "local" else ("bf16", "cuda")
+    for extra in argv:
+        assert main(["sweep", str(spec), *extra]) == 2, extra
+        cap = capsys.readouterr()
+        err = cap.err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and cap.out == "", err
+        assert f"trained in {theirs}; on {device} this run would train in {mine}" in err and "[run]" in err
+    assert _files(tmp_path) == before
+    if where == "local":   # the same record on a CPU sweep of a CPU record's precision: complete, skipped
+        records.write_record(out, {**records.read_record(records.record_path(out, cfg.run_id())),
+                                   "training": {"precision": "fp32"}})
+        assert main(["sweep", str(spec), "--dry-run"]) == 0
+        assert "1 complete (skipped)" in capsys.readouterr().out

@@ -30,6 +30,7 @@ running submits nothing twice, and ``sweep-status`` can tell queued from running
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -66,6 +67,39 @@ def _describe(cfg: RunConfig, spec: SweepSpec) -> str:
 
 def _counts(states: list[RunState]) -> dict[str, int]:
     return {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "failed", "problem")}
+
+
+def _target_device(cfg: RunConfig, spec: SweepSpec, executor: str) -> str | None:
+    """The device type a run of this sweep would train on, where the submitter can tell: this machine's for
+    the local executor; on Slurm the run's own ``device`` when it names one, cuda where ``[slurm]`` asks for
+    GPUs, else unknown (the run itself checks on its node, as ``run`` does)."""
+    if executor == "local":
+        from ensemble_bench.runner import resolve_device
+
+        return resolve_device(cfg.device).type
+    if cfg.device != "auto":
+        return cfg.device
+    wants_gpu = int(spec.slurm.get("gpus_per_node", 0) or 0) > 0 or "gpu" in str(spec.slurm.get("gres", ""))
+    return "cuda" if wants_gpu else None
+
+
+def mark_precision_conflicts(states: list[RunState], spec: SweepSpec, executor: str) -> list[RunState]:
+    """A complete record that the run would not have trained, where it is going to train (another precision:
+    a CPU record of a run sent to GPUs, ``runner.precision_conflict``), is a "problem", not "done": ``run``
+    refuses to skip it, so the sweep must not list it as complete."""
+    from ensemble_bench import records
+    from ensemble_bench.runner import precision_conflict
+
+    marked = []
+    for s in states:
+        device = _target_device(s.config, spec, executor) if s.state == "done" else None
+        why = device and precision_conflict(s.config, records.read_record(records.record_path(spec.out, s.run_id)),
+                                            device)
+        if why:
+            why += (f": set another out, or bf16 = false, in {spec.path}'s [run] (fp32 under its own ids), or move "
+                    f"the record away to train it again")
+        marked.append(dataclasses.replace(s, state="problem", error=why) if why else s)
+    return marked
 
 
 def check_no_problem(states: list[RunState], spec_path: str) -> None:
@@ -182,6 +216,7 @@ def cli_sweep(args) -> int:
         except RuntimeError as e:
             raise UsageError(f"cannot submit: {e} (is the cluster up?)") from None
     states, note = run_states(spec, runs, queue=queue)
+    states = mark_precision_conflicts(states, spec, executor)
     check_no_problem(states, args.spec)
     todo = _to_submit(states)
     todo_ids = {s.run_id for s in todo}
