@@ -20,7 +20,8 @@ from ensemble_bench.api import EnsembleModel, FitContext
 from ensemble_bench.config import RunConfig
 from ensemble_bench.errors import UsageError
 from ensemble_bench.runlock import lock_holder, run_lock
-from ensemble_bench.runner import _now, check_model, code_identity, cost_device_name, make_method, resolve_device
+from ensemble_bench.runner import (_now, check_model, check_output_dir, code_identity, cost_device_name, make_method,
+                                   resolve_device)
 
 
 def _record_targets(target: str | os.PathLike) -> tuple[Path, list[tuple[Path, dict]], list[str]]:
@@ -216,6 +217,7 @@ def evaluate_records(target: str | os.PathLike, *, shift: str | None = None, ood
         raise UsageError(f"unknown shift set {shift!r}; choose from {', '.join(SHIFT_SETS)}")
     dev = resolve_device(device)
     out, targets, problems = _record_targets(target)
+    check_output_dir(out, "evaluate: the records folder")   # records are rewritten in place: writable first
     one = not Path(target).is_dir()   # one record: its problem is the command's one line, not a skip
     for p in problems:
         log(f"warning: {p}")
@@ -299,6 +301,18 @@ def _unskipped(msg: str) -> str:
     return msg[:-len("; skipped")] if msg.endswith("; skipped") else msg
 
 
+def check_same_model(run_id: str, recorded: dict, now: dict, n: int) -> None:
+    """UsageError (the record is skipped) when the rebuilt model's clean test accuracy or NLL is not the
+    record's: its weights file is another model's. Tolerances allow another device's rounding (a few images
+    near a tie, 0.1 % of the NLL), far below what separates two seeds."""
+    n = max(n, 1)
+    for key, tol in (("acc", 1e-3 + 2 / n), ("nll", 1e-3 * max(abs(float(recorded.get("nll") or 0.0)), 1.0))):
+        theirs, mine = recorded.get(key), now.get(key)
+        if isinstance(theirs, (int, float)) and isinstance(mine, (int, float)) and not abs(mine - theirs) <= tol:
+            raise UsageError(f"{run_id}: the rebuilt model's test {key} is {mine:.4f}, the record's {theirs:.4f}: "
+                             f"its weights file is not the model this record was made with; skipped")
+
+
 def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, device: torch.device, sset: Any,
                   ood: list[str], progress: bool, log: Callable[[str], None]) -> dict:
     """Evaluate one rebuilt model and update its record and predictions (the caller holds the run's lock)."""
@@ -319,6 +333,10 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
     val_labels = trainer.data.val.y.cpu() if val_logits is not None else None
     entry: dict[str, Any] = {"at": _now(), "device": cost_device_name(device),
                              "code": code_identity(methods.get(cfg.method), cfg.plugins)}
+    # the rebuilt model is the record's: its test accuracy and NLL are the record's (with or without a
+    # predictions file to compare logits with; another seed's weights under this name never pass)
+    check_same_model(run_id, records.read_record(path).get("metrics") or {},
+                     metrics_mod.evaluate(test_logits, labels, combine=model.combine), len(labels))
     ppath = records.predictions_path(out, run_id)
     saved = None
     if ppath.is_file():

@@ -173,21 +173,32 @@ def load_predictions(
     def cast(a: np.ndarray) -> np.ndarray:
         return a if dtype is None else a.astype(dtype)
 
-    with np.load(p, allow_pickle=False) as z:
-        keys = set(z.files)
-        if not {"logits", "labels"} <= keys:
-            raise ValueError(f"{p}: not a predictions file (keys {sorted(keys)})")
-        out = {
-            "logits": cast(z["logits"]),
-            "labels": z["labels"],
-            "val_logits": cast(z["val_logits"]) if "val_logits" in keys else None,
-            "val_labels": z["val_labels"] if "val_labels" in keys else None,
-            "ood": {k[len("ood_"):]: cast(z[k]) for k in sorted(keys) if k.startswith("ood_")},
-            # shift cells shift_<corruption>_<severity> (cast) and their labels shift_labels* (kept)
-            "shift": {k: (z[k] if k.startswith("shift_labels") else cast(z[k]))
-                      for k in sorted(keys) if k.startswith("shift_")},
-            "combine": str(z["combine"]) if "combine" in keys else "probs",
-            "path": p,
-        }
-    return out
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(getattr(z, "files", ()))
+            if not {"logits", "labels"} <= keys:
+                raise _NotPredictions(f"{p}: not a predictions file (" + (f"keys {sorted(keys)})" if keys else
+                                      "a single array, not an .npz archive)"))
+            return {
+                "logits": cast(z["logits"]),
+                "labels": z["labels"],
+                "val_logits": cast(z["val_logits"]) if "val_logits" in keys else None,
+                "val_labels": z["val_labels"] if "val_labels" in keys else None,
+                "ood": {k[len("ood_"):]: cast(z[k]) for k in sorted(keys) if k.startswith("ood_")},
+                # shift cells shift_<corruption>_<severity> (cast) and their labels shift_labels* (kept)
+                "shift": {k: (z[k] if k.startswith("shift_labels") else cast(z[k]))
+                          for k in sorted(keys) if k.startswith("shift_")},
+                "combine": str(z["combine"]) if "combine" in keys else "probs",
+                "path": p,
+            }
+    except _NotPredictions:
+        raise
+    except Exception as e:   # truncated (BadZipFile), random bytes or a pickle (ValueError, whose advice to allow
+        # pickles is never repeated), a corrupt member (zlib), an OS error: one line, the file is not readable
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "not a valid .npz archive"
+        raise ValueError(f"{p}: not a readable predictions file ({why})") from None
+
+
+class _NotPredictions(ValueError):
+    """A readable .npz that is not a predictions file (its own message, kept as is)."""
 

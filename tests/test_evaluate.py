@@ -623,3 +623,54 @@ def test_report_has_severity_and_risk_coverage_figures(cifar_run, tmp_path):
     records.write_record(plain, r)
     rep2 = build_report(plain, tmp_path / "report2")
     assert not {"shift_severity", "risk_coverage"} & {Path(f.stem).name for f in rep2.figures}
+
+
+@pytest.mark.parametrize("preds", ["missing", "truncated", "garbage"])
+def test_another_models_weights_are_refused_without_saved_predictions(digits_runs, tmp_path, capsys, preds):
+    """Seed 1's weights under seed 0's name, with seed 0's predictions file missing (save_predictions = false),
+    truncated or random bytes: the rebuilt model's test accuracy and NLL are not the record's, so the record
+    is refused (one line, exit 2) and keeps its numbers; never seed 1's OOD metrics written into it. An
+    unreadable predictions file is a one-line warning (no traceback, no advice to unpickle), not a crash."""
+    src, (rid, other) = digits_runs
+    runs = _copy_runs(src, tmp_path / "runs")
+    ppath = runs / f"{rid}.preds.npz"
+    if preds == "missing":
+        ppath.unlink()
+    elif preds == "truncated":
+        ppath.write_bytes(ppath.read_bytes()[:300])
+    else:
+        ppath.write_bytes(b"garbage\n")
+    record = runs / f"{rid}.json"
+    # the record's own weights: evaluated (the unreadable predictions only warned about, not updated)
+    code, out, err = run_cli(capsys, "evaluate", record, *EVAL)
+    assert code == 0 and "Traceback" not in err, err
+    if preds != "missing":
+        warning = [ln for ln in err.splitlines() if "saved predictions unreadable" in ln]
+        assert len(warning) == 1 and "not a readable predictions file" in warning[0]
+        assert "pickle" not in err
+    # another model's weights: refused
+    shutil.copy(runs / f"{other}.weights.safetensors", runs / f"{rid}.weights.safetensors")
+    kept = record.read_text()
+    line = _only_line(capsys, "evaluate", record, *EVAL)
+    assert line.startswith(f"ensemble-bench: error: {rid}: the rebuilt model's test ")
+    assert "not the model this record was made with" in line
+    assert record.read_text() == kept
+
+
+def test_evaluate_refuses_a_folder_it_cannot_write(digits_runs, tmp_path, capsys, monkeypatch):
+    """Records are rewritten in place: a folder where nothing can be created is one line, exit 2, before any
+    work (as `run --out`), not a traceback from the lock file."""
+    import tempfile
+
+    src, (rid, _) = digits_runs
+    runs = _copy_runs(src, tmp_path / "runs")
+    before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
+
+    def refuse(*a, **k):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    for target in (runs, runs / f"{rid}.json"):
+        line = _only_line(capsys, "evaluate", target, *EVAL)
+        assert "cannot create anything in" in line and "Operation not permitted" in line
+    assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
