@@ -246,7 +246,8 @@ GOOD_RUN = '[run]\nbackbone = "cnn_small"\ndataset = "digits"\n'
      "[options.deep_ensemble] num_members must be a list"),
     ('[grid]\nmethod = ["single"]\n[slurm]\npartion = "gpu"\n' + GOOD_RUN, "unknown [slurm] key 'partion'"),
     ('[grid]\nmethod = ["single"]\n[slurm]\ntimeout_min = "4h"\n' + GOOD_RUN, "[slurm] timeout_min must be an integer"),
-    ('[grid]\nmethod = ["single"]\n[slurm]\nmem_gb = -1\n' + GOOD_RUN, "[slurm] mem_gb must be > 0"),
+    ('[grid]\nmethod = ["single"]\n[slurm]\nmem_gb = -1\n' + GOOD_RUN, "[slurm] mem_gb must be a finite number > 0"),
+    ('[grid]\nmethod = ["single"]\n[slurm]\nmem_gb = inf\n' + GOOD_RUN, "[slurm] mem_gb must be a finite number > 0"),
     ('[grid]\nmethod = ["single"]\n[slurm]\nadditional_parameters = {x = [1]}\n' + GOOD_RUN,
      "additional_parameters.x must be a string"),
     ('[grids]\nmethod = ["single"]\n' + GOOD_RUN, "unknown key 'grids' at the top level"),
@@ -714,3 +715,18 @@ def test_a_record_of_another_precision_is_a_problem_not_done(tmp_path, capsys, m
                                    "training": {"precision": "fp32"}})
         assert main(["sweep", str(spec), "--dry-run"]) == 0
         assert "1 complete (skipped)" in capsys.readouterr().out
+
+
+def test_a_path_in_the_way_of_a_run_is_refused_before_the_sweep_starts(tmp_path, capsys, monkeypatch):
+    """A folder where a run writes its record (``<run_id>.json``): `run` refuses it before any work, and so
+    does a sweep (dry run too), one line, exit 2, instead of listing it "to run" and failing it later."""
+    out = tmp_path / "runs"
+    spec = write(tmp_path, TINY, out=out)
+    rid = sweep.expand(sweep.load_spec(spec))[0].run_id()
+    (out / f"{rid}.json").mkdir(parents=True)
+    monkeypatch.setattr(sweep, "run_local", lambda *a, **k: pytest.fail("the sweep started work"))
+    for extra in (["--dry-run"], []):
+        assert main(["sweep", str(spec), *extra]) == 2
+        cap = capsys.readouterr()
+        err = cap.err.strip()
+        assert len(err.splitlines()) == 1 and f"{out / rid}.json is in the way" in err and cap.out == "", err

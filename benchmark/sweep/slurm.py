@@ -79,6 +79,7 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
     file holds another run's record (``records.record_status``, the check ``run`` makes) is a "problem",
     never "done"."""
     from ensemble_bench import records
+    from ensemble_bench.runner import check_run_paths
 
     runs = expand(spec) if runs is None else runs
     out = spec.out
@@ -100,8 +101,11 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
         rid = cfg.run_id()
         entry = entries[rid]
         job_id = entry["job_id"] if entry else None
-        try:   # the check `run` makes: a file of this run's name holding another run's record is refused
+        try:   # the checks `run` makes: a file of this run's name holding another run's record is refused, and
+            # so is a path the run would write that is of the wrong kind (a folder named <run_id>.json)
             status = records.record_status(out, rid)
+            if status != "complete":
+                check_run_paths(out, rid)
         except UsageError as e:
             states.append(RunState(cfg, rid, "problem", error=str(e), job_id=job_id))
             continue

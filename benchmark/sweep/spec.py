@@ -3,6 +3,7 @@ validated RunConfigs (``expand``). The spec format is in the package docstring (
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +118,8 @@ def _check_slurm(where: str, table: Any) -> dict[str, Any]:
             raise UsageError(f"{where}: [slurm] {k} must be >= 1; got {v}")
         if k in ("gpus_per_node", "signal_delay_s", "max_num_timeout") and v < 0:
             raise UsageError(f"{where}: [slurm] {k} must be >= 0; got {v}")
-        if k == "mem_gb" and not v > 0:
-            raise UsageError(f"{where}: [slurm] mem_gb must be > 0; got {v}")
+        if k == "mem_gb" and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{where}: [slurm] mem_gb must be a finite number > 0; got {v}")
         if k not in SHELL_BY_DESIGN:
             if isinstance(v, str):
                 _check_text(where, f"[slurm] {k}", v)
