@@ -66,15 +66,18 @@ def check_model(model: Any, method: str) -> EnsembleModel:
     return model
 
 
-def check_buildable(method: Any, cfg: RunConfig) -> Any:
+def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | None = None) -> Any:
     """Build the method's architecture on the meta device (no memory, no compute, no data) so that a
     method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
     record or folder exists (and a sweep refuses it before submitting). Any other failure here is left
-    for the real build inside ``fit`` to report. Returns the meta model (None when the build failed)."""
+    for the real build inside ``fit`` to report. ``shape``: (classes, channels, image size), by default the
+    run's dataset's. Returns the meta model (None when the build failed)."""
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
-    channels, size = IMAGE_SHAPES[cfg.dataset]
-    ctx = FitContext(config=cfg, num_classes=NUM_CLASSES[cfg.dataset], in_channels=channels, image_size=size,
+    if shape is None:
+        shape = (NUM_CLASSES[cfg.dataset], *IMAGE_SHAPES[cfg.dataset])
+    classes, channels, size = shape
+    ctx = FitContext(config=cfg, num_classes=classes, in_channels=channels, image_size=size,
                      device=torch.device("meta"))
     rng = torch.get_rng_state()
     try:
@@ -446,6 +449,8 @@ def build_for_cost(method_name: str, backbone: str, num_classes: int, in_channel
     cls.check_backbone(backbone)
     opts = build_options(cls.Config, options, method_name)
     cfg = RunConfig(method=method_name, backbone=backbone, dataset="digits", options=dict(vars(opts)))
+    # a model whose weights alone exceed the device's memory: one line (as `run`), not an allocator crash
+    check_fits_in_memory(check_buildable(cls(opts), cfg, (num_classes, in_channels, image_size)), cfg, device)
     ctx = FitContext(config=cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                      device=device)
     return check_model(cls(opts).build(ctx), method_name).to(device).eval()

@@ -758,6 +758,9 @@ def test_a_member_count_beyond_memory_is_refused_before_any_write(tmp_path, caps
     bad_input(tmp_path, ["run", "--method", "deep_ensemble", "--set", "num_members=30", "--backbone", "cnn_small",
                          "--dataset", "digits", "--epochs", "1", "--out", "out"], capsys,
               "num_members': 30", "more than the 0.0 GiB of cpu memory")
+    # `cost` builds the model for real: the same line before it tries (not an allocator error, or a kill)
+    bad_input(tmp_path, ["cost", "--method", "deep_ensemble", "--set", "num_members=30", "--backbone", "cnn_small",
+                         "--dataset", "digits"], capsys, "num_members': 30", "more than the 0.0 GiB of cpu memory")
 
 
 def test_a_batch_larger_than_the_training_split_is_said(capsys):
