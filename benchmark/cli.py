@@ -292,16 +292,34 @@ def cmd_quickstart(args) -> int:
     if args.methods is not None and not names:
         raise UsageError(f"--methods {args.methods!r} names no method; give names separated by commas "
                          f"(`ensemble-bench list` shows them), or leave it out for every method")
-    cfgs = []
-    for name in names:   # every name and option checked before anything trains
-        cls = methods.get(name)
-        cfgs.append(make_run_config({
-            "method": name, "backbone": "cnn_small", "dataset": args.dataset, "epochs": args.epochs,
+    def config(name: str, epochs: int):
+        return make_run_config({
+            "method": name, "backbone": "cnn_small", "dataset": args.dataset, "epochs": epochs,
             "seed": args.seed, "out": args.out, "device": "cpu", "lr": QUICKSTART_LR, "progress": False,
             "plugins": args.plugins or (),
-            "options": dict(cls.quickstart_options)}))
+            "options": dict(methods.get(name).quickstart_options)})
+
+    def passes(cfg) -> bool:
+        try:
+            preflight(cfg)
+        except UsageError:
+            return False
+        return True
+
+    cfgs = [config(name, args.epochs) for name in names]   # every name and option checked before anything trains
     for cfg in cfgs:     # and every check a run makes before it trains (options against the epochs, --out, ...)
-        preflight(cfg)
+        try:
+            preflight(cfg)
+        except UsageError:
+            # A method's own hint names run's flags (--set an option), but here the quickstart sets the options:
+            # when the quickstart's own budget passes, the cure is --epochs or leaving the method out.
+            if args.epochs < QUICKSTART_EPOCHS and passes(config(cfg.method, QUICKSTART_EPOCHS)):
+                given = ", ".join(f"{k}={v}" for k, v in methods.get(cfg.method).quickstart_options.items())
+                raise UsageError(f"--epochs {args.epochs} is too few for {cfg.method}"
+                                 + (f" with the quickstart's {given}" if given else "")
+                                 + f"; raise --epochs (the default {QUICKSTART_EPOCHS} fits it), or leave "
+                                 f"{cfg.method} out of --methods") from None
+            raise
     t0 = time.perf_counter()
     for i, cfg in enumerate(cfgs):
         if i:

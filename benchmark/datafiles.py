@@ -52,6 +52,16 @@ def read_npz(path: str | Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
     return _read_npz_cached(str(p), keys, stamp)
 
 
+def numpy_error_detail(e: BaseException) -> str:
+    """The first line of numpy's error reading a .npy/.npz file, for a message, or "" when it is long or
+    speaks of pickles: numpy says "This file contains pickled (object) data" of any file that is not an
+    array (random bytes, a text file) and advises loading it unsafely with ``allow_pickle``; this suite
+    never unpickles a data file (that runs whatever code the file holds), so it never repeats that advice.
+    The suite's .npy/.npz readers that show numpy's reason take it from here."""
+    detail = str(e).splitlines()[0] if str(e) else ""
+    return "" if "pickle" in detail.lower() or len(detail) > 120 else detail
+
+
 @functools.lru_cache(maxsize=8)
 def _read_npz_cached(path: str, keys: tuple[str, ...], stamp) -> tuple[np.ndarray, ...]:
     """The arrays ``keys`` of one .npz file (cached while the file keeps its size and mtime). Never
@@ -73,9 +83,7 @@ def _read_npz_cached(path: str, keys: tuple[str, ...], stamp) -> tuple[np.ndarra
             raise UsageError(f"cannot read data file {path}: {e.strerror or type(e).__name__}") from None
         raise UsageError(f"cannot read data file {path}: not a valid .npz data file") from None
     except Exception as e:   # BadZipFile, a pickle or random bytes (ValueError), a corrupt member (zlib, lzma), ...
-        detail = str(e).splitlines()[0] if str(e) else ""
-        if "pickle" in detail.lower() or len(detail) > 120:   # numpy suggests loading pickles: never repeat that
-            detail = ""
+        detail = numpy_error_detail(e)
         raise UsageError(f"cannot read data file {path}: not a valid .npz data file"
                          + (f" ({detail})" if detail else "")) from None
 

@@ -202,6 +202,53 @@ class Metrics(Section):
     ood: dict | None = _f("dict")
     shift: dict | None = _f("dict")
 
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "record", *, complete: bool = False, path: str = ""):
+        """As Section.from_dict, and the numbers inside ``ood`` and ``shift`` are held to the same ranges as
+        the top-level metrics: the leaderboard averages them too (an AUROC of 35.97, a percentage, would
+        be ranked; a string one would blank its row)."""
+        m = super().from_dict(d, where, complete=complete, path=path)
+        at = f"{path}." if path else ""
+        if m.ood is not None:     # {set: {score: {auroc, aupr_in, aupr_out, fpr95}}}
+            for set_name, by_score in _entries(m.ood, where, f"{at}ood"):
+                for score, values in _entries(by_score, where, set_name):
+                    _check_values(values, where, score, OOD_KINDS)
+        if m.shift is not None:   # shift.evaluate_shift: summaries of {metric: value} cells
+            s = m.shift
+            _check_values(s, where, f"{at}shift", {"temperature": "nonneg"})
+            cells = [(f"{at}shift.mean", s.get("mean"))] if s.get("mean") is not None else []
+            for part in ("by_corruption", "by_severity"):
+                if s.get(part) is not None:
+                    cells += _entries(s[part], where, f"{at}shift.{part}")
+            if s.get("per_corruption") is not None:
+                for name, by_severity in _entries(s["per_corruption"], where, f"{at}shift.per_corruption"):
+                    cells += _entries(by_severity, where, name)
+            for name, values in cells:
+                _check_values(values, where, name, _CELL_KINDS)
+        return m
+
+
+# the OOD metrics of a score against a set (metrics.ood_metrics): areas and rates, all in [0, 1]
+OOD_KINDS = {"auroc": "fraction", "aupr_in": "fraction", "aupr_out": "fraction", "fpr95": "fraction"}
+# a shift cell holds top-level metric keys (metrics.SHIFT_KEYS): each has its top-level kind
+_CELL_KINDS = {f.name: f.metadata["kind"] for f in _typed(Metrics) if f.metadata["kind"] in ("fraction", "nonneg")}
+
+
+def _entries(d: Any, where: str, dotted: str) -> list[tuple[str, Any]]:
+    """(dotted name, value) of each entry of the object ``d`` (named ``dotted``); RecordError if no object."""
+    if not isinstance(d, Mapping):
+        raise RecordError(f"{where}: {dotted} must be an object, not {_tname(d)} {_short(d)}")
+    return [(f"{dotted}.{k}", v) for k, v in d.items()]
+
+
+def _check_values(d: Any, where: str, dotted: str, kinds: dict[str, str]) -> None:
+    """Each key of ``kinds`` in the object ``d`` is of its kind, as a typed field is (None: absent; NaN
+    passes, a metric that could not be computed); other keys are kept as read."""
+    for name, v in _entries(d, where, dotted):
+        kind = kinds.get(name[len(dotted) + 1:])
+        if kind is not None and v is not None and not _KINDS[kind][0](v):
+            raise RecordError(f"{where}: {name} must be {_KINDS[kind][1]}, not {_tname(v)} {_short(v)}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Cost(Section):

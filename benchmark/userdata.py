@@ -204,6 +204,12 @@ def parse_spec(doc: dict, where: str, base: Path, *, file: Path | None = None, o
             bad(f"{k} must be a list of {channels} numbers (one per channel, on [0, 1] pixels); got {v!r}")
         if k == "std" and min(v) <= 0:
             bad(f"std must be > 0 for every channel; got {v!r}")
+        # images are scaled to [0, 1] before they are normalised: torchvision's 0-255 values (mean = [125.3])
+        # would turn every image into a near-constant and train at chance without any error
+        if min(v) < 0 or max(v) > 1:
+            rng = "[0, 1]" if k == "mean" else "(0, 1]"
+            bad(f"{k} = {v!r} is outside {rng}: mean and std are on [0, 1] pixels"
+                + (" (0-255 units? divide by 255)" if max(v) > 1 else ""))
         stats[k] = tuple(float(e) for e in v)
     if len(stats) == 1:
         bad(f"{next(iter(stats))} is set without {'std' if 'mean' in stats else 'mean'}; give both, or neither "

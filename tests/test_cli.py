@@ -129,3 +129,19 @@ def test_a_run_whose_log_reader_goes_away_still_completes(tmp_path):
     assert proc.wait(timeout=300) == 0
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
     assert rec["status"] == "complete"
+
+
+def test_quickstart_too_few_epochs_names_only_quickstarts_flags(tmp_path, capsys, monkeypatch):
+    """The quickstart sets each method's options itself and has no --set: a method that refuses --epochs
+    (snapshot: one epoch per cycle, 3 cycles here) is told to raise --epochs or be left out of --methods,
+    not to "lower --set num_snapshots" (which the quickstart refuses as an unrecognised argument)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "quickstart", "--methods", "snapshot", "--epochs", "1", "--out", "qs")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--epochs 1 is too few for snapshot with the quickstart's num_snapshots=3" in err
+    assert "raise --epochs" in err and "leave snapshot out of --methods" in err and "--set" not in err
+    assert not (tmp_path / "qs").exists()
+    # another cause is reported as it is, whatever the epochs
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_cli(capsys, "quickstart", "--methods", "snapshot", "--epochs", "1", "--out", "a_file")
+    assert code == 2 and "a_file is a file, not a directory" in err and "too few" not in err, err

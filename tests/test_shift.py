@@ -374,6 +374,36 @@ def _bad_layouts(tmp_path):
     ]
 
 
+def test_unreadable_files_never_repeat_numpys_advice_to_unpickle(tmp_path):
+    """numpy calls any file that is not an array "pickled (object) data" and advises loading it with
+    allow_pickle; the shift readers say what is wrong in one line without that advice, as datafiles does."""
+    root = tmp_path / "CIFAR-10-C"
+    sh.write_corrupted(_random_images(2), [0, 1], root, ["fog"], [1], progress=False)
+    good_labels = (root / "labels.npy").read_bytes()
+    garbage, objects = b"garbage\n", tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    for name, content in (("labels.npy", garbage), ("fog.npy", garbage), ("labels.npy", objects.read_bytes())):
+        saved = (root / name).read_bytes()
+        (root / name).write_bytes(content)
+        msg = _one_line_usage_error(lambda: sh.load_shift_set("cifar10c", tmp_path), rf"{name}: cannot read \.npy")
+        assert "pickle" not in msg, msg
+        (root / name).write_bytes(saved)
+    # extending a set whose labels.npy is unreadable; a file replaced after the set was loaded
+    (root / "labels.npy").write_bytes(garbage)
+    msg = _one_line_usage_error(lambda: sh.write_corrupted(_random_images(2), [0, 1], root, ["contrast"], [1],
+                                                           progress=False), r"labels\.npy: cannot read \.npy")
+    assert "pickle" not in msg and not (root / "contrast.npy").exists()
+    (root / "labels.npy").write_bytes(good_labels)
+    s = sh.load_shift_set("cifar10c", tmp_path)
+    (root / "fog.npy").write_bytes(garbage)
+    assert "pickle" not in _one_line_usage_error(lambda: s.images("fog", 1), r"fog\.npy: cannot read \.npy")
+    # a score file holding an array of Python objects
+    np.savez(tmp_path / "objects.npz", logits=np.zeros((1, 2, 3)), labels=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(ValueError, match=r"objects\.npz: cannot read \.npz") as ei:
+        mt.score_npz(tmp_path / "objects.npz")
+    assert "pickle" not in str(ei.value), str(ei.value)
+
+
 def test_load_shift_set_bad_inputs(tmp_path):
     for data_dir, name, match in _bad_layouts(tmp_path):
         _one_line_usage_error(lambda: sh.load_shift_set(name, data_dir), match)

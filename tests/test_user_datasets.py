@@ -274,6 +274,16 @@ BAD = {   # case: (change to the spec or arrays, words the one line must contain
                    ["std must be a list of 3 numbers"]),
     "std_zero": (lambda s: s.replace("channels = 3\n", "channels = 3\nmean = [0.5, 0.5, 0.5]\nstd = [0.2, 0, 0.2]\n"),
                  {}, ["std must be > 0"]),
+    # torchvision's 0-255 statistics: refused, not trained at chance
+    "mean_0_255": (lambda s: s.replace("channels = 3\n", "channels = 3\nmean = [125.3, 123.0, 113.9]\n"
+                                                          "std = [0.25, 0.25, 0.25]\n"), {},
+                   ["mean = [125.3, 123.0, 113.9] is outside [0, 1]", "0-255 units?"]),
+    "std_0_255": (lambda s: s.replace("channels = 3\n", "channels = 3\nmean = [0.5, 0.5, 0.5]\n"
+                                                         "std = [63.0, 62.1, 66.7]\n"), {},
+                  ["std = [63.0, 62.1, 66.7] is outside (0, 1]", "0-255 units?"]),
+    "mean_negative": (lambda s: s.replace("channels = 3\n", "channels = 3\nmean = [0.5, -0.1, 0.5]\n"
+                                                             "std = [0.25, 0.25, 0.25]\n"), {},
+                      ["mean = [0.5, -0.1, 0.5] is outside [0, 1]"]),
     "crop_too_big": (lambda s: s.replace("crop_padding = 1", "crop_padding = 9"), {}, ["crop_padding"]),
     "ood_name": (lambda s: s.replace("noise =", '"no ise" ='), {}, ["OOD set name 'no ise'"]),
     "toml_syntax": (lambda s: s + "this is not toml\n", {}, ["cannot parse", "mydata.toml"]),

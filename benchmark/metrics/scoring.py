@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ensemble_bench.api import COMBINE_RULES
+from ensemble_bench.datafiles import numpy_error_detail
 from ensemble_bench.metrics._base import (_check_combine, _check_labels, _check_logits, _one_line, _shape)
 from ensemble_bench.metrics.core import evaluate, logits_from_probs
 
@@ -37,8 +38,10 @@ def score_npz(path) -> dict:
     try:
         with np.load(p, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:
-        raise ValueError(_one_line(f"{p}: cannot read .npz ({type(exc).__name__}: {exc})")) from None
+    except Exception as exc:   # an object array asks for allow_pickle: never repeated (datafiles.numpy_error_detail)
+        detail = numpy_error_detail(exc)
+        why = f"{type(exc).__name__}: {detail}" if detail else "not an .npz archive of numeric arrays"
+        raise ValueError(_one_line(f"{p}: cannot read .npz ({why})")) from None
 
     def get_float(key: str) -> np.ndarray:
         a = arrays[key]

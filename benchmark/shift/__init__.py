@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ensemble_bench.datafiles import numpy_error_detail
 from ensemble_bench.errors import UsageError
 from ensemble_bench.shift.corruptions import (_FUNCS, _apply, _brightness, _contrast, _defocus_blur,  # noqa: F401
                                               _elastic_transform, _fog, _frost, _gaussian_noise, _glass_blur,
@@ -221,7 +222,7 @@ def write_corrupted(images_uint8_NHWC, labels, out_dir, corruptions: Sequence[st
             meta["frost"] = old.get("frost")
         old_labels = out_dir / "labels.npy"
         if old_labels.is_file():
-            prev = np.load(old_labels)
+            prev = _read_npy(old_labels, mmap=False)
             if prev.shape != (len(sev) * n,) or not np.array_equal(prev, np.tile(y, len(sev))):
                 raise UsageError(f"{out_dir} holds a set with other labels; choose another --out or delete it")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +308,7 @@ class ShiftSet:
     def images(self, corruption: str, severity: int) -> torch.Tensor:
         """uint8 [n, 3, 32, 32] (NCHW, as data.Split.x) of one corruption at one severity."""
         k = self._sev_index(corruption, severity)
-        arr = np.load(self.files[corruption], mmap_mode="r")
+        arr = _read_npy(self.files[corruption], mmap=True)
         block = arr[k * self.n_per_severity:(k + 1) * self.n_per_severity]
         return torch.from_numpy(np.ascontiguousarray(block.transpose(0, 3, 1, 2)))
 
@@ -418,10 +419,12 @@ def load_shift_set(name: str, data_dir, corruptions: Sequence[str] | None = None
 
 
 def _read_npy(path: Path, mmap: bool) -> np.ndarray:
+    """One .npy array of a corrupted set, never unpickled; a file that is none is one UsageError line (in
+    datafiles' words: without numpy's advice to load it with pickles allowed)."""
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = numpy_error_detail(e) or "not a .npy array of numbers"
         raise UsageError(f"{path}: cannot read .npy ({msg})") from None
 
 
