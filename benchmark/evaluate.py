@@ -335,8 +335,10 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
                              "code": code_identity(methods.get(cfg.method), cfg.plugins)}
     # the rebuilt model is the record's: its test accuracy and NLL are the record's (with or without a
     # predictions file to compare logits with; another seed's weights under this name never pass)
-    check_same_model(run_id, records.read_record(path).get("metrics") or {},
-                     metrics_mod.evaluate(test_logits, labels, combine=model.combine), len(labels))
+    rec = records.read_record(path)   # read once: the caller holds the run's lock, so nothing rewrites it meanwhile
+    now = {"acc": metrics_mod.accuracy(metrics_mod.ensemble_probs(test_logits, model.combine), labels),
+           "nll": metrics_mod.nll(test_logits, labels, model.combine)}
+    check_same_model(run_id, rec.get("metrics") or {}, now, len(labels))
     ppath = records.predictions_path(out, run_id)
     saved = None
     if ppath.is_file():
@@ -354,7 +356,10 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
     new_ood: dict[str, Any] = {}
     if ood:
         ood_logits = {o: trainer.predict(model, trainer.data.ood[o]) for o in ood}
-        new_ood = metrics_mod.evaluate(test_logits, labels, ood=ood_logits, combine=model.combine)["ood"]
+        id_scores = metrics_mod.ood_scores(test_logits, model.combine)   # the clean metrics are the record's
+        for o, z in ood_logits.items():
+            o_scores = metrics_mod.ood_scores(z, model.combine)
+            new_ood[o] = {k: metrics_mod.ood_metrics(id_scores[k], o_scores[k]) for k in metrics_mod.OOD_SCORES}
         arrays.update({f"ood_{o}": z for o, z in ood_logits.items()})
         entry["ood"] = list(ood)
     new_shift = shift_s = None
@@ -367,8 +372,6 @@ def _evaluate_one(path: Path, out: Path, cfg: RunConfig, model: EnsembleModel, d
         shift_s = time.perf_counter() - t_shift
         arrays.update(shift_logits)
         entry.update(shift=sset.name, shift_eval_s=shift_s)
-    # the record is read again under the lock: what another evaluation added meanwhile is kept
-    rec = records.read_record(path)
     metrics = rec.setdefault("metrics", {})
     if new_ood:
         metrics.setdefault("ood", {}).update(new_ood)

@@ -334,13 +334,19 @@ def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
     without what a complete record has (the leaderboard's check). A readable
     record of another run under that name is bad input (:class:`UsageError`): taken as this run's, it would
     be reported as its result; run over, it would be lost."""
+    return read_status(runs_dir, run_id)[0]
+
+
+def read_status(runs_dir: str | os.PathLike, run_id: str) -> tuple[str | None, dict | None]:
+    """``record_status`` and the record it read (None where the status is None): one read for a caller that
+    needs both (the sweep's state table reads every run's record once)."""
     p = record_path(runs_dir, run_id)
     if not p.is_file():
-        return None
+        return None, None
     try:
         rec = read_record(p)
     except RecordError:
-        return None
+        return None, None
     if rec["run_id"] != run_id:
         raise UsageError(f"{p} holds the record of run {rec['run_id']}, not {run_id} (a record's file is named "
                          f"by its run id): move it away or rename it {rec['run_id']}.json")
@@ -348,8 +354,8 @@ def record_status(runs_dir: str | os.PathLike, run_id: str) -> str | None:
         try:
             _check_complete(rec, str(p))
         except RecordError:     # "complete" without its config or metrics: no result, as the leaderboard
-            return None         # reads it; running it again writes the record (as for an unreadable file)
-    return rec["status"]
+            return None, None   # reads it; running it again writes the record (as for an unreadable file)
+    return rec["status"], rec
 
 
 # --------------------------------------------------------------------------------------------

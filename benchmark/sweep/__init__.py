@@ -93,8 +93,8 @@ def mark_precision_conflicts(states: list[RunState], spec: SweepSpec, executor: 
     marked = []
     for s in states:
         device = _target_device(s.config, spec, executor) if s.state == "done" else None
-        why = device and precision_conflict(s.config, records.read_record(records.record_path(spec.out, s.run_id)),
-                                            device)
+        rec = (s.record or records.read_record(records.record_path(spec.out, s.run_id))) if device else None
+        why = device and precision_conflict(s.config, rec, device)
         if why:
             why += (f": set another out, or bf16 = false, in {spec.path}'s [run] (fp32 under its own ids), or move "
                     f"the record away to train it again")

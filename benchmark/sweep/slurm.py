@@ -7,7 +7,7 @@ import io
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,6 +56,7 @@ class RunState:
     error: str | None = None   # the failed record's error; for a problem, why its file is refused (one line)
     job_id: str | None = None  # the Slurm job (array task) that runs or ran it
     holder: str | None = None  # "pid P on host H": the live process that holds the run's lock
+    record: dict | None = field(default=None, repr=False, compare=False)   # done / failed: as read
 
 
 
@@ -103,20 +104,16 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
         job_id = entry["job_id"] if entry else None
         try:   # the checks `run` makes: a file of this run's name holding another run's record is refused, and
             # so is a path the run would write that is of the wrong kind (a folder named <run_id>.json)
-            status = records.record_status(out, rid)
+            status, rec = records.read_status(out, rid)
             if status != "complete":
                 check_run_paths(out, rid)
         except UsageError as e:
             states.append(RunState(cfg, rid, "problem", error=str(e), job_id=job_id))
             continue
-        rec = None
-        if status == "failed":   # its error, for the status table
-            with contextlib.suppress(records.RecordError):
-                rec = records.read_record(records.record_path(out, rid))
         job = _job_active(entry, queue, folder)
         held, holder = (None, None) if status == "complete" or job is not None else lock_owner(out, rid)
         if status == "complete":
-            states.append(RunState(cfg, rid, "done", job_id=job_id))
+            states.append(RunState(cfg, rid, "done", job_id=job_id, record=rec))
         elif job is not None:   # alive in the queue: its state says more than a record of an earlier attempt
             queued = job[0] in _QUEUED_STATES
             states.append(RunState(cfg, rid, "pending" if queued else "running",
@@ -125,7 +122,7 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
             states.append(RunState(cfg, rid, "running", holder or "running", job_id=job_id, holder=holder))
         elif status == "failed":
             states.append(RunState(cfg, rid, "failed", error=(rec or {}).get("error") or "(no error recorded)",
-                                   job_id=job_id))
+                                   job_id=job_id, record=rec))
         elif status == "running":
             if entry is not None and queue is not None:
                 # sent to Slurm, its job is gone, the record says running: killed or cancelled mid-run
