@@ -53,7 +53,7 @@ NOT_AGGREGATED = set(GROUP_KEYS) | set(DEVICE_COLUMNS) | {"seed", "run_id", "sta
 TIMED = {"latency_ms": "latency_device", "throughput": "throughput_device",
          "peak_mem_mb": "latency_device", "train_s": "train_device"}
 # every device-dependent column -> the column naming its device: aggregated only over the seeds of one device
-DEVICE_OF = {**TIMED, "latency_spread": "latency_device"}
+DEVICE_OF = {**TIMED, "latency_spread": "latency_device", "train_s_recorded": "train_device"}
 # the recipe columns kept as numbers (group keys, DEE keys, the report's recipe of a config)
 NUMERIC_RECIPE_KEYS = _recipe.OWN_COLUMN_FIELDS   # ("epochs", "batch_size", "lr"): declared on Recipe
 # the rest of the effective training recipe (ensemble_bench.recipe.Recipe, as trained) and the run settings that
@@ -394,6 +394,35 @@ def code_id(code: Mapping | None) -> str | None:
     return f"{code.get('harness_sha256')}/{code.get('method_sha256')}" + (f"/{plugins}" if plugins else "")
 
 
+def record_train_s(training: Training) -> tuple[float, float]:
+    """(typical, recorded) training seconds of a run, the leaderboard's ``train_s`` and ``train_s_recorded``.
+
+    recorded: the record's ``train_s``, the sum of every epoch's wall time (plus the method's own extra
+    training time, ``train_s_extra``). typical: per stage, its median epoch time (``epoch_s`` of its curve)
+    times its epochs, plus the same extra; a stage with no epoch times counts its recorded ``train_s``, and a
+    record whose stages say nothing is its recorded total. An epoch stretched by a stall (the process paused,
+    the machine busy with something else) counts as a typical epoch of its stage, so a row's training time is
+    the method's, not the machine's history: on the reference sweep's CPU records the recorded sums were up to
+    2.2 times the typical ones (a lane paused for the tests, a session's start), while a stage's ordinary
+    epochs vary by a few percent. A run trained on two machines (resumed elsewhere) counts its stage's median
+    epoch, the row naming both devices."""
+    recorded = num(training.train_s)
+    stages = [as_dict(st) for st in as_dict(training.stages).values() if isinstance(st, Mapping)]
+    extra = num(training.extra.get("train_s_extra"))
+    extra = extra if math.isfinite(extra) else 0.0
+    typical = 0.0
+    for st in stages:
+        times = [num(as_dict(e).get("epoch_s")) for e in st.get("curve") or []]
+        times = [t for t in times if math.isfinite(t)]
+        if times:
+            typical += float(np.median(times)) * len(times)
+        elif math.isfinite(num(st.get("train_s"))):
+            typical += num(st.get("train_s"))
+        else:
+            return recorded, recorded
+    return (typical + extra if stages else recorded), recorded
+
+
 def flatten_record(rec: RunRecord | Mapping) -> dict:
     """One flat row of a record (a :class:`RunRecord`, or its dict): identity columns, metrics, msp OOD
     metrics per set, cost, devices.
@@ -459,6 +488,7 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
     for k in COST_COLUMNS:
         src = training if k in ("train_s", "train_flops") else cost
         row[k] = num(src.get(k))
+    row["train_s"], row["train_s_recorded"] = record_train_s(training)   # stalls left out (record_train_s)
     row["latency_device"] = cost.latency_device or cost.device
     row["throughput_device"] = cost.throughput_device or cost.latency_device or cost.device
     row["train_device"] = training.device
