@@ -397,27 +397,33 @@ def code_id(code: Mapping | None) -> str | None:
 def record_train_s(training: Training) -> tuple[float, float]:
     """(typical, recorded) training seconds of a run, the leaderboard's ``train_s`` and ``train_s_recorded``.
 
-    recorded: the record's ``train_s``, the sum of every epoch's wall time (plus the method's own extra
-    training time, ``train_s_extra``). typical: per stage, its median epoch time (``epoch_s`` of its curve)
-    times its epochs, plus the same extra; a stage with no epoch times counts its recorded ``train_s``, and a
-    record whose stages say nothing is its recorded total. An epoch stretched by a stall (the process paused,
-    the machine busy with something else) counts as a typical epoch of its stage, so a row's training time is
-    the method's, not the machine's history: on the reference sweep's CPU records the recorded sums were up to
-    2.2 times the typical ones (a lane paused for the tests, a session's start), while a stage's ordinary
-    epochs vary by a few percent. A run trained on two machines (resumed elsewhere) counts its stage's median
-    epoch, the row naming both devices."""
+    recorded: the record's ``train_s``, the sum of every epoch's wall time plus the method's own extra training
+    time (``train_s_extra``, e.g. a calibration fit). typical: per stage, its first epoch as measured (one-off
+    costs of a stage such as compilation, autotuning or the first allocations are the method's) plus the median
+    of its other epochs times their number, plus the same extra; a stage whose curve lacks some epoch times
+    counts its recorded ``train_s`` (or, without one, its median epoch times its epochs), and a record whose
+    stages say nothing is its recorded total. An epoch stretched by a stall (the process paused, the machine
+    busy with something else) thus counts as a typical epoch of its stage, so a row's training time is the
+    method's, not the machine's history: on the reference sweep's CPU records the recorded sums were up to 2.2
+    times the typical ones (lanes paused for the tests, busy session starts), while a stage's ordinary epochs
+    vary by a few percent. A run trained on two machines (resumed elsewhere) counts its stage's median epoch,
+    the row naming both devices."""
     recorded = num(training.train_s)
     stages = [as_dict(st) for st in as_dict(training.stages).values() if isinstance(st, Mapping)]
     extra = num(training.extra.get("train_s_extra"))
     extra = extra if math.isfinite(extra) else 0.0
     typical = 0.0
     for st in stages:
-        times = [num(as_dict(e).get("epoch_s")) for e in st.get("curve") or []]
+        curve = st.get("curve") or []
+        times = [num(as_dict(e).get("epoch_s")) for e in curve]
         times = [t for t in times if math.isfinite(t)]
-        if times:
-            typical += float(np.median(times)) * len(times)
-        elif math.isfinite(num(st.get("train_s"))):
-            typical += num(st.get("train_s"))
+        own = num(st.get("train_s"))
+        if times and len(times) == len(curve):
+            typical += times[0] + (float(np.median(times[1:])) * (len(times) - 1) if len(times) > 1 else 0.0)
+        elif math.isfinite(own):
+            typical += own
+        elif times:
+            typical += float(np.median(times)) * len(curve)
         else:
             return recorded, recorded
     return (typical + extra if stages else recorded), recorded

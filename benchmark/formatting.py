@@ -226,8 +226,9 @@ def format_markdown(df) -> str:
                "one model); " if dee_metrics else "") +
             "GFLOPs are inference FLOPs per image counting only live weights (sparse methods run on dense kernels, "
             "so their latency shows no saving); train TFLOPs ~ 3 x forward FLOPs x samples seen; train s: per "
-            "training stage its median epoch time x its epochs (a stalled epoch counts as a typical one; the "
-            "CSV's train_s_recorded is the record's sum of every epoch). "
+            "training stage its first epoch plus its median epoch time x its other epochs, plus the method's "
+            "extra training time (a stalled epoch counts as a typical one; the CSV's train_s_recorded_mean is "
+            "the record's sum of every epoch). "
             f"converged: in every seed, every training stage's validation NLL was not still falling at the end: "
             f"**no** when the least-squares line through its last {CONVERGENCE_WINDOW:.0%} of epochs (at least "
             f"{CONVERGENCE_MIN_EPOCHS}) falls by more than {CONVERGENCE_TOL:.0%} and its slope is more than "

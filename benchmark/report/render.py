@@ -197,8 +197,9 @@ def leaderboard_columns(sec: Section, family: SizeFamily | None) -> list[Column]
             label, higher, digits = _TIMED_HEADER[col]
             cols.append(_numeric_column(f"{label} · {dev}", [c.stat(col, dev) for c in cf], 1.0, digits,
                                         higher, n_all))
-            cols[-1].title = ("each training stage's median epoch time x its epochs: an epoch stalled by a paused "
-                              "or busy machine counts as a typical one (the record keeps every epoch's time)")
+            cols[-1].title = ("per training stage, its first epoch plus its median epoch time x its other epochs: "
+                              "an epoch stalled by a paused or busy machine counts as a typical one (the record "
+                              "keeps every epoch's time)")
     if sec.has("train_flops"):
         scale, u = scale_prefix((c.stat("train_flops")[0] for c in cf), "FLOPs")
         cols.append(_numeric_column(f"train {u}", [c.stat("train_flops") for c in cf], scale, None, False))

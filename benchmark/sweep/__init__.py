@@ -98,7 +98,9 @@ def mark_precision_conflicts(states: list[RunState], spec: SweepSpec, executor: 
         if why:
             why += (f": set another out, or bf16 = false, in {spec.path}'s [run] (fp32 under its own ids), or move "
                     f"the record away to train it again")
-        marked.append(dataclasses.replace(s, state="problem", error=why) if why else s)
+        # the record read for the check is not kept: a sweep's states live as long as it runs
+        marked.append(dataclasses.replace(s, state="problem", error=why, record=None) if why
+                      else dataclasses.replace(s, record=None))
     return marked
 
 

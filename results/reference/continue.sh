@@ -19,33 +19,50 @@ WT=$(dirname "$ROOT")/ref-sweep
 PARENT=$(dirname "$ROOT")
 LOOP='while sleep 900; do bash results/reference/save.sh; done'
 
+mine() {   # the pids of processes matching $1 whose working folder is $2 (another checkout's are not ours)
+    local pid want
+    want=$(cd "$2" 2>/dev/null && pwd -P) || return 0
+    for pid in $(pgrep -f "$1" || true); do
+        [ "$(readlink "/proc/$pid/cwd" || true)" = "$want" ] && echo "$pid"
+    done
+    return 0
+}
+
 if [ "${1:-start}" = stop ]; then
-    pkill -f "$LOOP" || true
-    [ -f "$PARENT/ref-save-since" ] || { echo "continue.sh stop: no $PARENT/ref-save-since (was the sweep started with continue.sh?)" >&2; exit 2; }
-    FORCE_SAVE=1 SAVE_SINCE=$(cat "$PARENT/ref-save-since") bash results/reference/save.sh
+    loops=$(mine "$LOOP" "$ROOT")
+    since=$(git rev-parse HEAD)   # no loop of this session: a new save commit, never an amend of an older one
+    if [ -n "$loops" ]; then
+        kill $loops
+        [ -f "$PARENT/ref-save-since" ] && since=$(cat "$PARENT/ref-save-since")
+    fi
+    for _ in $(seq 120); do   # a save the loop had started finishes first (two saves would race on git's index)
+        [ -z "$(mine "results/reference/save.sh" "$ROOT")" ] && break
+        sleep 1
+    done
+    FORCE_SAVE=1 SAVE_SINCE=$since bash results/reference/save.sh
     exit 0
 fi
 [ "${1:-start}" = start ] || { echo "usage: continue.sh [start|stop]" >&2; exit 2; }
 [ -x .venv/bin/ensemble-bench ] || { echo "continue.sh: no .venv/bin/ensemble-bench in $ROOT: install first (README)" >&2; exit 2; }
 
-running=""   # a make.sh working in this checkout's worktree (another checkout's sweep is not this one)
-for pid in $(pgrep -f "results/reference/make.sh" || true); do
-    [ -d "$WT" ] && [ "$(readlink "/proc/$pid/cwd" || true)" = "$(cd "$WT" && pwd -P)" ] && running=$pid
-done
-if [ -n "$running" ]; then
+if [ -n "$(mine "results/reference/make.sh" "$WT")" ]; then
     echo "continue.sh: make.sh is already running (log: $PARENT/ref-sweep.log)"
 else
     if [ ! -d "$WT" ]; then
         git worktree prune
         git worktree add --detach "$WT" "$PIN"
     fi
-    [ "$(git -C "$WT" rev-parse --short=7 HEAD)" = "$PIN" ] || { echo "continue.sh: $WT is not at $PIN" >&2; exit 2; }
+    [ "$(git -C "$WT" rev-parse HEAD)" = "$(git rev-parse "$PIN^{commit}")" ] || { echo "continue.sh: $WT is not at $PIN" >&2; exit 2; }
     cp results/reference/[0-7]*-*.toml results/reference/{make.sh,budget_check.py,latency.py,pinned.py} "$WT/results/reference/"
     if [ ! -L "$WT/results/reference/runs" ]; then
+        if [ -n "$(git -C "$WT" status --porcelain --untracked-files=all -- results/reference/runs)" ]; then
+            echo "continue.sh: $WT/results/reference/runs holds files git does not have: move them away first" >&2
+            exit 2
+        fi
         rm -rf "$WT/results/reference/runs"
         ln -s "$ROOT/results/reference/runs" "$WT/results/reference/runs"
     fi
-    printf '#!/usr/bin/env bash\ncd %s\nexec %s/.venv/bin/python %s/results/reference/pinned.py "$@"\n' "$WT" "$ROOT" "$WT" \
+    printf '#!/usr/bin/env bash\ncd %q\nexec %q %q "$@"\n' "$WT" "$ROOT/.venv/bin/python" "$WT/results/reference/pinned.py" \
         > "$PARENT/ref-bench.sh"
     chmod +x "$PARENT/ref-bench.sh"
     (cd "$WT" && ENSEMBLE_BENCH="$PARENT/ref-bench.sh" ENSEMBLE_BENCH_POST="$ROOT/.venv/bin/ensemble-bench" \
@@ -53,7 +70,7 @@ else
     echo "continue.sh: make.sh started in $WT (log: $PARENT/ref-sweep.log)"
 fi
 
-if pgrep -f "$LOOP" >/dev/null; then
+if [ -n "$(mine "$LOOP" "$ROOT")" ]; then
     echo "continue.sh: the save loop is already running (since $(cat "$PARENT/ref-save-since" 2>/dev/null || echo '?'))"
 else
     git rev-parse HEAD > "$PARENT/ref-save-since"
