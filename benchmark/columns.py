@@ -492,8 +492,8 @@ def flatten_record(rec: RunRecord | Mapping) -> dict:
                 row[f"auroc_{set_name}_{score}"] = num(as_dict(vals).get("auroc"))
     row.update(_shift_columns(metrics.shift, as_dict(data.get("shift"))))
     for k in COST_COLUMNS:
-        src = training if k in ("train_s", "train_flops") else cost
-        row[k] = num(src.get(k))
+        if k != "train_s":
+            row[k] = num((training if k == "train_flops" else cost).get(k))
     row["train_s"], row["train_s_recorded"] = record_train_s(training)   # stalls left out (record_train_s)
     row["latency_device"] = cost.latency_device or cost.device
     row["throughput_device"] = cost.throughput_device or cost.latency_device or cost.device

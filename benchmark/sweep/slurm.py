@@ -56,7 +56,7 @@ class RunState:
     error: str | None = None   # the failed record's error; for a problem, why its file is refused (one line)
     job_id: str | None = None  # the Slurm job (array task) that runs or ran it
     holder: str | None = None  # "pid P on host H": the live process that holds the run's lock
-    record: dict | None = field(default=None, repr=False, compare=False)   # done / failed: as read
+    record: dict | None = field(default=None, repr=False, compare=False)   # done: as read (precision check)
 
 
 
@@ -122,7 +122,7 @@ def run_states(spec: SweepSpec, runs: list[RunConfig] | None = None, *,
             states.append(RunState(cfg, rid, "running", holder or "running", job_id=job_id, holder=holder))
         elif status == "failed":
             states.append(RunState(cfg, rid, "failed", error=(rec or {}).get("error") or "(no error recorded)",
-                                   job_id=job_id, record=rec))
+                                   job_id=job_id))
         elif status == "running":
             if entry is not None and queue is not None:
                 # sent to Slurm, its job is gone, the record says running: killed or cancelled mid-run
