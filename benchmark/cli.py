@@ -70,7 +70,7 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
                    help=f"last fraction of the training set held out for validation (default {d.val_fraction})")
     p.add_argument("--out", help=f"folder of the records (default {d.out})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"(default {d.device})")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward (CUDA)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward (CUDA, or a CPU with a C++ compiler)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--no-keep-weights", dest="keep_weights", action="store_false", default=None,
                    help="do not keep the final weights beside the record (they allow evaluating again)")

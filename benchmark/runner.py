@@ -125,6 +125,27 @@ def check_fits_in_memory(model: Any, cfg: RunConfig, device: torch.device) -> No
                          f"of {device.type} memory here")
 
 
+def check_compiler(cfg: RunConfig, device: torch.device) -> None:
+    """``--compile`` on a CPU builds C++ kernels (torch inductor): without a C++ compiler it would fail at the
+    first training step, after the record was written. Refused before, in one line. The lookup is
+    inductor's own (``torch._inductor.config.cpp.cxx``, ``$CXX``); a torch without it is left to report."""
+    if not cfg.compile or device.type != "cpu":
+        return
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:   # noqa: BLE001 - inductor's InvalidCxxCompiler, or whatever its search raises
+        names = [c for c in inductor_config.cpp.cxx if c] if isinstance(inductor_config.cpp.cxx, (list, tuple)) \
+            else [inductor_config.cpp.cxx]
+        raise UsageError(f"--compile on the CPU needs a C++ compiler (torch.compile's CPU kernels are C++) and "
+                         f"none was found (looked for {', '.join(map(str, names)) or 'none'}; $CXX names another); "
+                         f"install one (e.g. g++) or run without --compile") from None
+
+
 def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
             locked: bool = False) -> dict:
     """Run one configuration and return its complete record (an existing complete record is returned
@@ -170,6 +191,7 @@ def preflight(cfg: RunConfig, force: bool = False) -> Any:
     method = make_method(cfg)      # bad options fail here, before anything is written
     meta_model = check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
     check_fits_in_memory(meta_model, cfg, resolve_device(cfg.device))   # weights larger than the device: refused
+    check_compiler(cfg, resolve_device(cfg.device))   # --compile on a CPU without a C++ compiler: refused
     return load_shift(cfg)         # --shift: a missing or bad corrupted set is refused before any work
 
 

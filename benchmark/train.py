@@ -197,9 +197,10 @@ class Trainer:
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.channels_last = bool(getattr(config, "channels_last", False)) and self.cuda
         self.bf16 = bool(getattr(config, "bf16", False)) and self.cuda
-        # torch.compile of the training forward (CUDA only): the same computation with other floating-point
-        # rounding, as another machine's; recorded (segments, training.compiled), not a row key
-        self.compiled = bool(getattr(config, "compile", False)) and self.cuda
+        # torch.compile of the training forward (CUDA and CPU; on a CPU inductor builds C++ kernels, checked by
+        # runner.check_compiler): the same computation with other floating-point rounding, as another
+        # machine's; recorded (segments, training.compiled), not a row key, but in the stage-store key
+        self.compiled = bool(getattr(config, "compile", False))
         self.normalizer = Normalizer(data.mean, data.std, self.device, self.channels_last)
         self.stages: dict[str, StageResult] = {}
         # the run's effective recipe: every stage's default (ensemble_bench.recipe)

@@ -778,3 +778,15 @@ def test_a_batch_larger_than_the_training_split_is_said(capsys):
         make_run_config(dict(settings, batch_size=5000))
     (w,) = [w for w in caught if "full-batch" in str(w.message)]
     assert "5000" in str(w.message) and "1,294" in str(w.message) and "digits" in str(w.message)
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_any_write(tmp_path, capsys, monkeypatch):
+    """`--compile` on a CPU needs a C++ compiler (inductor's kernels): without one the run would fail at its
+    first step with a traceback and a failed record; it is one line, exit 2, nothing written. Without the
+    flag the same machine runs."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-cxx-compiler",))
+    bad_input(tmp_path, ["run", "--method", "single", *T, "--device", "cpu", "--compile", "--out", "out"], capsys,
+              "--compile on the CPU needs a C++ compiler", "no-such-cxx-compiler")

@@ -494,15 +494,41 @@ def test_fp32_means_float32_not_tf32(tmp_path, capsys, monkeypatch):
     assert {(c, m) for _, c, m in seen} == {(False, False)}    # all in float32
 
 
-def test_compile_is_recorded_where_it_acts_and_changes_no_stage_where_it_does_not(tmp_path, capsys):
-    """`--compile` acts on CUDA only: on a CPU the record says it did not (training.compiled false, no
-    compiled segment) and the stage it trained is the same stage as without the flag, so a later run
-    without it reuses that stage."""
+def test_compile_acts_on_cpu_is_recorded_and_is_its_own_stage(tmp_path, capsys):
+    """`--compile` acts on the CPU too (inductor's C++ kernels: ResNet-8's training step 1.7x faster on one
+    Xeon core, README): the record says so (training.compiled, a compiled segment), and the stage it
+    trained is another computation than the eager one (other floating-point rounding), so a later run
+    without the flag trains its own member 0 rather than reuse the compiled one."""
     out = tmp_path / "runs"
     s = run_cli(["run", "--method", "single", *T, "--epochs", "1", "--compile", "--out", str(out)], capsys)
     rec = json.loads((out / f"{s['run_id']}.json").read_text())
-    assert rec["config"]["compile"] is True and rec["training"]["compiled"] is False
-    assert all("compiled" not in seg for st in rec["training"]["stages"].values() for seg in st["segments"])
+    assert rec["config"]["compile"] is True and rec["training"]["compiled"] is True
+    assert [seg["compiled"] for st in rec["training"]["stages"].values() for seg in st["segments"]] == [True]
     de = run_cli(["run", "--method", "deep_ensemble", *T, "--epochs", "1", "--set", "num_members=2",
                   "--out", str(out)], capsys)
-    assert list(json.loads((out / f"{de['run_id']}.json").read_text())["training"]["reused_stages"]) == ["member0"]
+    de_rec = json.loads((out / f"{de['run_id']}.json").read_text())
+    assert de_rec["training"]["compiled"] is False and not de_rec["training"]["reused_stages"]
+
+
+def test_a_killed_compiled_run_resumes_to_the_same_weights(digits, tmp_path):
+    """A compiled CPU run killed after epoch 1 and started again ends with the weights of the run that was
+    never killed, bit for bit: the resume contract holds under ``--compile`` (a checkpoint holds the
+    eager module's state; the compiled forward is rebuilt around it)."""
+    import torch
+
+    from conftest import Killed, fit_method, kill_at, subsample
+
+    bundle = subsample(digits, 300, 100)
+    ref, trainer, _ = fit_method("single", bundle, epochs=3, compile=True, ckpt_dir=tmp_path / "ref")
+    assert trainer.summary()["compiled"] is True
+    with kill_at("member0", 2), pytest.raises(Killed):
+        fit_method("single", bundle, epochs=3, compile=True, ckpt_dir=tmp_path / "run")
+    resumed, trainer, _ = fit_method("single", bundle, epochs=3, compile=True, ckpt_dir=tmp_path / "run")
+    assert trainer.stages["member0"].resumed_from_epoch == 1
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # the same computation as eager, up to rounding: every weight and every batch-norm statistic close
+    eager, trainer, _ = fit_method("single", bundle, epochs=3, ckpt_dir=tmp_path / "eager")
+    assert trainer.summary()["compiled"] is False
+    for k, v in eager.state_dict().items():
+        assert torch.allclose(v.double(), ref.state_dict()[k].double(), rtol=1e-3, atol=1e-4), k
