@@ -81,8 +81,9 @@ def run(args, argv_used: list[str]) -> int:
                      f"{e['step_cpu_s'] / c['step_cpu_s']:.2f}x | {c['first_two_steps_wall_s']:.1f} | "
                      f"{e['step_wall_s']:.4f} | {c['step_wall_s']:.4f} |")
     lines += ["", f"Batch {args.batch}, median of {args.steps} steps after the first two. Inductor's cache started "
-              "empty: a backbone's first compiled build (repeat 0) pays its C++ compilation, the later ones reuse "
-              "the cache, as a second run on the same machine would."]
+              "empty: the first compiled build (the first backbone's repeat 0) paid the whole C++ compilation; a "
+              "later build reuses the cache (kernels of an earlier backbone too), as a later run on the same "
+              "machine would."]
     csv_path, md_path = tp.write_table(Path(args.out), "bench_compile_cpu", rows, lines, torch.device("cpu"),
                                        first=("backbone", "mode", "repeat"))
     print("\n".join(lines))

@@ -787,6 +787,7 @@ def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_any_write(tmp
     from torch._inductor import config as inductor_config
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-cxx-compiler",))
-    bad_input(tmp_path, ["run", "--method", "single", *T, "--device", "cpu", "--compile", "--out", "out"], capsys,
-              "--compile on the CPU needs a C++ compiler", "no-such-cxx-compiler")
+    with inductor_config.patch({"cpp.cxx": ("no-such-cxx-compiler",)}):   # (monkeypatch's undo breaks this config)
+        bad_input(tmp_path, ["run", "--method", "single", *T, "--device", "cpu", "--compile", "--out", "out"], capsys,
+                  "--compile on the CPU needs a C++ compiler", "no-such-cxx-compiler")
+    assert inductor_config.cpp.cxx != ("no-such-cxx-compiler",)
