@@ -139,8 +139,8 @@ def check_compiler(cfg: RunConfig, device: torch.device) -> None:
     try:
         get_cpp_compiler()
     except Exception:   # noqa: BLE001 - inductor's InvalidCxxCompiler, or whatever its search raises
-        names = [c for c in inductor_config.cpp.cxx if c] if isinstance(inductor_config.cpp.cxx, (list, tuple)) \
-            else [inductor_config.cpp.cxx]
+        cxx = inductor_config.cpp.cxx
+        names = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c]
         raise UsageError(f"--compile on the CPU needs a C++ compiler (torch.compile's CPU kernels are C++) and "
                          f"none was found (looked for {', '.join(map(str, names)) or 'none'}; $CXX names another); "
                          f"install one (e.g. g++) or run without --compile") from None
@@ -190,8 +190,9 @@ def preflight(cfg: RunConfig, force: bool = False) -> Any:
     check_run_paths(out, run_id)         # a folder where a result file goes (or the reverse): refused here
     method = make_method(cfg)      # bad options fail here, before anything is written
     meta_model = check_buildable(method, cfg)   # a method that cannot take this backbone: refused, nothing written
-    check_fits_in_memory(meta_model, cfg, resolve_device(cfg.device))   # weights larger than the device: refused
-    check_compiler(cfg, resolve_device(cfg.device))   # --compile on a CPU without a C++ compiler: refused
+    device = resolve_device(cfg.device)
+    check_fits_in_memory(meta_model, cfg, device)   # weights larger than the device: refused
+    check_compiler(cfg, device)   # --compile on a CPU without a C++ compiler: refused
     return load_shift(cfg)         # --shift: a missing or bad corrupted set is refused before any work
 
 

@@ -782,8 +782,7 @@ def test_a_batch_larger_than_the_training_split_is_said(capsys):
 
 def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_before_any_write(tmp_path, capsys, monkeypatch):
     """`--compile` on a CPU needs a C++ compiler (inductor's kernels): without one the run would fail at its
-    first step with a traceback and a failed record; it is one line, exit 2, nothing written. Without the
-    flag the same machine runs."""
+    first step with a traceback and a failed record; it is one line, exit 2, nothing written."""
     from torch._inductor import config as inductor_config
 
     monkeypatch.chdir(tmp_path)

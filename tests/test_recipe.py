@@ -495,7 +495,7 @@ def test_fp32_means_float32_not_tf32(tmp_path, capsys, monkeypatch):
 
 
 def test_compile_acts_on_cpu_is_recorded_and_is_its_own_stage(tmp_path, capsys):
-    """`--compile` acts on the CPU too (inductor's C++ kernels: ResNet-8's training step 1.7x faster on one
+    """`--compile` acts on the CPU too (inductor's C++ kernels: ResNet-8's training step 1.6x faster on one
     Xeon core, README): the record says so (training.compiled, a compiled segment), and the stage it
     trained is another computation than the eager one (other floating-point rounding), so a later run
     without the flag trains its own member 0 rather than reuse the compiled one."""
