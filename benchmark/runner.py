@@ -413,6 +413,14 @@ HARNESS_DIR = Path(__file__).resolve().parent
 METHODS_DIR = Path(methods.__file__).resolve().parent
 
 
+def harness_files() -> list[Path]:
+    """The harness's source: every .py file under benchmark/ (installed as ensemble_bench/), its sub-packages
+    too, but not the methods. In the repository methods/ sits beside benchmark/; an installed copy (``pip install
+    .``) nests it as ensemble_bench/methods/, and counting it there would give the same code another harness hash
+    and make every method file part of every record's harness."""
+    return [p for p in HARNESS_DIR.rglob("*.py") if METHODS_DIR not in p.parents]
+
+
 def _sha256_files(paths: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
@@ -452,7 +460,7 @@ def code_identity(method_cls: type, plugin_specs: tuple[str, ...] = ()) -> dict[
     from ensemble_bench import plugins
 
     src = Path(inspect.getsourcefile(method_cls) or "")
-    code = {"harness_sha256": _sha256_files(list(HARNESS_DIR.rglob("*.py")), HARNESS_DIR),
+    code = {"harness_sha256": _sha256_files(harness_files(), HARNESS_DIR),
             "method_module": method_cls.__module__, "method_file": src.name,
             "method_sha256": _sha256_files([src], src.parent) if src.is_file() else None}
     if src.parent.resolve() != METHODS_DIR:   # a plugin's method: where its file is, and every plugin loaded

@@ -349,6 +349,32 @@ def test_a_complete_record_from_other_code_is_named_when_skipped(tmp_path, capsy
     assert leaderboard.leaderboard([rec, {**edited, "code": rec["code"]}]).loc[0, "code_versions"] == 1
 
 
+def test_an_installed_copy_has_the_repositorys_code_hashes(tmp_path):
+    """`pip install .` nests methods/ as ensemble_bench/methods/: the same code must keep the same harness and
+    method hashes there (else its records read as other code, and a method file would be part of the harness)."""
+    import subprocess
+    import sys
+
+    from ensemble_bench import runner
+    from ensemble_bench.methods.single import Single
+
+    site = tmp_path / "site"
+    shutil.copytree(runner.HARNESS_DIR, site / "ensemble_bench", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(runner.METHODS_DIR, site / "ensemble_bench" / "methods", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); import ensemble_bench; "
+             "from ensemble_bench import runner; from ensemble_bench.methods.single import Single; "
+             "print(json.dumps([ensemble_bench.__file__, runner.code_identity(Single)]))")
+    out = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True, check=True)
+    where, theirs = json.loads(out.stdout)
+    assert where.startswith(str(site))      # the copy ran, not the checkout
+    mine = runner.code_identity(Single)
+    assert theirs["harness_sha256"] == mine["harness_sha256"] and theirs["method_sha256"] == mine["method_sha256"]
+    # a method file is not part of the harness: editing one changes its own hash only
+    (site / "ensemble_bench" / "methods" / "packed.py").write_text("# edited\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)[1]["harness_sha256"] == mine["harness_sha256"]
+
+
 def test_a_record_of_another_precision_is_not_taken_for_this_run(tmp_path, capsys, monkeypatch):
     """bf16 acts only on CUDA and the run id is fixed before the device is known: a CPU record (fp32) is not
     this run on a CUDA device (bf16, the same id). One line and exit 2 before any work, the record kept."""
