@@ -526,3 +526,35 @@ def test_reference_landed_table_lists_each_record_with_its_own_evidence():
     assert "**no** (member0: -" in rows[1] and "over epochs 7-10" in rows[1] and rows[0].count("| yes |") == 1
     assert "| schedule=linear |" in rows[0] and rows[0].endswith("| AMD EPYC + Intel Xeon |")
     assert rows[2].endswith("| Intel Xeon @ 2.80GHz |")
+
+
+def test_every_reference_phase_expands_with_this_code(tmp_path, shared_data, monkeypatch):
+    """results/reference/make.sh goes through its phases for days: a spec this code cannot load would stop a lane
+    part way. Every phase it names loads and expands; the wider backbone's (phases 6-7) train compiled, and the
+    flag leaves their run ids alone (README, Pace: they were fixed before the pin that compiles them)."""
+    import re
+
+    from ensemble_bench import sweep
+
+    ref = Path(__file__).parents[1] / "results" / "reference"
+    phases = re.search(r'PHASES="([^"]*)"', (ref / "make.sh").read_text()).group(1).split()
+    assert len(phases) == len(list(ref.glob("[0-9]*-*.toml")))
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(shared_data)     # the specs' data_dir, ../shared/data, from cwd/
+    monkeypatch.chdir(tmp_path / "cwd")
+    for phase in phases:
+        text = (ref / f"{phase}.toml").read_text().replace('"results/reference/runs"', f'"{tmp_path / "runs"}"')
+        spec = sweep.load_spec(write_text(tmp_path / f"{phase}.toml", text))
+        runs = sweep.expand(spec)
+        assert runs, phase
+        wide = phase[0] in "67"
+        assert all(r.compile == wide for r in runs), phase
+        if wide:
+            eager = sweep.load_spec(write_text(tmp_path / "eager.toml", text.replace("compile = true", "compile = false")))
+            assert [r.run_id() for r in sweep.expand(eager)] == [r.run_id() for r in runs]
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -3,20 +3,24 @@
 # README "Making it" as one command, from any folder of this checkout (idempotent: what exists is kept, what
 # runs is left running).
 #
-#   bash results/reference/continue.sh        # pinned worktree at 879fd50 (created if missing), make.sh's two
-#                                              # lanes and the save loop (each started unless already running)
+#   bash results/reference/continue.sh        # pinned worktree at 879fd50 (created if missing), an installed copy
+#                                              # of 7718f2a for phases 6-7 (made if missing), make.sh's two lanes
+#                                              # and the save loop (each started unless already running)
 #   bash results/reference/continue.sh stop   # stop the save loop, then save everything (FORCE_SAVE=1)
 #
 # The sweep itself is not stopped by `stop`: a session's end kills it, and the next session resumes it from the
 # checkpoints the save committed. Files outside the checkout, beside it: ../ref-sweep (the worktree),
-# ../ref-bench.sh (the pinned code's wrapper), ../ref-sweep.log, ../save-loop.log, ../ref-save-since (the
+# ../ref-bench.sh (the pinned code's wrapper), ../ref-wide-pkgs and ../ref-bench-wide.sh (phases 6-7's code
+# and its wrapper), ../ref-sweep.log, ../save-loop.log, ../ref-save-since (the
 # commit this session's saves amend onto: save.sh's SAVE_SINCE).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-PIN=879fd50
+PIN=879fd50          # the code of phases 0-5 (ResNet-8)
+WIDE_PIN=7718f2a     # the code of phases 6-7 (ResNet-8x2, compiled on the CPU: README, Pace)
 WT=$(dirname "$ROOT")/ref-sweep
 PARENT=$(dirname "$ROOT")
+WIDE_PKGS=$PARENT/ref-wide-pkgs
 LOOP='while sleep 900; do bash results/reference/save.sh; done'
 
 mine() {   # the pids of processes matching $1 whose working folder is $2 (another checkout's are not ours)
@@ -65,8 +69,21 @@ else
     printf '#!/usr/bin/env bash\ncd %q\nexec %q %q "$@"\n' "$WT" "$ROOT/.venv/bin/python" "$WT/results/reference/pinned.py" \
         > "$PARENT/ref-bench.sh"
     chmod +x "$PARENT/ref-bench.sh"
-    (cd "$WT" && ENSEMBLE_BENCH="$PARENT/ref-bench.sh" ENSEMBLE_BENCH_POST="$ROOT/.venv/bin/ensemble-bench" \
-        nohup bash results/reference/make.sh >> "$PARENT/ref-sweep.log" 2>&1 &)
+    # phases 6-7: an installed copy (pip install --target) of WIDE_PIN's package, run from the same folder
+    want=$(git rev-parse "$WIDE_PIN^{commit}")
+    if [ "$(cat "$WIDE_PKGS/PIN" 2>/dev/null || true)" != "$want" ]; then
+        src=$(mktemp -d)
+        git archive "$want" pyproject.toml README.md benchmark methods | tar -x -C "$src"
+        rm -rf "$WIDE_PKGS"
+        "$ROOT/.venv/bin/python" -m pip install -q --no-deps --no-build-isolation --target "$WIDE_PKGS" "$src"
+        rm -rf "$src"
+        echo "$want" > "$WIDE_PKGS/PIN"
+    fi
+    printf '#!/usr/bin/env bash\ncd %q\nPYTHONPATH=%q exec %q -m ensemble_bench "$@"\n' "$WT" "$WIDE_PKGS" \
+        "$ROOT/.venv/bin/python" > "$PARENT/ref-bench-wide.sh"
+    chmod +x "$PARENT/ref-bench-wide.sh"
+    (cd "$WT" && ENSEMBLE_BENCH="$PARENT/ref-bench.sh" ENSEMBLE_BENCH_WIDE="$PARENT/ref-bench-wide.sh" \
+        ENSEMBLE_BENCH_POST="$ROOT/.venv/bin/ensemble-bench" nohup bash results/reference/make.sh >> "$PARENT/ref-sweep.log" 2>&1 &)
     echo "continue.sh: make.sh started in $WT (log: $PARENT/ref-sweep.log)"
 fi
 

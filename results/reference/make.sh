@@ -7,11 +7,13 @@
 # it comes before the others). 3c: a control added after phase 3's snapshot row (the single model under
 # the snapshot paper's optimiser; its own file says why). 3d: the same kind of control for phase 3's MC-dropout
 # row (the single model, i.e. MC dropout at rate 0, under MC dropout's paper recipe). 3e: the single model under
-# uncertainty-baselines' recipe, the paper recipe of BatchEnsemble and MIMO.
+# uncertainty-baselines' recipe, the paper recipe of BatchEnsemble and MIMO. Phases 6-7 train compiled
+# (compile = true in their specs) with ENSEMBLE_BENCH_WIDE, a later pin than phases 0-5 (README: Pace).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 BIN=${ENSEMBLE_BENCH:-ensemble-bench}          # the code that trains: the pinned commit (README)
+WIDE=${ENSEMBLE_BENCH_WIDE:-$BIN}              # the code that trains phases 6-7 (the wider backbone, compiled)
 POST=${ENSEMBLE_BENCH_POST:-ensemble-bench}    # the code that reads the records: leaderboard and report
 PHASES="0-shorter-30ep 1-budget-60 1b-budget-120 2-shared-seed0 3-paper-seeds01 3c-control-snapshot-recipe
         3d-control-mc-dropout-recipe 3e-control-ub-recipe 4-shared-seeds12 5-paper-seed2 6-wide-shared-seed0 7-wide-shared-seeds12"
@@ -22,7 +24,8 @@ PHASES="0-shorter-30ep 1-budget-60 1b-budget-120 2-shared-seed0 3-paper-seeds01 
 # starts a phase only when every run of the phases before it is complete or being trained.
 lane() {
     for phase in $PHASES; do
-        "$BIN" sweep "results/reference/$phase.toml" --executor local --workers 1
+        case $phase in 6-*|7-*) bin=$WIDE ;; *) bin=$BIN ;; esac
+        "$bin" sweep "results/reference/$phase.toml" --executor local --workers 1
     done 2>&1 | sed -u "s/^/[lane $1] /"
 }
 pids=()
