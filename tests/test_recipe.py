@@ -353,14 +353,28 @@ def test_an_installed_copy_has_the_repositorys_code_hashes(tmp_path):
     """`pip install .` nests methods/ as ensemble_bench/methods/: the same code must keep the same harness and
     method hashes there (else its records read as other code, and a method file would be part of the harness)."""
     import subprocess
+    from pathlib import Path
     import sys
 
     from ensemble_bench import runner
     from ensemble_bench.methods.single import Single
 
+    from ensemble_bench.config import load_toml
+
+    # the copy a wheel holds: each package pyproject.toml lists, from the folder its package-dir maps it to
+    repo = runner.HARNESS_DIR.parent
+    tool = load_toml(repo / "pyproject.toml")["tool"]["setuptools"]
     site = tmp_path / "site"
-    shutil.copytree(runner.HARNESS_DIR, site / "ensemble_bench", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(runner.METHODS_DIR, site / "ensemble_bench" / "methods", ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in tool["packages"]:
+        top = max((k for k in tool["package-dir"] if pkg == k or pkg.startswith(k + ".")), key=len)
+        src = repo / tool["package-dir"][top] / Path(*pkg[len(top):].split(".")[1:])
+        (site / Path(*pkg.split("."))).mkdir(parents=True, exist_ok=True)
+        for f in src.glob("*.py"):
+            shutil.copy(f, site / Path(*pkg.split(".")) / f.name)
+    # every source file of the checkout is in it (a sub-package missing from the list would be missing here)
+    tracked = {p.relative_to(repo / "benchmark") for p in runner.HARNESS_DIR.rglob("*.py")}
+    tracked |= {Path("methods") / p.relative_to(runner.METHODS_DIR) for p in runner.METHODS_DIR.rglob("*.py")}
+    assert {p.relative_to(site / "ensemble_bench") for p in site.rglob("*.py")} == tracked
     probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); import ensemble_bench; "
              "from ensemble_bench import runner; from ensemble_bench.methods.single import Single; "
              "print(json.dumps([ensemble_bench.__file__, runner.code_identity(Single)]))")
