@@ -27,6 +27,7 @@ from ensemble_bench.api import COMBINE_RULES, EnsembleModel, FitContext
 from ensemble_bench.config import RunConfig, build_options
 from ensemble_bench.resolve import load_shift
 from ensemble_bench.errors import MethodContractError, UsageError
+from ensemble_bench.registry import error_line
 from ensemble_bench.runlock import lock_holder, run_lock
 
 
@@ -69,8 +70,9 @@ def check_model(model: Any, method: str) -> EnsembleModel:
 def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | None = None) -> Any:
     """Build the method's architecture on the meta device (no memory, no compute, no data) so that a
     method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
-    record or folder exists (and a sweep refuses it before submitting). Any other failure here is left
-    for the real build inside ``fit`` to report. ``shape``: (classes, channels, image size), by default the
+    record or folder exists (and a sweep refuses it before submitting); then a model with lazy parameters and
+    one that cannot take a batch of the data's shape (:func:`check_forward`) are refused the same way. Any other
+    failure of the build here is left for the real build inside ``fit`` to report. ``shape``: (classes, channels, image size), by default the
     run's dataset's. Returns the meta model (None when the build failed)."""
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
@@ -82,13 +84,68 @@ def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | N
     rng = torch.get_rng_state()
     try:
         with torch.device("meta"):
-            return method.build(ctx)
+            model = method.build(ctx)
     except UsageError:
         raise
     except Exception:
         return None
     finally:
         torch.set_rng_state(rng)
+    lazy = [n for n, t in (model.named_parameters() if isinstance(model, torch.nn.Module) else ())
+            if torch.nn.parameter.is_lazy(t)]
+    if lazy:   # the harness hashes, counts and sparsifies the weights before any forward could size them
+        raise UsageError(f"{cfg.method} on backbone {cfg.backbone!r}: the model has lazy (unsized) parameters "
+                         f"({', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}), which the suite does not "
+                         f"support: give those layers their input size (nn.Linear(in, out) for nn.LazyLinear(out))")
+    cpu = FitContext(config=cfg, num_classes=classes, in_channels=channels, image_size=size, device=torch.device("cpu"))
+    check_forward(model, cfg, shape, lambda: method.build(cpu))
+    return model
+
+
+def check_forward(model: Any, cfg: RunConfig, shape: tuple[int, int, int], build_cpu: Callable[[], Any]) -> None:
+    """A batch of the data's shape goes through the built model (evaluation mode), so a backbone that cannot
+    take the data (a plugin's fixed input channels, a timm model's fixed image size) is bad input before any
+    record exists, not a traceback at the first training step. On the meta model first (no memory, no
+    compute); where that fails (an op without a meta kernel, or the mismatch itself), again on a real build on
+    the CPU (``build_cpu``), whose error is the one reported. A model larger than a quarter of this machine's
+    memory, or one that cannot be built here (a build that needs the data), is left to the run itself."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    _, channels, size = shape
+
+    def forward(m: torch.nn.Module, device: str) -> None:
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                m(torch.zeros(2, channels, size, size, device=device))
+        finally:
+            m.train(was)
+
+    try:
+        forward(model, "meta")
+        return
+    except Exception:  # noqa: BLE001 - decided on the CPU below
+        pass
+    if model_bytes(model) > (device_memory(torch.device("cpu")) or 0) // 4:
+        return
+    with torch.random.fork_rng(devices=[]):
+        try:
+            real = build_cpu()
+        except Exception:  # noqa: BLE001 - cannot be built here: the run's own build reports it
+            return
+        try:
+            forward(real, "cpu")
+        except Exception as e:  # noqa: BLE001 - any failure of the forward: the model does not take the data
+            raise UsageError(f"{cfg.method} on backbone {cfg.backbone!r} cannot take the {cfg.dataset} data: a "
+                             f"batch of shape (2, {channels}, {size}, {size}) fails in the model's forward "
+                             f"({error_line(e)}); check the backbone's input channels and image size") from None
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a lazy module's tensors, not sized yet, count nothing)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+               if not torch.nn.parameter.is_lazy(t))
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -114,7 +171,7 @@ def check_fits_in_memory(model: Any, cfg: RunConfig, device: torch.device) -> No
     login node is not the machine that trains)."""
     if not isinstance(model, torch.nn.Module):
         return
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    need = model_bytes(model)
     have = device_memory(device)
     if have is not None and need > have:
         from ensemble_bench.cost import count_params

@@ -286,6 +286,25 @@ CASES = {
                                               "digits", "--epochs", "1", "--out", "out"],
                                              ["1,457,", "parameters", "GiB", "memory here"]),
     "leaderboard_given_a_file": lambda t: (["leaderboard", _file(t)], ["is a file, not a results folder"]),
+    "plugin_backbone_fixed_channels": lambda t: (
+        ["run", "--method", "single", "--backbone", "rgb_only", "--dataset", "digits", "--epochs", "1", "--out", "out",
+         "--plugin", _write(t / "rgb.py", (
+             "import torch.nn as nn\nimport ensemble_bench as eb\n\n"
+             "@eb.register_backbone('rgb_only')\ndef rgb_only(num_classes, in_channels, layers):\n"
+             "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+             "                         nn.Linear(8, num_classes))\n"))],
+        ["single on backbone 'rgb_only' cannot take the digits data", "(2, 1, 8, 8)", "3 channels"]),
+    "plugin_backbone_lazy_layer": lambda t: (
+        ["run", "--method", "single", "--backbone", "lazy", "--dataset", "digits", "--epochs", "1", "--out", "out",
+         "--plugin", _write(t / "lazy.py", (
+             "import torch.nn as nn\nimport ensemble_bench as eb\n\n"
+             "@eb.register_backbone('lazy')\ndef lazy(num_classes, in_channels, layers):\n"
+             "    return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Flatten(), nn.LazyLinear(num_classes))\n"))],
+        ["backbone 'lazy'", "lazy (unsized) parameters", "members.0.2.weight", "nn.LazyLinear"]),
+    "timm_vit_fixed_image_size": lambda t: (
+        ["run", "--method", "deep_ensemble", "--backbone", "timm:vit_tiny_patch16_224", "--dataset", "digits",
+         "--epochs", "1", "--out", "out"],
+        ["cannot take the digits data", "(2, 1, 8, 8)", "Input height (8) doesn't match model (224)"]),
     "report_o_in_proc": "records",
     # --- "A silent number"
     "cifar10_train_16x16": lambda t: (
