@@ -113,11 +113,13 @@ def check_forward(model: Any, cfg: RunConfig, shape: tuple[int, int, int], build
         return
     _, channels, size = shape
 
+    from ensemble_bench.environment import exact_float32
+
     def forward(m: torch.nn.Module, device: str) -> None:
         was = m.training
         m.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exact_float32():   # as every forward of a run (no TF32 on CUDA)
                 m(torch.zeros(2, channels, size, size, device=device))
         finally:
             m.train(was)
