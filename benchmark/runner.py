@@ -71,8 +71,8 @@ def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | N
     """Build the method's architecture on the meta device (no memory, no compute, no data) so that a
     method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
     record or folder exists (and a sweep refuses it before submitting); then a model with lazy parameters and
-    one that cannot take a batch of the data's shape (:func:`check_forward`) are refused the same way. Any other
-    failure of the build here is left for the real build inside ``fit`` to report. ``shape``: (classes, channels, image size), by default the
+    a backbone that cannot take a batch of the data's shape (:func:`check_forward`) are refused the same way.
+    Any other failure of the build here is left for the real build inside ``fit`` to report. ``shape``: (classes, channels, image size), by default the
     run's dataset's. Returns the meta model (None when the build failed)."""
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
@@ -88,7 +88,7 @@ def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | N
     except UsageError:
         raise
     except Exception:
-        return None
+        model = None
     finally:
         torch.set_rng_state(rng)
     lazy = [n for n, t in (model.named_parameters() if isinstance(model, torch.nn.Module) else ())
@@ -97,51 +97,50 @@ def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | N
         raise UsageError(f"{cfg.method} on backbone {cfg.backbone!r}: the model has lazy (unsized) parameters "
                          f"({', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}), which the suite does not "
                          f"support: give those layers their input size (nn.Linear(in, out) for nn.LazyLinear(out))")
-    cpu = FitContext(config=cfg, num_classes=classes, in_channels=channels, image_size=size, device=torch.device("cpu"))
-    check_forward(model, cfg, shape, lambda: method.build(cpu))
+    check_forward(cfg, shape)
     return model
 
 
-def check_forward(model: Any, cfg: RunConfig, shape: tuple[int, int, int], build_cpu: Callable[[], Any]) -> None:
-    """A batch of the data's shape goes through the built model (evaluation mode), so a backbone that cannot
-    take the data (a plugin's fixed input channels, a timm model's fixed image size) is bad input before any
-    record exists, not a traceback at the first training step. On the meta model first (no memory, no
-    compute); where that fails (an op without a meta kernel, or the mismatch itself), again on a real build on
-    the CPU (``build_cpu``), whose error is the one reported. A model larger than a quarter of this machine's
-    memory, or one that cannot be built here (a build that needs the data), is left to the run itself."""
-    if not isinstance(model, torch.nn.Module):
-        return
-    _, channels, size = shape
-
+def check_forward(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
+    """A batch of the data's shape goes through the run's backbone (evaluation mode, as the backbone alone:
+    the method's own forward is the method's), so a backbone that cannot take the data (a plugin's fixed input
+    channels, a timm model's fixed image size) is bad input before any record exists, not a traceback at the
+    first training step. On the meta device first (no memory, no compute); where that fails (an op without a
+    meta kernel, or the mismatch itself), again on a real CPU build, whose error is the one reported. A
+    backbone larger than a quarter of this machine's memory, or one that cannot be built here, is left to the
+    run itself."""
+    from ensemble_bench.backbones import build_backbone
     from ensemble_bench.environment import exact_float32
 
-    def forward(m: torch.nn.Module, device: str) -> None:
-        was = m.training
-        m.eval()
-        try:
-            with torch.no_grad(), exact_float32():   # as every forward of a run (no TF32 on CUDA)
-                m(torch.zeros(2, channels, size, size, device=device))
-        finally:
-            m.train(was)
-
+    classes, channels, size = shape
+    meta = None
+    rng = torch.get_rng_state()
     try:
-        forward(model, "meta")
+        with torch.device("meta"):
+            meta = build_backbone(cfg.backbone, classes, channels)
+        meta.eval()
+        with torch.no_grad(), exact_float32():   # as every forward of a run (no TF32 on CUDA)
+            meta(torch.zeros(2, channels, size, size, device="meta"))
         return
     except Exception:  # noqa: BLE001 - decided on the CPU below
         pass
-    if model_bytes(model) > (device_memory(torch.device("cpu")) or 0) // 4:
+    finally:
+        torch.set_rng_state(rng)
+    if not isinstance(meta, torch.nn.Module) or model_bytes(meta) > (device_memory(torch.device("cpu")) or 0) // 4:
         return
     with torch.random.fork_rng(devices=[]):
         try:
-            real = build_cpu()
+            real = build_backbone(cfg.backbone, classes, channels)
         except Exception:  # noqa: BLE001 - cannot be built here: the run's own build reports it
             return
+        real.eval()
         try:
-            forward(real, "cpu")
-        except Exception as e:  # noqa: BLE001 - any failure of the forward: the model does not take the data
-            raise UsageError(f"{cfg.method} on backbone {cfg.backbone!r} cannot take the {cfg.dataset} data: a "
-                             f"batch of shape (2, {channels}, {size}, {size}) fails in the model's forward "
-                             f"({error_line(e)}); check the backbone's input channels and image size") from None
+            with torch.no_grad(), exact_float32():
+                real(torch.zeros(2, channels, size, size))
+        except Exception as e:  # noqa: BLE001 - any failure of the forward: the backbone does not take the data
+            raise UsageError(f"backbone {cfg.backbone!r} cannot take the {cfg.dataset} data: a batch of shape "
+                             f"(2, {channels}, {size}, {size}) fails in its forward ({error_line(e)}); check its "
+                             f"input channels and image size") from None
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -293,7 +293,7 @@ CASES = {
              "@eb.register_backbone('rgb_only')\ndef rgb_only(num_classes, in_channels, layers):\n"
              "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
              "                         nn.Linear(8, num_classes))\n"))],
-        ["single on backbone 'rgb_only' cannot take the digits data", "(2, 1, 8, 8)", "3 channels"]),
+        ["backbone 'rgb_only' cannot take the digits data", "(2, 1, 8, 8)", "3 channels"]),
     "plugin_backbone_lazy_layer": lambda t: (
         ["run", "--method", "single", "--backbone", "lazy", "--dataset", "digits", "--epochs", "1", "--out", "out",
          "--plugin", _write(t / "lazy.py", (
