@@ -4,7 +4,7 @@
 # runs is left running).
 #
 #   bash results/reference/continue.sh        # pinned worktree at 879fd50 (created if missing), an installed copy
-#                                              # of 94b39d3 for phases 6-7 (made if missing), make.sh's two lanes
+#                                              # of e3e6bb1 for phases 6-7 (made if missing), make.sh's two lanes
 #                                              # and the save loop (each started unless already running)
 #   bash results/reference/continue.sh stop   # stop the save loop, then save everything (FORCE_SAVE=1)
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PIN=879fd50          # the code of phases 0-5 (ResNet-8)
-WIDE_PIN=94b39d3     # the code of phases 6-7 (ResNet-8x2, compiled on the CPU: README, Pace)
+WIDE_PIN=e3e6bb1     # the code of phases 6-7 (ResNet-8x2, compiled on the CPU: README, Pace)
 WT=$(dirname "$ROOT")/ref-sweep
 PARENT=$(dirname "$ROOT")
 WIDE_PKGS=$PARENT/ref-wide-pkgs
