@@ -72,8 +72,8 @@ def check_buildable(method: Any, cfg: RunConfig, shape: tuple[int, int, int] | N
     method / backbone combination it refuses (a ``UsageError`` from ``build``) is bad input before any
     record or folder exists (and a sweep refuses it before submitting); then a model with lazy parameters and
     a backbone that cannot take a batch of the data's shape (:func:`check_forward`) are refused the same way.
-    Any other failure of the build here is left for the real build inside ``fit`` to report. ``shape``: (classes, channels, image size), by default the
-    run's dataset's. Returns the meta model (None when the build failed)."""
+    Any other failure of the build here is left for the real build inside ``fit`` to report. ``shape``:
+    (classes, channels, image size), by default the run's dataset's. Returns the meta model (None when the build failed)."""
     from ensemble_bench.data import IMAGE_SHAPES, NUM_CLASSES
 
     if shape is None:
@@ -118,30 +118,30 @@ def check_forward(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
     if cfg.backbone not in PLUGINS and not cfg.backbone.startswith("timm:"):
         return
     classes, channels, size = shape
-    meta = None
-    rng = torch.get_rng_state()
-    try:
-        with torch.device("meta"):
-            meta = build_backbone(cfg.backbone, classes, channels)
-        meta.eval()
+
+    def forward(m: torch.nn.Module, device: str) -> None:
         with torch.no_grad(), exact_float32():   # as every forward of a run (no TF32 on CUDA)
-            meta(torch.zeros(2, channels, size, size, device="meta"))
-        return
-    except Exception:  # noqa: BLE001 - decided on the CPU below
-        pass
-    finally:
-        torch.set_rng_state(rng)
-    if not isinstance(meta, torch.nn.Module) or model_bytes(meta) > (device_memory(torch.device("cpu")) or 0) // 4:
-        return
-    with torch.random.fork_rng(devices=[]):
+            m.eval()(torch.zeros(2, channels, size, size, device=device))
+
+    with torch.random.fork_rng(devices=[]):   # the check leaves the run's random stream as it found it
+        try:
+            with torch.device("meta"):
+                meta = build_backbone(cfg.backbone, classes, channels)
+        except Exception:  # noqa: BLE001 - cannot be built here: the run's own build reports it
+            return
+        try:
+            forward(meta, "meta")
+            return
+        except Exception:  # noqa: BLE001 - decided on the CPU below
+            pass
+        if model_bytes(meta) > (device_memory(torch.device("cpu")) or 0) // 4:
+            return
         try:
             real = build_backbone(cfg.backbone, classes, channels)
         except Exception:  # noqa: BLE001 - cannot be built here: the run's own build reports it
             return
-        real.eval()
         try:
-            with torch.no_grad(), exact_float32():
-                real(torch.zeros(2, channels, size, size))
+            forward(real, "cpu")
         except Exception as e:  # noqa: BLE001 - any failure of the forward: the backbone does not take the data
             raise UsageError(f"backbone {cfg.backbone!r} cannot take the {cfg.dataset} data: a batch of shape "
                              f"(2, {channels}, {size}, {size}) fails in its forward ({error_line(e)}); check its "
