@@ -277,7 +277,7 @@ class Training(Section):
     trained on more than one device or precision (resumed elsewhere, a stage reused from another machine)
     names each, " + "-joined; ``device_epochs`` counts its epochs per device (each stage's ``segments`` say
     which; records before 2026-12-05 leave both out). ``compiled``: some epochs trained under torch.compile
-    (``--compile``, CUDA only; records before 2026-12-05 leave it out)."""
+    (``--compile``, CUDA or a CPU with a C++ compiler; records before 2026-12-05 leave it out)."""
 
     train_s: float | None = _f("nonneg")
     train_flops: float | None = _f("nonneg")
