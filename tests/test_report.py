@@ -806,3 +806,31 @@ def test_size_family_prefers_a_converged_recipe_over_an_underfit_one():
         ("alpha", 30): False, ("beta", 30): False, ("alpha", 60): True, ("beta", 60): True}
     fam = report.find_size_family(sec.configs)
     assert fam.recipe[0] == 60 and "epochs=60" in fam.reason
+
+
+def test_size_curve_draws_its_own_underfit_sizes_hollow(tmp_path):
+    """The size curve's points follow the rule of every other point: a size whose config the leaderboard
+    marks as not converged is hollow and the legend names it (the reference's deep ensembles are not
+    converged from one member of one seed; drawn filled, the curve looked like converged evidence)."""
+    from ensemble_bench.report.figures import fig_size_curve
+
+    kw = dict(params=1_000, flops=1e6, latency=1.0, device=DEV_A)
+
+    def svg_of(tail_of_beta, name):
+        recs = []
+        for run_id, method, opts, m, end, tail in (("s", "alpha", {}, 1, 0.66, [0.66] * 10),
+                                                   ("b", "beta", {"m": 2}, 2, 0.62, tail_of_beta)):
+            r = make_record(run_id, method, opts, 0, m, acc=1 - end / 2, nll=end, epochs=30, size_reference=True, **kw)
+            r["training"]["stages"] = {"member0": {"curve": [{"epoch": i + 1, "val_nll": v} for i, v in
+                                                             enumerate([2.0] * 20 + tail)]}}
+            recs.append(r)
+        (sec,) = report.group_sections(recs)
+        fam = report.find_size_family(sec.configs)
+        (fig,) = fig_size_curve(sec, fam, tmp_path, name)
+        return {c.method: c.converged for c in sec.configs}, (tmp_path / f"{name}/size_curve.svg").read_text(encoding="utf-8")
+
+    verdicts, svg = svg_of([0.62] * 10, "flat")
+    assert verdicts == {"alpha": True, "beta": True} and "not converged" not in svg
+    verdicts, svg = svg_of([0.72 - 0.01 * i for i in range(10)], "falling")   # still falling at the end
+    assert verdicts == {"alpha": True, "beta": False}
+    assert "size curve, not converged: M = 2" in svg

@@ -320,13 +320,18 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
         return []
     members = {id(c) for c in family.configs}
     others = [c for c in sec.configs if id(c) not in members and family.covers(c)]
+    # a size whose configs the leaderboard marks as not converged is drawn hollow, as every other point is
+    underfit = {m for m, cs in family.by_size.items() if any(not c.comparable for c in cs)}
     fig, axes = new_figure(len(panels), ncols=2)
     for ax, (col, lab, sc, hi) in zip(axes, panels):
         sizes = [m for m, _ in family.curve(col)]
         ys = [(y, family.spread(col, m)) for m, y in family.curve(col)]
         ax.errorbar(sizes, [y[0] * sc for y in ys],
                     yerr=[y[1] * sc if math.isfinite(y[1]) else 0.0 for y in ys],
-                    color="black", marker="o", linewidth=1.5, capsize=2, zorder=2)
+                    color="black", marker="", linewidth=1.5, capsize=2, zorder=2)
+        for m, (y, _) in zip(sizes, ys):
+            ax.plot([m], [y * sc], marker="o", color="black", linestyle="", zorder=2.5,
+                    markerfacecolor="white" if m in underfit else "black")
         sign = 1.0 if hi else -1.0
         env = np.maximum.accumulate([sign * y[0] for y in ys]) * sign
         if not np.allclose(env, [y[0] for y in ys]):   # DEE reads the running best: show it where it differs
@@ -350,7 +355,11 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
         ax.grid(True, alpha=0.25)
     curve = Line2D([], [], color="black", marker="o", label="size-reference runs: size curve")
     env_h = Line2D([], [], color="grey", linestyle=":", label="running best (DEE reads this)")
-    legend(fig, others, [curve, env_h], title=sec.labels_note)
+    extra = [curve, env_h]
+    if underfit:
+        extra.append(Line2D([], [], color="black", marker="o", markerfacecolor="white", linestyle="",
+                            label=f"size curve, not converged: M = {', '.join(f'{m:g}' for m in sorted(underfit))}"))
+    legend(fig, others, extra, title=sec.labels_note)
     return [finish(fig, sec, out_dir, f"{base}/size_curve", "deep-ensemble size curve; other configs at their DEE",
                    "Deep-ensemble size curve",
                    f"Metric against members M for the size curve ({family.reason}); mean ± std over "
@@ -359,7 +368,8 @@ def fig_size_curve(sec: Section, family: SizeFamily | None, out_dir: Path, base:
                    f"curve reaches its value, linear between sizes; ◀/▶ at the ends mean worse than the "
                    f"smallest / better than the largest ensemble; markers close together at one end share "
                    f"one label, with their number in brackets. Hollow markers: configs the leaderboard marks "
-                   f"as not converged.")]
+                   f"as not converged, the curve's own points included (a DEE read off a hollow point is read "
+                   f"off an underfit reference).")]
 
 
 def fig_train_cost(sec: Section, out_dir: Path, base: str) -> list[Figure]:
