@@ -209,12 +209,28 @@ def check_compiler(cfg: RunConfig, device: torch.device) -> None:
                          f"install one (e.g. g++) or run without --compile") from None
 
 
+# A Slurm job interrupted by a time limit or a preemption runs submitit's signal handler inside the training
+# step: it calls the job's ``checkpoint()`` (sweep.jobs), which calls note_interrupted(), then runs `scontrol
+# requeue` and exits. Whatever reaches execute() after that (SystemExit as a rule; a CalledProcessError when a
+# SIGTERM of the same preemption kills scontrol before it returns, seen in CI on 2026-12-06) is the
+# interruption, not the run's failure: the "running" record stays and the next attempt resumes the checkpoint.
+_interrupted = False
+
+
+def note_interrupted() -> None:
+    """Mark this process's run as interrupted (called by a sweep job's ``checkpoint()``)."""
+    global _interrupted
+    _interrupted = True
+
+
 def execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force: bool = False,
             locked: bool = False) -> dict:
     """Run one configuration and return its complete record (an existing complete record is returned
     as is unless ``force``). The run's lock is taken here (``locked``: the caller holds it already);
     another process running the same run id is one line, exit 2. A failure never overwrites a
     complete record."""
+    global _interrupted
+    _interrupted = False   # a mark left by an earlier run of this process is not this run's
     out, run_id = Path(cfg.out), cfg.run_id()
     shift_set = preflight(cfg, force=force)
     from ensemble_bench import distributed
@@ -462,6 +478,10 @@ def _execute(cfg: RunConfig, *, log: Callable[[str], None] | None = None, force:
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ in ("JobInterrupted",):
             raise   # interrupted, not failed: the "running" record stays and the checkpoint resumes it
+        if _interrupted:
+            log(f"{run_id}: interrupted (time limit or preemption), then {type(e).__name__}: {e}; the record stays "
+                f"running and the next attempt resumes its checkpoint")
+            raise
         record.update(status="failed", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc(limit=20))
         record["timings"].update(finished=_now(), wall_s=time.perf_counter() - t_start)

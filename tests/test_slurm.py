@@ -106,6 +106,20 @@ def job_log(out: Path, job_id: str) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(folder.glob(f"{job_id}_0_log.*")))
 
 
+def preempt(job, out: Path) -> None:
+    """A preemption as Slurm makes it: SIGTERM, then (once the job has seen it) the USR signal submitit
+    requeues on. submitit's own job._interrupt() sends both at once, and their delivery is not ordered: a
+    SIGTERM arriving after the USR signal killed the job's `scontrol requeue` (CI on 2026-12-06), a race of the
+    test's making (a real preemption sends SIGTERM first, the kill a grace time later)."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    subprocess.check_call(["scancel", job.job_id, "--signal", "SIGTERM"])
+    deadline = time.monotonic() + 30
+    while "Bypassing signal SIGTERM" not in job_log(out, job.job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    subprocess.check_call(["scancel", job.job_id, "--signal", SlurmJobEnvironment.USR_SIG])
+
+
 def release_requeued(out: Path) -> None:
     """Slurm holds a requeued job back for about two minutes (Reason=BeginTime); the tests let it start
     at once (`scontrol update StartTime=now`, what an admin would do) so that they take seconds."""
@@ -300,7 +314,7 @@ def _check_resumed(out: Path, run, epochs: int, case: str) -> dict:
 
 def test_time_limit_and_preemption_requeue_and_resume_from_checkpoint(cluster, tmp_path, capsys):
     """Two jobs at once: one outlives its real 1-minute time limit (Slurm sends USR2 before the end), one is
-    preempted (SIGTERM + USR2 through job._interrupt()). Both requeue themselves through submitit and
+    preempted (SIGTERM, then USR2: preempt()). Both requeue themselves through submitit and
     finish from their per-epoch checkpoints."""
     import submitit
 
@@ -334,7 +348,7 @@ def test_time_limit_and_preemption_requeue_and_resume_from_checkpoint(cluster, t
     time.sleep(1.0)
     p_job = submitit.SlurmJob(folder=p_out / ".submitit" / "%j",
                               job_id=sweep.read_manifest(p_out, p_run.run_id())["job_id"])
-    p_job._interrupt()
+    preempt(p_job, p_out)
     t_preempt = time.perf_counter()
 
     p_states, t_states = wait_until_settled(p_spec, t_spec, timeout=300)

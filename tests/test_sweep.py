@@ -730,3 +730,36 @@ def test_a_path_in_the_way_of_a_run_is_refused_before_the_sweep_starts(tmp_path,
         cap = capsys.readouterr()
         err = cap.err.strip()
         assert len(err.splitlines()) == 1 and f"{out / rid}.json is in the way" in err and cap.out == "", err
+
+
+def test_an_error_while_requeuing_leaves_the_run_interrupted_not_failed(tmp_path, monkeypatch):
+    """submitit's handler runs inside the training step: the job's checkpoint(), then `scontrol requeue`, which a
+    SIGTERM of the same preemption can kill before it returns (CI, 2026-12-06: "CalledProcessError: Command
+    '['scontrol', 'requeue', '13']' died with <Signals.SIGTERM: 15>" became the run's failed record). That is the
+    interruption, not the run's failure: the record stays running and the next attempt completes it. The same
+    error without an interruption is a failure, as before."""
+    from ensemble_bench import metrics
+
+    cfg = sweep.expand(sweep.load_spec(write(tmp_path, TINY, out=tmp_path / "runs")))[0]
+    job = sweep.RunJob(cfg.to_dict(), cfg.run_id())
+    evaluate = metrics.evaluate
+    scontrol = subprocess.CalledProcessError(-15, ["scontrol", "requeue", "13"])
+
+    def preempted(*a, **k):
+        job.checkpoint()          # what submitit calls first
+        raise scontrol            # then the requeue, killed
+
+    monkeypatch.setattr(metrics, "evaluate", preempted)
+    with pytest.raises(subprocess.CalledProcessError):
+        job()
+    assert records.record_status(cfg.out, cfg.run_id()) == "running" and job.requeues == 1
+
+    def broken(*a, **k):
+        raise scontrol
+
+    monkeypatch.setattr(metrics, "evaluate", broken)   # a later attempt: the mark of the last one is gone
+    with pytest.raises(subprocess.CalledProcessError):
+        job()
+    assert records.record_status(cfg.out, cfg.run_id()) == "failed"
+    monkeypatch.setattr(metrics, "evaluate", evaluate)
+    assert job()["status"] == "complete"

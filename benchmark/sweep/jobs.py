@@ -66,6 +66,9 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # The training state is on disk (per-epoch checkpoints): requeue the same run, counting attempts.
+        from ensemble_bench.runner import note_interrupted
+
+        note_interrupted()   # what the requeue raises, if anything, is not the run's failure (runner.execute)
         self.requeues += 1
         print(f"{self.run_id}: interrupted; requeue {self.requeues} resumes after the last finished epoch",
               file=sys.stderr, flush=True)
